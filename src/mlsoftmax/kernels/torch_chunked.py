@@ -1,0 +1,153 @@
+"""Pure-PyTorch forward and backward of the multi-label softmax loss.
+
+Always available (CPU and GPU). It walks the rows in chunks so that the float
+temporaries stay small (about ``_CHUNK_ELEMS`` elements): the forward keeps only
+per-row statistics, and the backward writes the one ``[B, K]`` gradient.
+
+The target comes in one of two canonical forms, prepared by ``mlsoftmax.loss``:
+
+* dense: ``dense`` ``[B, K]`` (any real dtype, non-negative, not yet normalised);
+* sparse: ``indices`` ``[nnz]``, ``row_ids`` ``[nnz]`` and optional ``values``
+  ``[nnz]`` (unique ``(row, class)`` pairs).
+
+Per row ``i`` with target weights ``t`` (mass ``m = sum t``), class weights
+``w`` and smoothing ``eps`` the loss is::
+
+    T_k     = w_k * ((1 - eps) t_k / m + eps / K)
+    loss_i  = c_i * lse_i - sum_k T_k x_k,        c_i = sum_k T_k
+    grad_ik = c_i * softmax_ik - T_k
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_CHUNK_ELEMS = 1 << 21  # float temporaries per chunk (8 MB in fp32)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 accumulates in fp64, everything else in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_step(k: int) -> int:
+    return max(1, _CHUNK_ELEMS // max(k, 1))
+
+
+def row_stats(
+    x: Tensor,  # [B, K]
+    dense: Optional[Tensor],  # [B, K] or None
+    indices: Optional[Tensor],  # [nnz] or None
+    row_ids: Optional[Tensor],  # [nnz] or None
+    values: Optional[Tensor],  # [nnz] or None
+    weight: Optional[Tensor],  # [K] or None
+    label_smoothing: float,
+):
+    """Per-row statistics of the forward pass.
+
+    Returns:
+        ``(loss, lse, coef, inv_mass, mass)``, each ``[B]`` in the accumulation
+        dtype: the per-row loss (0 on empty rows), the log-sum-exp, ``c_i``,
+        ``1 / m_i`` (0 on empty rows) and the raw target mass ``m_i``.
+    """
+    b, k = x.shape
+    acc = acc_dtype(x.dtype)
+    eps = float(label_smoothing)
+    lse = x.new_empty(b, dtype=acc)  # [B]
+    dot = x.new_zeros(b, dtype=acc)  # [B] sum_k w_k t_k x_k
+    mass = x.new_zeros(b, dtype=acc)  # [B] sum_k t_k
+    wmass = x.new_zeros(b, dtype=acc)  # [B] sum_k w_k t_k
+    sx = x.new_zeros(b, dtype=acc) if eps else None  # [B] sum_k w_k x_k
+    w = None if weight is None else weight.to(acc)
+    step = _row_step(k)
+    for r0 in range(0, b, step):
+        r1 = min(b, r0 + step)
+        xc = x[r0:r1].to(acc)  # [b, K]
+        # 1. stable log-sum-exp: a row of -inf gets max 0 so that no NaN appears
+        mx = xc.amax(1, keepdim=True)  # [b, 1]
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        lse[r0:r1] = (xc - mx).exp_().sum(1).log_().add_(mx.squeeze(1))
+        # 2. dense target terms; masked (-inf) logits with zero target add nothing
+        if dense is not None:
+            t = dense[r0:r1].to(acc)  # [b, K]
+            mass[r0:r1] = t.sum(1)
+            tw = t if w is None else t * w
+            wmass[r0:r1] = tw.sum(1)
+            dot[r0:r1] = torch.where(t != 0, xc, torch.zeros_like(xc)).mul_(tw).sum(1)
+        # 3. the smoothing term needs the (weighted) row sum of the logits
+        if sx is not None:
+            sx[r0:r1] = xc.sum(1) if w is None else xc @ w
+    if indices is not None:
+        # 4. sparse target terms: gather the positives' logits, segment-sum per row
+        xg = x[row_ids, indices].to(acc)  # [nnz]
+        v = torch.ones_like(xg) if values is None else values.to(acc)  # [nnz]
+        vw = v if w is None else v * w[indices]  # [nnz]
+        mass.index_add_(0, row_ids, v)
+        wmass.index_add_(0, row_ids, vw)
+        dot.index_add_(0, row_ids, vw * xg)
+    # 5. combine: c_i * lse_i - sum_k T_k x_k, zero on empty rows
+    nonempty = mass > 0
+    inv_mass = torch.where(nonempty, 1.0 / torch.where(nonempty, mass, torch.ones_like(mass)), torch.zeros_like(mass))
+    wsum = float(k) if w is None else w.sum()
+    coef = ((1.0 - eps) * wmass * inv_mass + (eps / k) * wsum) * nonempty
+    loss = coef * lse - (1.0 - eps) * dot * inv_mass
+    if sx is not None:
+        loss = loss - (eps / k) * sx
+    loss = torch.where(nonempty, loss, torch.zeros_like(loss))
+    return loss, lse, coef, inv_mass, mass
+
+
+def backward(
+    grad_rows: Tensor,  # [B]
+    x: Tensor,  # [B, K]
+    lse: Tensor,  # [B]
+    coef: Tensor,  # [B]
+    inv_mass: Tensor,  # [B]
+    dense: Optional[Tensor],
+    indices: Optional[Tensor],
+    row_ids: Optional[Tensor],
+    values: Optional[Tensor],
+    weight: Optional[Tensor],
+    label_smoothing: float,
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    """``grad_rows[:, None] * (c * softmax(x) - T)``, written once into ``out``.
+
+    Every value is computed in the accumulation dtype and rounded once, so in
+    bf16/fp16 the target-class entry ``p - 1/|Y|`` does not cancel.
+    """
+    b, k = x.shape
+    acc = acc_dtype(x.dtype)
+    eps = float(label_smoothing)
+    out = torch.empty(b, k, dtype=x.dtype, device=x.device) if out is None else out  # [B, K]
+    g = grad_rows.to(acc)  # [B]
+    w = None if weight is None else weight.to(acc)
+    scale_p = coef * g  # [B]
+    scale_t = (1.0 - eps) * inv_mass * g  # [B]
+    scale_s = (eps / k) * g * (inv_mass > 0) if eps else None  # [B]
+    step = _row_step(k)
+    for r0 in range(0, b, step):
+        r1 = min(b, r0 + step)
+        # 1. c * softmax, scaled by the incoming gradient
+        p = (x[r0:r1].to(acc) - lse[r0:r1, None]).exp_().mul_(scale_p[r0:r1, None])  # [b, K]
+        # 2. minus the (dense) target distribution
+        if dense is not None:
+            t = dense[r0:r1].to(acc)  # [b, K]; may alias the user's target: no in-place ops on it
+            t = t * (scale_t[r0:r1, None] if w is None else scale_t[r0:r1, None] * w)
+            p.sub_(t)
+        if scale_s is not None:
+            p.sub_(scale_s[r0:r1, None] if w is None else scale_s[r0:r1, None] * w)
+        out[r0:r1] = p
+    if indices is not None:
+        # 3. sparse targets: recompute the target entries exactly, then round once
+        xg = x[row_ids, indices].to(acc)  # [nnz]
+        v = torch.ones_like(xg) if values is None else values.to(acc)
+        val = (xg - lse[row_ids]).exp_().mul_(scale_p[row_ids])
+        val = val - (v if w is None else v * w[indices]) * scale_t[row_ids]
+        if scale_s is not None:
+            val = val - (scale_s[row_ids] if w is None else scale_s[row_ids] * w[indices])
+        out.index_put_((row_ids, indices), val.to(out.dtype))
+    return out

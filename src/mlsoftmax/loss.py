@@ -1,0 +1,321 @@
+"""The multi-label softmax cross-entropy: functional API, autograd and nn.Module.
+
+Layers, from the bottom:
+
+* ``mlsoftmax.kernels``: the implementations (pure torch, Triton);
+* two ``torch.library`` custom ops (``mlsoftmax::msl_forward`` and
+  ``mlsoftmax::msl_backward``) so that ``torch.compile`` sees opaque, fakeable ops;
+* one ``torch.autograd.Function`` (:class:`MultiLabelSoftmaxFunction`);
+* the public :func:`multilabel_softmax_loss` (validation, target forms,
+  reductions) and the thin :class:`MultiLabelSoftmaxLoss` module.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _validation as V
+from .kernels import torch_chunked
+from .kernels import available_impls, resolve_impl, IMPLS
+from .targets import Positives
+
+__all__ = ["multilabel_softmax_loss", "MultiLabelSoftmaxLoss", "MultiLabelSoftmaxFunction"]
+
+REDUCTIONS = ("mean", "sum", "none")
+EMPTY_MODES = ("ignore", "error")
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("mlsoftmax::msl_forward", mutates_args=())
+def _msl_forward(
+    logits: Tensor,
+    dense: Optional[Tensor],
+    indices: Optional[Tensor],
+    row_ids: Optional[Tensor],
+    values: Optional[Tensor],
+    weight: Optional[Tensor],
+    label_smoothing: float,
+    impl: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if impl == "triton":
+        from .kernels import triton_loss
+
+        return triton_loss.row_stats(logits, dense, indices, row_ids, values, weight, label_smoothing)
+    return torch_chunked.row_stats(logits, dense, indices, row_ids, values, weight, label_smoothing)
+
+
+@_msl_forward.register_fake
+def _(logits, dense, indices, row_ids, values, weight, label_smoothing, impl):
+    acc = torch_chunked.acc_dtype(logits.dtype)
+    b = logits.shape[0]
+    return tuple(logits.new_empty(b, dtype=acc) for _ in range(5))
+
+
+@torch.library.custom_op("mlsoftmax::msl_backward", mutates_args=())
+def _msl_backward(
+    grad_rows: Tensor,
+    logits: Tensor,
+    lse: Tensor,
+    coef: Tensor,
+    inv_mass: Tensor,
+    dense: Optional[Tensor],
+    indices: Optional[Tensor],
+    row_ids: Optional[Tensor],
+    values: Optional[Tensor],
+    weight: Optional[Tensor],
+    label_smoothing: float,
+    impl: str,
+) -> Tensor:
+    if impl == "triton":
+        from .kernels import triton_loss
+
+        return triton_loss.backward(
+            grad_rows, logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, label_smoothing
+        )
+    return torch_chunked.backward(
+        grad_rows, logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, label_smoothing
+    )
+
+
+@_msl_backward.register_fake
+def _(grad_rows, logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, label_smoothing, impl):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+class MultiLabelSoftmaxFunction(torch.autograd.Function):
+    """Per-row loss ``[B]`` from logits ``[B, K]``; saves no ``[B, K]`` float buffer.
+
+    The forward saves the logits (by reference), the per-row log-sum-exp and two
+    per-row scalars, and the target. The backward writes ``(c softmax - T) * g``
+    once, with no host sync.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, dense, indices, row_ids, values, weight, label_smoothing, impl):
+        loss, lse, coef, inv_mass, mass = torch.ops.mlsoftmax.msl_forward(
+            logits, dense, indices, row_ids, values, weight, label_smoothing, impl
+        )
+        ctx.save_for_backward(logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight)
+        ctx.label_smoothing = label_smoothing
+        ctx.impl = impl
+        ctx.mark_non_differentiable(mass)
+        return loss, mass
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_mass):
+        logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.ops.mlsoftmax.msl_backward(
+                grad_loss.contiguous(), logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight,
+                ctx.label_smoothing, ctx.impl,
+            )
+        return grad, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- validation
+def _check_options(reduction, empty, label_smoothing, impl) -> None:
+    V.check_choice("reduction", reduction, REDUCTIONS)
+    V.check_choice("empty", empty, EMPTY_MODES)
+    V.check_choice("impl", impl, IMPLS)
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"Expected `label_smoothing` to be a float, but got {type(label_smoothing).__name__}")
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(f"Expected `label_smoothing` to be in [0, 1), but got {label_smoothing}")
+
+
+def _canonical_target(target, logits: Tensor, validate: bool):
+    """Return ``(dense [B, K] | None, indices, row_ids, values)`` for ``logits`` ``[..., K]``."""
+    k = logits.shape[-1]
+    b = logits.numel() // k if k else 0
+    if isinstance(target, Positives):
+        if target.num_classes is not None and target.num_classes != k:
+            raise ValueError(
+                f"Expected `target` to have num_classes == {k} (the logits' last dim), but got {target.num_classes}"
+            )
+        if target.batch_size != b:
+            raise ValueError(f"Expected `target` to have {b} rows like `logits`, but got {target.batch_size}")
+        V.check_same_device("target", target.indices, logits)
+        if validate:
+            _validate_positives(target, k)
+        values = target.values
+        return None, target.indices, target.row_ids(), values
+    if isinstance(target, Tensor):
+        if target.shape != logits.shape:
+            raise ValueError(
+                f"Expected `target` to have the shape of `logits` {tuple(logits.shape)}, but got {tuple(target.shape)}"
+            )
+        if target.is_complex():
+            raise TypeError(f"Expected `target` to be a bool, integer or real tensor, but got {target.dtype}")
+        V.check_same_device("target", target, logits)
+        if validate:
+            V.check_nonnegative_finite("target", target)
+        return target.reshape(b, k), None, None, None
+    raise TypeError(
+        f"Expected `target` to be a dense tensor [..., K] or mlsoftmax.Positives, but got {type(target).__name__}"
+    )
+
+
+def _validate_positives(t: Positives, k: int) -> None:
+    offs, idx = t.offsets, t.indices
+    if int(offs[0]) != 0 or int(offs[-1]) != idx.numel() or bool((offs[1:] < offs[:-1]).any()):
+        raise ValueError(
+            "Expected `target.offsets` to start at 0, be non-decreasing and end at nnz="
+            f"{idx.numel()}, but got offsets[0]={int(offs[0])}, offsets[-1]={int(offs[-1])}"
+        )
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= k:
+            raise ValueError(f"Expected `target` class indices in [0, {k}), but got indices in [{lo}, {hi}]")
+        key = t.row_ids() * k + idx
+        if torch.unique(key).numel() != key.numel():
+            raise ValueError("Expected `target` to have unique class indices within each row, but got duplicates")
+    if t.values is not None:
+        V.check_nonnegative_finite("target.values", t.values)
+
+
+def _check_weights(weight, sample_weight, logits: Tensor, validate: bool):
+    k = logits.shape[-1]
+    if weight is not None:
+        V.check_float_tensor("weight", weight)
+        if weight.shape != (k,):
+            raise ValueError(f"Expected `weight` to have shape ({k},), but got {tuple(weight.shape)}")
+        V.check_same_device("weight", weight, logits)
+        if validate:
+            V.check_nonnegative_finite("weight", weight)
+    if sample_weight is not None:
+        V.check_float_tensor("sample_weight", sample_weight)
+        batch = logits.shape[:-1]
+        if sample_weight.shape != batch and sample_weight.shape != (logits.numel() // max(k, 1),):
+            raise ValueError(
+                f"Expected `sample_weight` to have shape {tuple(batch)}, but got {tuple(sample_weight.shape)}"
+            )
+        V.check_same_device("sample_weight", sample_weight, logits)
+        if validate:
+            V.check_nonnegative_finite("sample_weight", sample_weight)
+
+
+# --------------------------------------------------------------------------- public API
+def multilabel_softmax_loss(
+    logits: Tensor,
+    target: Union[Tensor, Positives],
+    *,
+    weight: Optional[Tensor] = None,
+    sample_weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    empty: str = "ignore",
+    label_smoothing: float = 0.0,
+    impl: str = "auto",
+    validate: bool = True,
+) -> Tensor:
+    r"""Multi-label softmax cross-entropy: cross-entropy of ``softmax(logits)`` against ``Y / |Y|``.
+
+    .. math::
+        \ell_i = -\sum_k \frac{Y_{ik}}{|Y_i|}\log\operatorname{softmax}(S_i)_k
+               = \operatorname{logsumexp}(S_i) - \operatorname{mean}_{k \in Y_i} S_{ik},
+        \qquad \frac{\partial \ell_i}{\partial S_{ik}} = P_{ik} - \frac{Y_{ik}}{|Y_i|}
+
+    Args:
+        logits: ``[..., K]`` scores, float16/bfloat16/float32/float64. Accumulation
+            is fp32 (fp64 for fp64); the result has the logits' dtype.
+        target: a dense ``[..., K]`` tensor (bool/int/float multi-hot, or
+            non-negative soft weights, normalised per row), or a
+            :class:`~mlsoftmax.Positives` with one row per logits row.
+        weight: ``[K]`` per-class weights, with ``F.cross_entropy``'s meaning for
+            soft targets (``-sum_k w_k t_k log p_k``).
+        sample_weight: ``[...]`` per-row weights; the mean becomes a weighted mean.
+        reduction: ``"mean"`` (over rows that have a target), ``"sum"`` or
+            ``"none"`` (per-row ``[...]``).
+        empty: rows with no positive: ``"ignore"`` (loss 0, gradient 0, left out
+            of the mean) or ``"error"`` (``ValueError`` naming the rows; syncs).
+        label_smoothing: ``eps`` in ``[0, 1)``: the target becomes
+            ``(1 - eps) Y/|Y| + eps/K`` on rows with a target.
+        impl: ``"auto"``, ``"torch"`` or ``"triton"``.
+        validate: run the data-dependent checks (they sync with the device).
+
+    Returns:
+        A scalar, or ``[...]`` for ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> from mlsoftmax import multilabel_softmax_loss
+        >>> logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 0.0]])
+        >>> y = torch.tensor([[1, 0, 1], [0, 1, 0]])
+        >>> round(multilabel_softmax_loss(logits, y).item(), 4)
+        0.5013
+    """
+    V.check_float_tensor("logits", logits)
+    if logits.dim() < 1:
+        raise ValueError(f"Expected `logits` to have shape [..., K], but got a 0-d tensor")
+    _check_options(reduction, empty, label_smoothing, impl)
+    _check_weights(weight, sample_weight, logits, validate)
+    dense, indices, row_ids, values = _canonical_target(target, logits, validate)
+
+    k = logits.shape[-1]
+    batch_shape = logits.shape[:-1]
+    x = logits.reshape(-1, k)  # [B, K]
+    chosen = resolve_impl(impl, x)
+    rows, mass = MultiLabelSoftmaxFunction.apply(
+        x, dense, indices, row_ids, values, weight, float(label_smoothing), chosen
+    )  # [B], [B] in the accumulation dtype
+
+    if empty == "error":
+        bad = torch.nonzero(mass <= 0).flatten()
+        if bad.numel():
+            raise ValueError(
+                f"Expected every row of `target` to have a positive, but got {bad.numel()} empty rows "
+                f"(first: {bad[:10].tolist()})"
+            )
+    if sample_weight is not None:
+        rows = rows * sample_weight.reshape(-1).to(rows.dtype)
+    if reduction == "none":
+        return rows.reshape(batch_shape).to(logits.dtype)
+    total = rows.sum()
+    if reduction == "sum":
+        return total.to(logits.dtype)
+    nonempty = (mass > 0).to(rows.dtype)
+    denom = nonempty.sum() if sample_weight is None else (sample_weight.reshape(-1).to(rows.dtype) * nonempty).sum()
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # all rows empty: 0 / 1 = 0, no NaN
+    return (total / denom).to(logits.dtype)
+
+
+class MultiLabelSoftmaxLoss(nn.Module):
+    """``nn.Module`` wrapper of :func:`multilabel_softmax_loss` with the same options.
+
+    Shapes: ``logits`` ``[..., K]``, ``target`` ``[..., K]`` or ``Positives``.
+
+    Example:
+        >>> import torch
+        >>> from mlsoftmax import MultiLabelSoftmaxLoss
+        >>> crit = MultiLabelSoftmaxLoss(reduction="sum")
+        >>> crit(torch.zeros(2, 4), torch.tensor([[1, 1, 0, 0], [0, 0, 0, 1]])).item() > 0
+        True
+    """
+
+    def __init__(
+        self,
+        *,
+        weight: Optional[Tensor] = None,
+        reduction: str = "mean",
+        empty: str = "ignore",
+        label_smoothing: float = 0.0,
+        impl: str = "auto",
+        validate: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_options(reduction, empty, label_smoothing, impl)
+        self.register_buffer("weight", weight)
+        self.reduction, self.empty, self.label_smoothing = reduction, empty, label_smoothing
+        self.impl, self.validate = impl, validate
+
+    def forward(self, logits: Tensor, target, sample_weight: Optional[Tensor] = None) -> Tensor:
+        return multilabel_softmax_loss(
+            logits, target, weight=self.weight, sample_weight=sample_weight, reduction=self.reduction,
+            empty=self.empty, label_smoothing=self.label_smoothing, impl=self.impl, validate=self.validate,
+        )
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, empty={self.empty!r}, label_smoothing={self.label_smoothing}, impl={self.impl!r}"

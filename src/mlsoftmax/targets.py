@@ -1,0 +1,197 @@
+"""Sparse multi-label targets: the positive class indices of each row, in CSR form."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Positives"]
+
+
+class Positives:
+    """The positive classes of each row, stored as CSR (never expanded to ``[B, K]``).
+
+    Row ``i`` owns ``indices[offsets[i]:offsets[i + 1]]``. An optional ``values``
+    gives each positive a non-negative soft weight; rows are normalised by their
+    total weight, so plain positives give the note's ``Y / |Y|``.
+
+    ``num_classes`` may be left ``None``: K is then taken from the logits when the
+    loss is called (it is never inferred from the largest index).
+
+    Indices must be unique within a row. ``from_lists`` and ``from_padded`` merge
+    duplicates (summing their values); the raw constructor checks for them when
+    the loss validates its input.
+
+    Args:
+        indices: ``[nnz]`` integer class ids.
+        offsets: ``[B + 1]`` integer row pointers, ``offsets[0] == 0`` and
+            ``offsets[-1] == nnz``.
+        num_classes: the number of classes K, or ``None``.
+        values: optional ``[nnz]`` non-negative weights.
+
+    Example:
+        >>> import torch
+        >>> from mlsoftmax import Positives
+        >>> t = Positives.from_lists([[0, 2], [1]], num_classes=3)
+        >>> t.to_dense()
+        tensor([[1., 0., 1.],
+                [0., 1., 0.]])
+    """
+
+    __slots__ = ("indices", "offsets", "values", "num_classes")
+
+    def __init__(
+        self,
+        indices: Tensor,
+        offsets: Tensor,
+        num_classes: Optional[int] = None,
+        *,
+        values: Optional[Tensor] = None,
+    ) -> None:
+        if not isinstance(indices, Tensor) or not isinstance(offsets, Tensor):
+            raise TypeError(
+                "Expected `indices` and `offsets` to be torch tensors, but got "
+                f"{type(indices).__name__} and {type(offsets).__name__}"
+            )
+        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            raise TypeError(f"Expected `indices` to be an integer tensor, but got dtype {indices.dtype}")
+        if offsets.is_floating_point() or offsets.is_complex() or offsets.dtype == torch.bool:
+            raise TypeError(f"Expected `offsets` to be an integer tensor, but got dtype {offsets.dtype}")
+        if indices.dim() != 1 or offsets.dim() != 1 or offsets.numel() < 1:
+            raise ValueError(
+                "Expected `indices` to be 1-D and `offsets` to be 1-D with B + 1 entries, but got "
+                f"shapes {tuple(indices.shape)} and {tuple(offsets.shape)}"
+            )
+        if values is not None:
+            if not isinstance(values, Tensor) or not values.is_floating_point():
+                raise TypeError(f"Expected `values` to be a floating-point tensor, but got {values!r:.60}")
+            if values.shape != indices.shape:
+                raise ValueError(
+                    f"Expected `values` to have the shape of `indices` {tuple(indices.shape)}, "
+                    f"but got {tuple(values.shape)}"
+                )
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"Expected `num_classes` to be a positive int or None, but got {num_classes!r}")
+        self.indices = indices.long()
+        self.offsets = offsets.long()
+        self.values = values
+        self.num_classes = num_classes
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_lists(
+        cls,
+        lists: Sequence[Sequence[int]],
+        num_classes: Optional[int] = None,
+        *,
+        values: Optional[Sequence[Sequence[float]]] = None,
+        device=None,
+    ) -> "Positives":
+        """Build from a list of per-row index lists (duplicates are merged).
+
+        Args:
+            lists: ``B`` sequences of class ids.
+            num_classes: K, or ``None`` to take it from the logits.
+            values: optional per-positive soft weights, shaped like ``lists``.
+            device: where to put the tensors.
+        """
+        if values is not None and len(values) != len(lists):
+            raise ValueError(f"Expected `values` to have {len(lists)} rows, but got {len(values)}")
+        idx_out, val_out, offsets = [], [], [0]
+        for r, row in enumerate(lists):
+            merged: dict[int, float] = {}
+            vals = values[r] if values is not None else [1.0] * len(row)
+            if len(vals) != len(row):
+                raise ValueError(f"Expected `values[{r}]` to have {len(row)} entries, but got {len(vals)}")
+            for c, v in zip(row, vals):
+                if isinstance(c, bool) or not isinstance(c, (int,)) and not hasattr(c, "__index__"):
+                    raise TypeError(f"Expected class ids to be integers, but got {c!r} in row {r}")
+                merged[int(c)] = merged.get(int(c), 0.0) + float(v)
+            idx_out.extend(merged.keys())
+            val_out.extend(merged.values())
+            offsets.append(len(idx_out))
+        indices = torch.tensor(idx_out, dtype=torch.long, device=device)
+        offs = torch.tensor(offsets, dtype=torch.long, device=device)
+        vals_t = torch.tensor(val_out, dtype=torch.float32, device=device) if values is not None else None
+        return cls(indices, offs, num_classes, values=vals_t)
+
+    @classmethod
+    def from_padded(
+        cls, idx: Tensor, num_classes: Optional[int] = None, *, values: Optional[Tensor] = None
+    ) -> "Positives":
+        """Build from a padded index matrix ``[B, P]`` where ``-1`` marks padding.
+
+        Duplicates within a row are merged (their values summed). Runs on the
+        tensor's device without a host sync beyond the output size.
+        """
+        if not isinstance(idx, Tensor) or idx.dim() != 2:
+            raise ValueError(f"Expected `idx` to be a 2-D tensor [B, P], but got {getattr(idx, 'shape', idx)!r}")
+        if idx.is_floating_point() or idx.dtype == torch.bool:
+            raise TypeError(f"Expected `idx` to be an integer tensor, but got dtype {idx.dtype}")
+        b, p = idx.shape
+        idx = idx.long()
+        if values is None:
+            vals = torch.ones(b, p, dtype=torch.float32, device=idx.device)
+        else:
+            if values.shape != idx.shape:
+                raise ValueError(f"Expected `values` to have shape {tuple(idx.shape)}, but got {tuple(values.shape)}")
+            vals = values
+        valid = idx >= 0
+        rows = torch.arange(b, device=idx.device).unsqueeze(1).expand(b, p)
+        # Sort (row, class) keys so duplicates become adjacent, then merge them.
+        big = int(idx.max().clamp_min(0)) + 2 if idx.numel() else 2
+        key = torch.where(valid, rows * big + idx, torch.full_like(idx, -1))[valid]
+        v = vals[valid]
+        uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
+        merged = torch.zeros(uniq.numel(), dtype=v.dtype, device=idx.device).index_add_(0, inverse, v)
+        r_of = torch.div(uniq, big, rounding_mode="floor")
+        counts = torch.bincount(r_of, minlength=b)
+        offsets = torch.zeros(b + 1, dtype=torch.long, device=idx.device)
+        offsets[1:] = torch.cumsum(counts, 0)
+        return cls(uniq - r_of * big, offsets, num_classes, values=merged if values is not None else None)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def batch_size(self) -> int:
+        """The number of rows B."""
+        return self.offsets.numel() - 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.indices.device
+
+    def counts(self) -> Tensor:
+        """``[B]`` number of stored positives per row."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def row_ids(self) -> Tensor:
+        """``[nnz]`` the row of each stored positive (no host sync)."""
+        return torch.repeat_interleave(
+            torch.arange(self.batch_size, device=self.device), self.counts(), output_size=self.indices.numel()
+        )
+
+    def to(self, device) -> "Positives":
+        """Move to ``device`` (a new object; ``self`` is unchanged)."""
+        vals = None if self.values is None else self.values.to(device)
+        return Positives(self.indices.to(device), self.offsets.to(device), self.num_classes, values=vals)
+
+    def to_dense(self, num_classes: Optional[int] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Expand to a dense ``[B, K]`` tensor (values, or 1 per positive)."""
+        k = num_classes if num_classes is not None else self.num_classes
+        if k is None:
+            raise ValueError("Expected `num_classes` to be known to build a dense target, but got None")
+        out = torch.zeros(self.batch_size, k, dtype=dtype, device=self.device)
+        vals = self.values if self.values is not None else torch.ones_like(self.indices, dtype=dtype)
+        out.index_put_((self.row_ids(), self.indices), vals.to(dtype), accumulate=True)
+        return out
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def __repr__(self) -> str:
+        return (
+            f"Positives(batch_size={self.batch_size}, nnz={self.indices.numel()}, "
+            f"num_classes={self.num_classes}, soft={self.values is not None}, device={self.device})"
+        )

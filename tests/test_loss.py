@@ -1,0 +1,348 @@
+"""multilabel_softmax_loss against the float64 oracle, PyTorch's own losses, and bad input."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlsoftmax import MultiLabelSoftmaxLoss, Positives, multilabel_softmax_loss
+from mlsoftmax import reference as R
+
+from conftest import IMPLS, random_multihot
+
+SHAPES = [(3, 423), (252, 507), (1, 1), (7, 5)]
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+
+def _positives_from_dense(y: np.ndarray, values=None) -> Positives:
+    if values is None:
+        return Positives.from_lists([np.flatnonzero(r).tolist() for r in y])
+    rows, cols = np.nonzero(y)  # CSR with float64 values, to keep fp64 exactness
+    offs = np.concatenate([[0], np.cumsum(y.sum(1))])
+    return Positives(torch.from_numpy(cols), torch.from_numpy(offs), values=torch.from_numpy(values[rows, cols]))
+
+
+def _targets(y: np.ndarray, form: str):
+    """The same multi-hot target in each supported form."""
+    if form == "bool":
+        return torch.from_numpy(y)
+    if form == "int":
+        return torch.from_numpy(y.astype(np.int64))
+    if form == "float":
+        return torch.from_numpy(y.astype(np.float32))
+    if form == "lists":
+        return _positives_from_dense(y)
+    if form == "padded":
+        p = max(1, int(y.sum(1).max()))
+        idx = np.full((y.shape[0], p), -1)
+        for i, r in enumerate(y):
+            nz = np.flatnonzero(r)
+            idx[i, : nz.size] = nz
+        return Positives.from_padded(torch.from_numpy(idx))
+    if form == "csr":
+        offs = np.concatenate([[0], np.cumsum(y.sum(1))])
+        return Positives(torch.from_numpy(np.flatnonzero(y.reshape(-1)) % y.shape[1]), torch.from_numpy(offs))
+    raise AssertionError(form)
+
+
+# ----------------------------------------------------------------------------- oracle
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("form", ["bool", "int", "float", "lists", "padded", "csr"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_oracle_every_form(impl, shape, form, dtype, rng):
+    b, k = shape
+    s = rng.normal(scale=3.0, size=shape)
+    y = random_multihot(rng, b, k, p=0.05, empty_rows=[1] if b > 2 else [])
+    x = torch.tensor(s, dtype=dtype, requires_grad=True)
+    loss = multilabel_softmax_loss(x, _targets(y, form), reduction="sum", impl=impl)
+    loss.backward()
+    tol = TOL[dtype]
+    ref = R.loss(s, y)
+    assert loss.dtype == dtype
+    np.testing.assert_allclose(loss.item(), ref.sum(), rtol=tol, atol=tol * b)
+    np.testing.assert_allclose(x.grad.numpy(), R.grad(s, y), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.15])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_options_match_oracle(impl, reduction, sparse, smoothing, weighted, rng):
+    b, k = 11, 37
+    s = rng.normal(size=(b, k))
+    y = random_multihot(rng, b, k, p=0.2, empty_rows=[2, 5])
+    soft = y * rng.uniform(0.1, 2.0, size=(b, k))
+    w = rng.uniform(0.2, 3.0, size=k) if weighted else None
+    sw = rng.uniform(0.0, 2.0, size=b)
+    x = torch.tensor(s, requires_grad=True)
+    tgt = _positives_from_dense(y, values=soft) if sparse else torch.from_numpy(soft)
+    out = multilabel_softmax_loss(
+        x, tgt, weight=None if w is None else torch.from_numpy(w), sample_weight=torch.from_numpy(sw),
+        reduction=reduction, label_smoothing=smoothing, impl=impl,
+    )
+    per_row = R.loss(s, soft, weight=w, label_smoothing=smoothing)
+    expected = R.reduce(per_row, soft, reduction=reduction, sample_weight=sw)
+    np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-10, atol=1e-12)
+    # gradient of the reduced loss: per-row gradients scaled by the reduction weights
+    g_rows = R.grad(s, soft, weight=w, label_smoothing=smoothing) * sw[:, None]
+    if reduction == "mean":
+        g_rows = g_rows / (sw * (soft.sum(1) > 0)).sum()
+    out.sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), g_rows, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_dims_and_none_reduction_shape(impl, rng):
+    s = rng.normal(size=(2, 3, 11))
+    y = rng.random((2, 3, 11)) < 0.3
+    y[..., 0] = True
+    out = multilabel_softmax_loss(torch.from_numpy(s), torch.from_numpy(y), reduction="none", impl=impl)
+    assert out.shape == (2, 3)
+    np.testing.assert_allclose(out.numpy(), R.loss(s.reshape(6, 11), y.reshape(6, 11)).reshape(2, 3), rtol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gradcheck_fp64(impl, sparse, rng):
+    b, k = 4, 6
+    y = random_multihot(rng, b, k, p=0.4, empty_rows=[3])
+    soft = y * rng.uniform(0.5, 1.5, size=(b, k))
+    tgt = _positives_from_dense(y, values=soft) if sparse else torch.from_numpy(soft)
+    w = torch.from_numpy(rng.uniform(0.5, 2.0, size=k))
+    x = torch.tensor(rng.normal(size=(b, k)), requires_grad=True)
+    f = lambda z: multilabel_softmax_loss(z, tgt, weight=w, label_smoothing=0.1, reduction="none", impl=impl)
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+# ----------------------------------------------------------------------------- PyTorch's own losses
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_single_positive_equals_cross_entropy_with_index(impl, dtype, rng):
+    b, k = 33, 50
+    x = torch.tensor(rng.normal(size=(b, k)), dtype=dtype, requires_grad=True)
+    lab = torch.from_numpy(rng.integers(0, k, size=b))
+    x2 = x.detach().clone().requires_grad_()
+    ours = multilabel_softmax_loss(x, Positives.from_padded(lab[:, None]), impl=impl)
+    theirs = F.cross_entropy(x2, lab)
+    ours.backward(), theirs.backward()
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_soft_targets_equal_cross_entropy_with_probs(impl, smoothing, rng):
+    b, k = 17, 29
+    x = torch.tensor(rng.normal(size=(b, k)), requires_grad=True)
+    probs = torch.softmax(torch.tensor(rng.normal(size=(b, k))), 1)
+    w = torch.tensor(rng.uniform(0.1, 2.0, size=k))
+    x2 = x.detach().clone().requires_grad_()
+    ours = multilabel_softmax_loss(x, probs, weight=w, label_smoothing=smoothing, impl=impl)
+    theirs = F.cross_entropy(x2, probs, weight=w, label_smoothing=smoothing)
+    ours.backward(), theirs.backward()
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_low_precision_no_worse_than_pytorch(impl, dtype, sparse, rng):
+    b, k = 64, 300
+    y = random_multihot(rng, b, k, p=0.02)
+    x_lp = torch.tensor(rng.normal(scale=2.0, size=(b, k))).to(dtype)
+    s64 = x_lp.double().numpy()  # the oracle sees exactly the rounded inputs
+    probs = torch.from_numpy(y / y.sum(1, keepdims=True))
+
+    x1 = x_lp.clone().requires_grad_()
+    tgt = _positives_from_dense(y) if sparse else torch.from_numpy(y)
+    ours = multilabel_softmax_loss(x1, tgt, reduction="sum", impl=impl)
+    ours.backward()
+    x2 = x_lp.clone().requires_grad_()
+    theirs = F.cross_entropy(x2, probs.to(dtype), reduction="sum")
+    theirs.backward()
+
+    ref_l, ref_g = R.loss(s64, y).sum(), R.grad(s64, y)
+    assert ours.dtype == dtype and x1.grad.dtype == dtype
+    assert abs(ours.double().item() - ref_l) <= abs(theirs.double().item() - ref_l) + 1e-12 + abs(ref_l) * 2.0 ** -8
+    err_ours = np.abs(x1.grad.double().numpy() - ref_g).max()
+    err_theirs = np.abs(x2.grad.double().numpy() - ref_g).max()
+    assert err_ours <= err_theirs
+    # the target-class entries p - 1/|Y| are computed in fp32 and rounded once
+    rel = np.abs(x1.grad.double().numpy() - ref_g) / np.maximum(np.abs(ref_g), 1e-30)
+    assert rel[np.abs(ref_g) > 1e-3].max() <= 2.0 ** -7
+
+
+# ----------------------------------------------------------------------------- numerics and edge cases
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_empty_rows_ignore_and_error(impl, sparse, rng):
+    s = rng.normal(size=(5, 8))
+    y = random_multihot(rng, 5, 8, p=0.3, empty_rows=[1, 3])
+    tgt = _positives_from_dense(y) if sparse else torch.from_numpy(y)
+    x = torch.tensor(s, requires_grad=True)
+    out = multilabel_softmax_loss(x, tgt, impl=impl)
+    out.backward()
+    assert out.item() == pytest.approx(R.loss(s, y)[[0, 2, 4]].mean(), rel=1e-12)
+    assert torch.all(x.grad[[1, 3]] == 0)
+    with pytest.raises(ValueError, match=r"2 empty rows \(first: \[1, 3\]\)"):
+        multilabel_softmax_loss(x, tgt, empty="error", impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_rows_empty_gives_zero_not_nan(impl):
+    x = torch.randn(3, 4, requires_grad=True)
+    out = multilabel_softmax_loss(x, torch.zeros(3, 4), impl=impl)
+    out.backward()
+    assert out.item() == 0.0 and torch.all(x.grad == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_masked_minus_inf_classes(impl, sparse):
+    s = torch.tensor([[1.0, float("-inf"), 0.5, float("-inf")], [float("-inf"), 2.0, 0.0, 1.0]], requires_grad=True)
+    y = np.array([[1, 0, 1, 0], [0, 1, 0, 0]], dtype=bool)
+    tgt = _positives_from_dense(y) if sparse else torch.from_numpy(y)
+    out = multilabel_softmax_loss(s, tgt, reduction="sum", impl=impl)
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(s.grad).all()
+    assert s.grad[0, 1] == 0 and s.grad[0, 3] == 0 and s.grad[1, 0] == 0
+    np.testing.assert_allclose(out.item(), R.loss(s.detach().double().numpy(), y).sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_logits_stay_finite_and_exact(impl, dtype):
+    s = torch.tensor([[1e4, 0.0, -1e4, 1e4 - 2.0], [-1e4, -1e4, -1e4 + 1.0, 5.0]], dtype=dtype, requires_grad=True)
+    y = np.array([[0, 1, 0, 1], [1, 0, 1, 0]], dtype=bool)
+    out = multilabel_softmax_loss(s, torch.from_numpy(y), reduction="none", impl=impl)
+    out.sum().backward()
+    ref = R.loss(s.detach().double().numpy(), y)
+    assert torch.isfinite(out).all() and torch.isfinite(s.grad).all()
+    np.testing.assert_allclose(out.double().detach().numpy(), ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_b_zero_k_one_and_noncontiguous(impl, rng):
+    x0 = torch.zeros(0, 5, requires_grad=True)
+    out = multilabel_softmax_loss(x0, torch.zeros(0, 5), impl=impl)
+    out.backward()
+    assert out.item() == 0.0 and x0.grad.shape == (0, 5)
+    assert multilabel_softmax_loss(torch.zeros(0, 5), torch.zeros(0, 5), reduction="none", impl=impl).shape == (0,)
+
+    x1 = torch.randn(4, 1, requires_grad=True)
+    out = multilabel_softmax_loss(x1, torch.ones(4, 1), reduction="sum", impl=impl)
+    out.backward()
+    assert out.item() == pytest.approx(0.0, abs=1e-6) and torch.allclose(x1.grad, torch.zeros(4, 1))
+
+    base = torch.tensor(rng.normal(size=(13, 9)), requires_grad=True)
+    xt = base.t()  # [9, 13], non-contiguous
+    y = random_multihot(rng, 9, 13, p=0.3)
+    out = multilabel_softmax_loss(xt, torch.from_numpy(y)[:, :], reduction="sum", impl=impl)
+    out.backward()
+    np.testing.assert_allclose(out.item(), R.loss(xt.detach().numpy(), y).sum(), rtol=1e-12)
+    np.testing.assert_allclose(base.grad.t().numpy(), R.grad(xt.detach().numpy(), y), atol=1e-12)
+
+
+def test_module_matches_functional(rng):
+    x = torch.tensor(rng.normal(size=(6, 10)))
+    y = torch.from_numpy(random_multihot(rng, 6, 10, p=0.3))
+    w = torch.rand(10, dtype=torch.float64)
+    crit = MultiLabelSoftmaxLoss(weight=w, label_smoothing=0.1, reduction="sum")
+    assert torch.equal(crit(x, y), multilabel_softmax_loss(x, y, weight=w, label_smoothing=0.1, reduction="sum"))
+    assert "label_smoothing=0.1" in repr(crit)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_torch_compile(backend, sparse, rng):
+    torch._dynamo.reset()
+    b, k = 8, 16
+    y = random_multihot(rng, b, k, p=0.3, empty_rows=[0])
+    tgt = _positives_from_dense(y) if sparse else torch.from_numpy(y)
+    s = rng.normal(size=(b, k)).astype(np.float32)
+    x = torch.tensor(s, requires_grad=True)
+
+    def step(z):
+        return multilabel_softmax_loss(z, tgt, impl="torch", validate=False) * 2.0
+
+    out = torch.compile(step, backend=backend, fullgraph=True)(x)
+    out.backward()
+    nonempty = y.sum(1) > 0
+    np.testing.assert_allclose(out.item(), 2 * R.loss(s, y)[nonempty].mean(), rtol=1e-5)
+    np.testing.assert_allclose(x.grad.numpy(), 2 * R.grad(s, y) / nonempty.sum(), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- property tests
+@settings(max_examples=40, deadline=None)
+@given(
+    b=st.integers(1, 6),
+    k=st.integers(1, 12),
+    shift=st.floats(-50, 50),
+    seed=st.integers(0, 2**16),
+)
+def test_properties_shift_permutation_gradient_sum(b, k, shift, seed):
+    rng = np.random.default_rng(seed)
+    s = rng.normal(scale=4.0, size=(b, k))
+    y = rng.random((b, k)) < 0.4
+    x = torch.tensor(s, requires_grad=True)
+    tgt = torch.from_numpy(y)
+    base = multilabel_softmax_loss(x, tgt, reduction="none")
+    # shift invariance of each row
+    shifted = multilabel_softmax_loss(x.detach() + shift, tgt, reduction="none")
+    np.testing.assert_allclose(shifted.numpy(), base.detach().numpy(), atol=1e-9)
+    # a permutation of the classes changes nothing
+    perm = rng.permutation(k)
+    permuted = multilabel_softmax_loss(x.detach()[:, perm], tgt[:, perm], reduction="none")
+    np.testing.assert_allclose(permuted.numpy(), base.detach().numpy(), atol=1e-12)
+    # the gradient sums to zero on every non-empty row (and is zero on empty rows)
+    base.sum().backward()
+    np.testing.assert_allclose(x.grad.sum(1).numpy(), 0.0, atol=1e-12)
+    assert torch.all(x.grad[torch.from_numpy(~y.any(1))] == 0)
+
+
+# ----------------------------------------------------------------------------- bad input
+def _bad_cases():
+    x = torch.randn(3, 5)
+    y = torch.zeros(3, 5)
+    y[:, 0] = 1
+    return [
+        ((x, torch.zeros(3, 4)), {}, ValueError, "Expected `target` to have the shape"),
+        ((x, y.clone().index_fill_(1, torch.tensor([2]), -1.0)), {}, ValueError, "non-negative"),
+        ((x, y.clone().index_fill_(1, torch.tensor([2]), float("nan"))), {}, ValueError, "finite"),
+        ((x, Positives.from_lists([[0], [5], [1]])), {}, ValueError, r"indices in \[0, 5\)"),
+        ((x, Positives.from_lists([[0], [-1], [1]])), {}, ValueError, r"indices in \[0, 5\)"),
+        ((x, Positives.from_lists([[0], [1]])), {}, ValueError, "3 rows"),
+        ((x, Positives.from_lists([[0], [1], [2]], num_classes=7)), {}, ValueError, "num_classes == 5"),
+        ((x, Positives(torch.tensor([1, 1, 2]), torch.tensor([0, 2, 3, 3]))), {}, ValueError, "unique"),
+        ((x, Positives(torch.tensor([1, 2]), torch.tensor([0, 2, 1, 2]))), {}, ValueError, "non-decreasing"),
+        ((x.long(), y), {}, TypeError, "Expected `logits` to have a floating dtype"),
+        ((x, "labels"), {}, TypeError, "Expected `target` to be a dense tensor"),
+        ((x, y), {"reduction": "avg"}, ValueError, "Expected `reduction` to be one of"),
+        ((x, y), {"empty": "skip"}, ValueError, "Expected `empty` to be one of"),
+        ((x, y), {"impl": "cuda"}, ValueError, r"Expected `impl` to be one of \('auto', 'torch', 'triton'\)"),
+        ((x, y), {"label_smoothing": 1.0}, ValueError, r"in \[0, 1\)"),
+        ((x, y), {"label_smoothing": -0.1}, ValueError, r"in \[0, 1\)"),
+        ((x, y), {"weight": torch.ones(4)}, ValueError, "Expected `weight` to have shape"),
+        ((x, y), {"weight": -torch.ones(5)}, ValueError, "non-negative"),
+        ((x, y), {"sample_weight": torch.ones(2)}, ValueError, "Expected `sample_weight` to have shape"),
+        ((x, y.to("meta")), {}, ValueError, "Expected `target` to be on cpu"),
+    ]
+
+
+@pytest.mark.parametrize("args,kwargs,exc,match", _bad_cases())
+def test_bad_input_raises_clear_error(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        multilabel_softmax_loss(*args, **kwargs)
+
+
+def test_validate_false_skips_data_checks():
+    x = torch.randn(2, 3)
+    y = torch.tensor([[1.0, 0.0, -0.5], [0.0, 1.0, 0.0]])
+    multilabel_softmax_loss(x, y, validate=False)  # no sync, no error
+    with pytest.raises(ValueError):
+        multilabel_softmax_loss(x, y)
