@@ -1,0 +1,426 @@
+"""Multi-label evaluation metrics, functional and accumulating.
+
+Inputs are scores ``[N, K]`` and targets (dense multi-hot ``[N, K]`` or
+:class:`~mlsoftmax.Positives`), as torch tensors or NumPy arrays. Like
+torchmetrics, each metric is built from private stages shared by the functional
+API and the :class:`MultilabelEvaluator` accumulator:
+
+* ``_format``: to float64 scores and a bool target on the CPU;
+* ``_update_*``: per-batch sufficient statistics (sums over rows, per-class counts);
+* ``_compute``: the final values from the summed statistics.
+
+Rows with no positive follow scikit-learn's conventions where scikit-learn has
+the metric (average precision 1, ranking loss 0, coverage 0) and are left out
+where a metric is undefined for them (recall@k, nDCG@k, one-error).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .targets import Positives
+
+__all__ = [
+    "average_precision",
+    "ranking_loss",
+    "coverage",
+    "one_error",
+    "precision_at_k",
+    "recall_at_k",
+    "ndcg_at_k",
+    "annotation_scores",
+    "mean_average_precision",
+    "hamming_loss",
+    "f1_score",
+    "MultilabelEvaluator",
+]
+
+
+# --------------------------------------------------------------------------- _format
+def _as_tensor(a, name: str) -> Tensor:
+    if isinstance(a, np.ndarray):
+        a = torch.from_numpy(a)
+    if not isinstance(a, Tensor):
+        raise TypeError(f"Expected `{name}` to be a torch.Tensor or numpy.ndarray, but got {type(a).__name__}")
+    return a.detach().cpu()
+
+
+def _format(scores, target) -> tuple[Tensor, Tensor]:
+    """Scores ``[N, K]`` float64 and target ``[N, K]`` bool, on the CPU."""
+    s = _as_tensor(scores, "scores")
+    if s.dim() != 2:
+        raise ValueError(f"Expected `scores` to have shape [N, K], but got {tuple(s.shape)}")
+    s = s.double()
+    if isinstance(target, Positives):
+        if target.batch_size != s.shape[0]:
+            raise ValueError(f"Expected `target` to have {s.shape[0]} rows, but got {target.batch_size}")
+        y = target.to("cpu").to_dense(s.shape[1]) > 0
+    else:
+        y = _as_tensor(target, "target")
+        if y.shape != s.shape:
+            raise ValueError(f"Expected `target` to have the shape of `scores` {tuple(s.shape)}, but got {tuple(y.shape)}")
+        y = y > 0
+    return s, y
+
+
+def _format_pred(pred, target) -> tuple[Tensor, Tensor]:
+    p = _as_tensor(pred, "pred")
+    if p.dim() != 2:
+        raise ValueError(f"Expected `pred` to have shape [N, K], but got {tuple(p.shape)}")
+    _, y = _format(torch.zeros(p.shape, dtype=torch.float64), target)
+    return p > 0, y
+
+
+# --------------------------------------------------------------------------- per-row stages
+def _count_ge(s: Tensor, ref: Tensor) -> Tensor:
+    """For each row, how many entries of ``s`` are >= each entry of ``ref``."""
+    srt, _ = torch.sort(s, dim=1)
+    return s.shape[1] - torch.searchsorted(srt, ref.contiguous(), right=False)
+
+
+def _count_pos_ge(s: Tensor, y: Tensor, ref: Tensor) -> Tensor:
+    """For each row, how many positives score >= each entry of ``ref``."""
+    srt, _ = torch.sort(torch.where(y, s, torch.full_like(s, -math.inf)), dim=1)
+    n_neg = (~y).sum(1, keepdim=True)
+    return s.shape[1] - torch.searchsorted(srt, ref.contiguous(), right=False) - n_neg * (ref == -math.inf)
+
+
+def _ap_rows(s: Tensor, y: Tensor) -> Tensor:
+    """Label-ranking average precision per row (scikit-learn's LRAP)."""
+    rank = _count_ge(s, s).double()  # [N, K] rank of each label (ties share the worst rank)
+    pos_rank = _count_pos_ge(s, y, s).double()
+    npos = y.sum(1)
+    per = torch.where(y, pos_rank / rank, torch.zeros_like(rank)).sum(1) / npos.clamp_min(1)
+    trivial = (npos == 0) | (npos == s.shape[1])
+    return torch.where(trivial, torch.ones_like(per), per)
+
+
+def _ranking_loss_rows(s: Tensor, y: Tensor) -> Tensor:
+    """Fraction of (positive, negative) pairs ordered wrongly; ties count as wrong."""
+    srt, _ = torch.sort(torch.where(y, s, torch.full_like(s, math.inf)), dim=1)
+    pos_le = torch.searchsorted(srt, s.contiguous(), right=True).double()  # positives scoring <= each label
+    npos, nneg = y.sum(1), (~y).sum(1)
+    bad = torch.where(~y, pos_le, torch.zeros_like(pos_le)).sum(1)
+    pairs = (npos * nneg).double()
+    return torch.where(pairs > 0, bad / pairs.clamp_min(1), torch.zeros_like(bad))
+
+
+def _coverage_rows(s: Tensor, y: Tensor) -> Tensor:
+    """Steps down the ranking to cover every positive (MULAN: scikit-learn's coverage_error - 1)."""
+    min_pos = torch.where(y, s, torch.full_like(s, math.inf)).amin(1, keepdim=True)
+    cov = (s >= min_pos).sum(1).double() - 1
+    return torch.where(y.any(1), cov, torch.zeros_like(cov))
+
+
+def _topk_hits(s: Tensor, y: Tensor, k: int) -> Tensor:
+    """``[N, k]`` whether the r-th highest-scoring label is a positive."""
+    k = min(k, s.shape[1])
+    idx = torch.topk(s, k, dim=1).indices
+    return torch.gather(y, 1, idx)
+
+
+def _ndcg_rows(s: Tensor, y: Tensor, k: int) -> Tensor:
+    hits = _topk_hits(s, y, k).double()
+    disc = 1.0 / torch.log2(torch.arange(2, hits.shape[1] + 2, dtype=torch.float64))
+    dcg = (hits * disc).sum(1)
+    ideal_n = y.sum(1).clamp(max=hits.shape[1])
+    idcg = torch.cumsum(disc, 0)[(ideal_n - 1).clamp_min(0)]
+    return torch.where(ideal_n > 0, dcg / idcg, torch.zeros_like(dcg))
+
+
+# --------------------------------------------------------------------------- _update / _compute
+_EXAMPLE_KEYS = ("average_precision", "ranking_loss", "coverage", "one_error")
+
+
+def _update_ranking(s: Tensor, y: Tensor, ks: Sequence[int]) -> dict:
+    """Summed per-row statistics of one batch (example-based and top-k metrics)."""
+    has = y.any(1)
+    top1 = _topk_hits(s, y, 1)[:, 0]
+    st = {
+        "rows": float(s.shape[0]),
+        "rows_pos": float(has.sum()),
+        "average_precision": float(_ap_rows(s, y).sum()),
+        "ranking_loss": float(_ranking_loss_rows(s, y).sum()),
+        "coverage": float(_coverage_rows(s, y).sum()),
+        "one_error": float((has & ~top1).sum()),
+    }
+    npos = y.sum(1).double()
+    for k in ks:
+        hits = _topk_hits(s, y, k).double().sum(1)
+        st[f"precision_at_{k}"] = float((hits / k).sum())
+        st[f"recall_at_{k}"] = float(torch.where(npos > 0, hits / npos.clamp_min(1), torch.zeros_like(hits)).sum())
+        st[f"ndcg_at_{k}"] = float(_ndcg_rows(s, y, k).sum())
+    return st
+
+
+def _compute_ranking(st: dict, ks: Sequence[int]) -> dict:
+    n, npos = max(st["rows"], 1.0), max(st["rows_pos"], 1.0)
+    out = {key: st[key] / n for key in ("average_precision", "ranking_loss", "coverage")}
+    out["one_error"] = st["one_error"] / npos
+    for k in ks:
+        out[f"precision_at_{k}"] = st[f"precision_at_{k}"] / n
+        out[f"recall_at_{k}"] = st[f"recall_at_{k}"] / npos
+        out[f"ndcg_at_{k}"] = st[f"ndcg_at_{k}"] / npos
+    return out
+
+
+def _update_sets(pred: Tensor, y: Tensor) -> dict:
+    """Per-class counts of predicted sets ``pred`` ``[N, K]`` bool against ``y``."""
+    tp = (pred & y).sum(0).double()
+    inter = (pred & y).sum(1).double()
+    denom = (pred.sum(1) + y.sum(1)).double()
+    return {
+        "tp": tp,
+        "pred": pred.sum(0).double(),
+        "true": y.sum(0).double(),
+        "mismatch": float((pred ^ y).sum()),
+        "cells": float(pred.numel()),
+        "example_f1": float(torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.zeros_like(inter)).sum()),
+        "rows": float(pred.shape[0]),
+    }
+
+
+def _merge(a: Optional[dict], b: dict) -> dict:
+    if a is None:
+        return dict(b)
+    return {k: a[k] + b[k] for k in a}
+
+
+def _div0(num: Tensor, den: Tensor) -> Tensor:
+    """num / den with 0/0 = 0 (scikit-learn's zero_division=0)."""
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+
+
+def _compute_sets(st: dict) -> dict:
+    tp, pred, true = st["tp"], st["pred"], st["true"]
+    f1_class = _div0(2 * tp, pred + true)
+    micro = float(_div0(2 * tp.sum(), pred.sum() + true.sum()))
+    return {
+        "micro_f1": micro,
+        "macro_f1": float(f1_class.mean()) if f1_class.numel() else 0.0,
+        "example_f1": st["example_f1"] / max(st["rows"], 1.0),
+        "hamming_loss": st["mismatch"] / max(st["cells"], 1.0),
+    }
+
+
+def _compute_annotation(st: dict) -> dict:
+    tp, pred, true = st["tp"], st["pred"], st["true"]
+    present = true > 0
+    prec = _div0(tp, pred)[present]
+    rec = _div0(tp, true)[present]
+    return {
+        "per_class_precision": float(prec.mean()) if prec.numel() else 0.0,
+        "per_class_recall": float(rec.mean()) if rec.numel() else 0.0,
+        "overall_precision": float(_div0(tp.sum(), pred.sum())),
+        "overall_recall": float(_div0(tp.sum(), true.sum())),
+        "n_plus": int((tp > 0).sum()),
+    }
+
+
+def _label_ap(s: Tensor, y: Tensor) -> Tensor:
+    """``[K]`` average precision of each label's ranking of the rows (ties grouped, like scikit-learn)."""
+    n = s.shape[0]
+    srt, order = torch.sort(s, dim=0, descending=True)
+    ys = torch.gather(y, 0, order).double()
+    tp = torch.cumsum(ys, 0)
+    idx = torch.arange(n).unsqueeze(1).expand_as(srt)
+    ends = torch.ones_like(srt, dtype=torch.bool)
+    ends[:-1] = srt[:-1] != srt[1:]
+    # index of the end of each element's tie group: reverse cumulative minimum of the end indices
+    end_idx = torch.where(ends, idx, torch.full_like(idx, n)).flip(0).cummin(0).values.flip(0)
+    prec = torch.gather(tp, 0, end_idx) / (end_idx + 1).double()
+    npos = ys.sum(0)
+    return _div0((ys * prec).sum(0), npos)
+
+
+# --------------------------------------------------------------------------- functional API
+def average_precision(scores, target) -> float:
+    """Example-based average precision (scikit-learn's ``label_ranking_average_precision_score``).
+
+    .. math:: \\mathrm{AP} = \\frac1N\\sum_i \\frac1{|Y_i|}\\sum_{j\\in Y_i}
+              \\frac{|\\{k\\in Y_i: s_{ik}\\ge s_{ij}\\}|}{|\\{k: s_{ik}\\ge s_{ij}\\}|}
+
+    Rows with no positive (or only positives) score 1, as in scikit-learn.
+
+    Args:
+        scores: ``[N, K]`` scores (higher is more relevant).
+        target: ``[N, K]`` multi-hot or :class:`~mlsoftmax.Positives`.
+
+    Example:
+        >>> import numpy as np
+        >>> round(average_precision(np.array([[0.9, 0.1, 0.5]]), np.array([[0, 0, 1]])), 3)
+        0.5
+    """
+    s, y = _format(scores, target)
+    return float(_ap_rows(s, y).mean()) if s.shape[0] else 0.0
+
+
+def ranking_loss(scores, target) -> float:
+    """Mean fraction of (positive, negative) pairs with the negative scored >= the positive.
+
+    Equal to scikit-learn's ``label_ranking_loss`` (ties count as mis-ordered; rows
+    with no positive or no negative score 0). Shapes as in :func:`average_precision`.
+    """
+    s, y = _format(scores, target)
+    return float(_ranking_loss_rows(s, y).mean()) if s.shape[0] else 0.0
+
+
+def coverage(scores, target) -> float:
+    """How far down the ranking one must go to cover all positives, on average.
+
+    This is the Zhang & Zhou / MULAN convention, ``max_{j in Y} rank(j) - 1``,
+    i.e. scikit-learn's ``coverage_error`` minus 1 (a perfect ranking of one
+    positive scores 0). Rows with no positive score 0 (as in scikit-learn).
+    """
+    s, y = _format(scores, target)
+    return float(_coverage_rows(s, y).mean()) if s.shape[0] else 0.0
+
+
+def one_error(scores, target) -> float:
+    """Fraction of rows whose top-scored label is not a positive (rows with a positive only).
+
+    Ties at the top go to the lowest class index.
+    """
+    s, y = _format(scores, target)
+    st = _update_ranking(s, y, ())
+    return _compute_ranking(st, ())["one_error"]
+
+
+def precision_at_k(scores, target, k: int = 1) -> float:
+    """P@k = |top-k ∩ Y| / k, averaged over all rows (the extreme-classification definition)."""
+    s, y = _format(scores, target)
+    return _compute_ranking(_update_ranking(s, y, (k,)), (k,))[f"precision_at_{k}"]
+
+
+def recall_at_k(scores, target, k: int = 1) -> float:
+    """R@k = |top-k ∩ Y| / |Y|, averaged over rows with at least one positive."""
+    s, y = _format(scores, target)
+    return _compute_ranking(_update_ranking(s, y, (k,)), (k,))[f"recall_at_{k}"]
+
+
+def ndcg_at_k(scores, target, k: int = 1) -> float:
+    """nDCG@k with binary gains, normalised by the ideal DCG over ``min(k, |Y|)`` positives.
+
+    .. math:: \\mathrm{nDCG@k} = \\frac{\\sum_{r=1}^{k} y_{\\pi(r)}/\\log_2(r+1)}
+              {\\sum_{r=1}^{\\min(k,|Y|)} 1/\\log_2(r+1)}
+
+    Averaged over rows with at least one positive.
+    """
+    s, y = _format(scores, target)
+    return _compute_ranking(_update_ranking(s, y, (k,)), (k,))[f"ndcg_at_{k}"]
+
+
+def annotation_scores(scores, target, k: int = 3) -> dict:
+    """Top-k image-annotation metrics of Gong et al. (2014).
+
+    Each row is annotated with its ``k`` highest-scoring labels. For label ``j``,
+    precision is ``correct_j / predicted_j`` and recall ``correct_j / true_j``.
+    Per-class means are over labels that appear in the target; a label that is
+    never predicted has precision 0 (0/0 is taken as 0). Overall precision and
+    recall pool the counts over labels; ``n_plus`` counts labels with at least one
+    correct prediction.
+
+    Returns:
+        dict with ``per_class_precision``, ``per_class_recall``,
+        ``overall_precision``, ``overall_recall`` and ``n_plus``.
+    """
+    s, y = _format(scores, target)
+    from .decode import top_k
+
+    return _compute_annotation(_update_sets(top_k(s, k), y))
+
+
+def mean_average_precision(scores, target) -> float:
+    """Label-based AP averaged over labels (VOC/COCO style).
+
+    Each label ranks the rows by score; its AP is scikit-learn's
+    ``average_precision_score`` (ties grouped). Labels with no positive row are
+    left out of the mean.
+    """
+    s, y = _format(scores, target)
+    ap = _label_ap(s, y)
+    present = y.any(0)
+    return float(ap[present].mean()) if bool(present.any()) else 0.0
+
+
+def hamming_loss(pred, target) -> float:
+    """Fraction of (row, label) cells where the predicted set ``pred`` ``[N, K]`` and the target differ."""
+    p, y = _format_pred(pred, target)
+    return _compute_sets(_update_sets(p, y))["hamming_loss"]
+
+
+def f1_score(pred, target, average: str = "micro") -> float:
+    """F1 of predicted label sets ``pred`` ``[N, K]`` (bool or 0/1).
+
+    ``average``: ``"micro"`` (pooled counts), ``"macro"`` (mean over labels) or
+    ``"example"`` (mean over rows; scikit-learn's ``"samples"``). 0/0 counts as 0,
+    scikit-learn's ``zero_division=0``.
+    """
+    if average not in ("micro", "macro", "example"):
+        raise ValueError(f"Expected `average` to be one of ('micro', 'macro', 'example'), but got {average!r}")
+    p, y = _format_pred(pred, target)
+    return _compute_sets(_update_sets(p, y))[f"{average}_f1"]
+
+
+# --------------------------------------------------------------------------- accumulator
+class MultilabelEvaluator:
+    """Accumulates every metric over batches; holds O(K) state, not the scores.
+
+    Only ``mean_average_precision`` needs every score of a label, so it keeps the
+    scores and targets it has seen; pass ``label_ap=False`` to hold nothing ``[N, K]``.
+
+    Args:
+        ks: the k of precision/recall/nDCG@k.
+        annotation_k: k of :func:`annotation_scores` (its keys get an ``_at_{k}`` suffix).
+        decoder: a callable ``scores -> bool [N, K]`` giving predicted sets for
+            F1 and Hamming loss (see :mod:`mlsoftmax.decode`); none: those are skipped.
+        label_ap: also compute ``mean_average_precision``.
+
+    Example:
+        >>> import torch
+        >>> ev = MultilabelEvaluator(ks=(1,))
+        >>> ev.update(torch.tensor([[0.2, 0.8]]), torch.tensor([[0, 1]]))
+        >>> ev.compute()["precision_at_1"]
+        1.0
+    """
+
+    def __init__(self, ks: Sequence[int] = (1, 3, 5), annotation_k: int = 3, decoder=None, label_ap: bool = True):
+        self.ks, self.annotation_k, self.decoder, self.label_ap = tuple(ks), annotation_k, decoder, label_ap
+        self.reset()
+
+    def reset(self) -> None:
+        self._rank = None
+        self._annot = None
+        self._sets = None
+        self._kept: list[tuple[Tensor, Tensor]] = []
+
+    def update(self, scores, target) -> None:
+        from .decode import top_k
+
+        s, y = _format(scores, target)
+        self._rank = _merge(self._rank, _update_ranking(s, y, self.ks))
+        self._annot = _merge(self._annot, _update_sets(top_k(s, self.annotation_k), y))
+        if self.decoder is not None:
+            self._sets = _merge(self._sets, _update_sets(_as_tensor(self.decoder(s), "decoded") > 0, y))
+        if self.label_ap:
+            self._kept.append((s.float(), y))
+
+    def compute(self) -> dict:
+        if self._rank is None:
+            raise ValueError("Expected at least one `update` before `compute`, but got none")
+        out = _compute_ranking(self._rank, self.ks)
+        out.update({f"{k}_at_{self.annotation_k}": v for k, v in _compute_annotation(self._annot).items()})
+        if self._sets is not None:
+            out.update(_compute_sets(self._sets))
+        if self.label_ap:
+            s = torch.cat([a for a, _ in self._kept]).double()
+            y = torch.cat([b for _, b in self._kept])
+            ap = _label_ap(s, y)
+            present = y.any(0)
+            out["mean_average_precision"] = float(ap[present].mean()) if bool(present.any()) else 0.0
+        return out

@@ -1,0 +1,150 @@
+"""Every metric against scikit-learn or a hand-computed case (ties, empty rows, K=1)."""
+
+import numpy as np
+import pytest
+import sklearn.metrics as skm
+import torch
+
+from mlsoftmax import Positives
+from mlsoftmax import metrics as M
+
+
+def _data(rng, n=40, k=9, ties=False, empty=False):
+    s = rng.normal(size=(n, k))
+    if ties:
+        s = np.round(s * 2) / 2  # many ties
+    y = (rng.random((n, k)) < 0.3).astype(int)
+    y[np.arange(n), rng.integers(0, k, n)] = 1
+    if empty:
+        y[:3] = 0
+    return s, y
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("empty", [False, True])
+def test_example_based_match_sklearn(rng, ties, empty):
+    s, y = _data(rng, ties=ties, empty=empty)
+    assert M.average_precision(s, y) == pytest.approx(skm.label_ranking_average_precision_score(y, s), abs=1e-12)
+    assert M.ranking_loss(s, y) == pytest.approx(skm.label_ranking_loss(y, s), abs=1e-12)
+    if not empty:  # sklearn's coverage_error counts empty rows as 0 before the "- 1"
+        assert M.coverage(s, y) == pytest.approx(skm.coverage_error(y, s) - 1, abs=1e-12)
+
+
+def test_torch_numpy_and_positives_inputs_agree(rng):
+    s, y = _data(rng)
+    pos = Positives.from_lists([np.flatnonzero(r).tolist() for r in y], y.shape[1])
+    a = M.average_precision(s, y)
+    assert M.average_precision(torch.from_numpy(s).float(), torch.from_numpy(y)) == pytest.approx(a, abs=1e-6)
+    assert M.average_precision(s, pos) == pytest.approx(a, abs=1e-12)
+
+
+def test_hand_computed_ranking_case():
+    s = np.array([[0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.8, 0.1]])
+    y = np.array([[0, 0, 1, 1], [1, 0, 1, 0]])
+    # row 0: positives ranked 2 and 3 -> AP (1/2 + 2/3)/2; row 1: label 2 ties label 1 at rank 2 (tie = worst rank)
+    assert M.average_precision(s, y) == pytest.approx(((1 / 2 + 2 / 3) / 2 + (1 / 2 + 2 / 3) / 2) / 2)
+    assert M.one_error(s, y) == 1.0  # both top-1 labels (0 and the first of the tie, 1) are negatives
+    assert M.coverage(s, y) == pytest.approx((2 + 2) / 2)  # lowest positive at rank 3 in both rows
+    assert M.precision_at_k(s, y, 2) == pytest.approx((1 / 2 + 1 / 2) / 2)
+    assert M.recall_at_k(s, y, 2) == pytest.approx((1 / 2 + 1 / 2) / 2)
+
+
+def test_one_error_and_empty_rows():
+    s = np.array([[0.1, 0.9], [0.9, 0.1], [0.5, 0.4]])
+    y = np.array([[0, 1], [0, 1], [0, 0]])
+    assert M.one_error(s, y) == 0.5  # the empty row is left out
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_ndcg_matches_sklearn(rng, k):
+    s, y = _data(rng, n=50, k=12)
+    assert M.ndcg_at_k(s, y, k) == pytest.approx(skm.ndcg_score(y, s, k=k), abs=1e-12)
+
+
+def test_precision_recall_at_k_hand(rng):
+    s, y = _data(rng, n=30, k=10)
+    top = np.argsort(-s, axis=1)[:, :3]
+    hits = np.take_along_axis(y, top, 1).sum(1)
+    assert M.precision_at_k(s, y, 3) == pytest.approx((hits / 3).mean())
+    assert M.recall_at_k(s, y, 3) == pytest.approx((hits / y.sum(1)).mean())
+
+
+def test_k_equals_one_class():
+    s = np.array([[0.3], [0.1]])
+    y = np.array([[1], [1]])
+    assert M.average_precision(s, y) == 1.0
+    assert M.ranking_loss(s, y) == 0.0
+    assert M.coverage(s, y) == 0.0
+    assert M.precision_at_k(s, y, 3) == pytest.approx(1 / 3)  # P@k divides by k
+    assert M.ndcg_at_k(s, y, 3) == 1.0
+    assert M.mean_average_precision(s, y) == 1.0
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_mean_average_precision_matches_sklearn(rng, ties):
+    s, y = _data(rng, n=60, k=8, ties=ties)
+    y[:, 5] = 0  # a label with no positive is left out of the mean
+    present = y.any(0)
+    expected = np.mean([skm.average_precision_score(y[:, j], s[:, j]) for j in np.flatnonzero(present)])
+    assert M.mean_average_precision(s, y) == pytest.approx(expected, abs=1e-12)
+
+
+def test_set_metrics_match_sklearn(rng):
+    s, y = _data(rng, n=50, k=7)
+    pred = (rng.random(y.shape) < 0.35).astype(int)
+    pred[0] = 0
+    y2 = y.copy()
+    y2[0] = 0  # a row with neither predicted nor true labels: 0/0 -> 0
+    assert M.hamming_loss(pred, y2) == pytest.approx(skm.hamming_loss(y2, pred))
+    assert M.f1_score(pred, y2, "micro") == pytest.approx(skm.f1_score(y2, pred, average="micro"))
+    assert M.f1_score(pred, y2, "macro") == pytest.approx(skm.f1_score(y2, pred, average="macro", zero_division=0))
+    assert M.f1_score(pred, y2, "example") == pytest.approx(
+        skm.f1_score(y2, pred, average="samples", zero_division=0)
+    )
+    with pytest.raises(ValueError, match="Expected `average`"):
+        M.f1_score(pred, y2, "weighted")
+
+
+def test_annotation_scores_hand_computed():
+    # 3 rows, 4 labels, k = 1: the top label of each row is 0, 0, 2
+    s = np.array([[0.9, 0.1, 0.0, 0.0], [0.8, 0.0, 0.1, 0.0], [0.0, 0.1, 0.9, 0.2]])
+    y = np.array([[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0]])
+    out = M.annotation_scores(s, y, k=1)
+    # label 0: predicted 2, correct 1, true 1; label 1: predicted 0, true 1; label 2: predicted 1, correct 1, true 2
+    # label 3 never appears in the target and is left out of the per-class means
+    assert out["per_class_precision"] == pytest.approx((1 / 2 + 0 + 1) / 3)
+    assert out["per_class_recall"] == pytest.approx((1 + 0 + 1 / 2) / 3)
+    assert out["overall_precision"] == pytest.approx(2 / 3)
+    assert out["overall_recall"] == pytest.approx(2 / 4)
+    assert out["n_plus"] == 2
+
+
+def test_evaluator_batches_equal_functional(rng):
+    from mlsoftmax.decode import Decoder
+
+    s, y = _data(rng, n=57, k=11, ties=True, empty=True)
+    dec = Decoder("top_k", 2)
+    ev = M.MultilabelEvaluator(ks=(1, 3), annotation_k=3, decoder=dec)
+    for i in range(0, 57, 10):
+        ev.update(torch.from_numpy(s[i : i + 10]), torch.from_numpy(y[i : i + 10]))
+    out = ev.compute()
+    assert out["average_precision"] == pytest.approx(M.average_precision(s, y), abs=1e-12)
+    assert out["ranking_loss"] == pytest.approx(M.ranking_loss(s, y), abs=1e-12)
+    assert out["coverage"] == pytest.approx(M.coverage(s, y), abs=1e-12)
+    assert out["one_error"] == pytest.approx(M.one_error(s, y), abs=1e-12)
+    assert out["ndcg_at_3"] == pytest.approx(M.ndcg_at_k(s, y, 3), abs=1e-12)
+    assert out["precision_at_1"] == pytest.approx(M.precision_at_k(s, y, 1), abs=1e-12)
+    assert out["mean_average_precision"] == pytest.approx(M.mean_average_precision(s, y), abs=1e-6)
+    assert out["micro_f1"] == pytest.approx(M.f1_score(dec(torch.from_numpy(s)), y, "micro"))
+    assert out["per_class_recall_at_3"] == pytest.approx(M.annotation_scores(s, y, 3)["per_class_recall"])
+    with pytest.raises(ValueError, match="Expected at least one `update`"):
+        M.MultilabelEvaluator().compute()
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="Expected `target` to have the shape"):
+        M.average_precision(np.zeros((2, 3)), np.zeros((2, 4)))
+    with pytest.raises(TypeError, match="Expected `scores`"):
+        M.average_precision([[0.1]], np.zeros((1, 1)))
+    with pytest.raises(ValueError, match=r"Expected `scores` to have shape \[N, K\]"):
+        M.ranking_loss(np.zeros(3), np.zeros(3))
