@@ -85,35 +85,113 @@ def _(grad_rows, logits, lse, coef, inv_mass, dense, indices, row_ids, values, w
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-class MultiLabelSoftmaxFunction(torch.autograd.Function):
-    """Per-row loss ``[B]`` from logits ``[B, K]``; saves no ``[B, K]`` float buffer.
+@torch.library.custom_op("mlsoftmax::msl_triton_forward", mutates_args=())
+def _msl_triton_forward(
+    logits: Tensor,
+    dense: Optional[Tensor],
+    indices: Optional[Tensor],
+    offsets: Optional[Tensor],
+    values: Optional[Tensor],
+    weight: Optional[Tensor],
+    row_scale: Tensor,
+    label_smoothing: float,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    from .kernels import triton_loss
 
-    The forward saves the logits (by reference), the per-row log-sum-exp and two
-    per-row scalars, and the target. The backward writes ``(c softmax - T) * g``
-    once, with no host sync.
+    return triton_loss.forward(logits, dense, indices, offsets, values, weight, row_scale, label_smoothing, compute_grad)
+
+
+@_msl_triton_forward.register_fake
+def _(logits, dense, indices, offsets, values, weight, row_scale, label_smoothing, compute_grad):
+    b = logits.shape[0]
+    g = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0, 0))
+    return logits.new_empty(b, dtype=torch.float32), g
+
+
+@torch.library.custom_op("mlsoftmax::msl_triton_forward_inplace", mutates_args=("logits",))
+def _msl_triton_forward_inplace(
+    logits: Tensor,
+    dense: Optional[Tensor],
+    indices: Optional[Tensor],
+    offsets: Optional[Tensor],
+    values: Optional[Tensor],
+    weight: Optional[Tensor],
+    row_scale: Tensor,
+    label_smoothing: float,
+) -> Tensor:
+    from .kernels import triton_loss
+
+    return triton_loss.forward(logits, dense, indices, offsets, values, weight, row_scale, label_smoothing, True, True)[0]
+
+
+@_msl_triton_forward_inplace.register_fake
+def _(logits, dense, indices, offsets, values, weight, row_scale, label_smoothing):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("mlsoftmax::msl_triton_scale_", mutates_args=("grad",))
+def _msl_triton_scale_(grad: Tensor, grad_out: Tensor) -> None:
+    from .kernels import triton_loss
+
+    triton_loss.scale_rows_(grad, grad_out)
+
+
+@_msl_triton_scale_.register_fake
+def _(grad, grad_out):
+    return None
+
+
+class MultiLabelSoftmaxFunction(torch.autograd.Function):
+    """Per-row ``row_scale * loss`` ``[B]`` from logits ``[B, K]``.
+
+    ``impl="torch"``: the forward saves the logits (by reference), the per-row
+    log-sum-exp and two per-row scalars, and the target, but no ``[B, K]`` float
+    buffer; the backward writes ``(c softmax - T) * g`` once.
+
+    ``impl="triton"``: one kernel computes the loss and the gradient (already
+    scaled by ``row_scale``) in the forward; the backward scales it by
+    ``grad_out`` in place, skipping rows whose ``grad_out`` is 1. With
+    ``inplace=True`` the gradient overwrites the logits.
     """
 
     @staticmethod
-    def forward(ctx, logits, dense, indices, row_ids, values, weight, label_smoothing, impl):
-        loss, lse, coef, inv_mass, mass = torch.ops.mlsoftmax.msl_forward(
+    def forward(ctx, logits, dense, indices, offsets, row_ids, values, weight, row_scale, label_smoothing, impl,
+                inplace):
+        ctx.impl, ctx.label_smoothing = impl, label_smoothing
+        if impl == "triton":
+            if inplace:
+                rows = torch.ops.mlsoftmax.msl_triton_forward_inplace(
+                    logits, dense, indices, offsets, values, weight, row_scale, label_smoothing
+                )
+                grad = logits
+            else:
+                rows, grad = torch.ops.mlsoftmax.msl_triton_forward(
+                    logits, dense, indices, offsets, values, weight, row_scale, label_smoothing,
+                    bool(ctx.needs_input_grad[0]),
+                )
+            ctx.save_for_backward(grad)
+            return rows
+        loss, lse, coef, inv_mass, _mass = torch.ops.mlsoftmax.msl_forward(
             logits, dense, indices, row_ids, values, weight, label_smoothing, impl
         )
-        ctx.save_for_backward(logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight)
-        ctx.label_smoothing = label_smoothing
-        ctx.impl = impl
-        ctx.mark_non_differentiable(mass)
-        return loss, mass
+        ctx.save_for_backward(logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, row_scale)
+        return loss * row_scale
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_mass):
-        logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight = ctx.saved_tensors
-        grad = None
-        if ctx.needs_input_grad[0]:
+    def backward(ctx, grad_rows):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 11
+        if ctx.impl == "triton":
+            (grad,) = ctx.saved_tensors
+            torch.ops.mlsoftmax.msl_triton_scale_(grad, grad_rows)
+        else:
+            logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, row_scale = ctx.saved_tensors
             grad = torch.ops.mlsoftmax.msl_backward(
-                grad_loss.contiguous(), logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight,
-                ctx.label_smoothing, ctx.impl,
+                (grad_rows * row_scale).contiguous(), logits, lse, coef, inv_mass, dense, indices, row_ids, values,
+                weight, ctx.label_smoothing, ctx.impl,
             )
-        return grad, None, None, None, None, None, None, None
+        return (grad,) + (None,) * 10
 
 
 # --------------------------------------------------------------------------- validation
@@ -209,6 +287,7 @@ def multilabel_softmax_loss(
     empty: str = "ignore",
     label_smoothing: float = 0.0,
     impl: str = "auto",
+    inplace: bool = False,
     validate: bool = True,
 ) -> Tensor:
     r"""Multi-label softmax cross-entropy: cross-entropy of ``softmax(logits)`` against ``Y / |Y|``.
@@ -233,7 +312,11 @@ def multilabel_softmax_loss(
             of the mean) or ``"error"`` (``ValueError`` naming the rows; syncs).
         label_smoothing: ``eps`` in ``[0, 1)``: the target becomes
             ``(1 - eps) Y/|Y| + eps/K`` on rows with a target.
-        impl: ``"auto"``, ``"torch"`` or ``"triton"``.
+        impl: ``"auto"`` (Triton on CUDA when installed, else torch), ``"torch"``
+            or ``"triton"``.
+        inplace: Triton only: write the gradient over ``logits`` (no extra
+            ``[B, K]`` memory). This destroys the logits: do not use them after
+            the call.
         validate: run the data-dependent checks (they sync with the device).
 
     Returns:
@@ -258,28 +341,37 @@ def multilabel_softmax_loss(
     batch_shape = logits.shape[:-1]
     x = logits.reshape(-1, k)  # [B, K]
     chosen = resolve_impl(impl, x)
-    rows, mass = MultiLabelSoftmaxFunction.apply(
-        x, dense, indices, row_ids, values, weight, float(label_smoothing), chosen
-    )  # [B], [B] in the accumulation dtype
+    if inplace and chosen != "triton":
+        raise ValueError(f"Expected impl='triton' (a CUDA tensor) for inplace=True, but got impl={chosen!r}")
+    acc = torch_chunked.acc_dtype(x.dtype)
 
+    # Per-row target mass, then each row's weight in the reduction. Folding the
+    # reduction into the kernel lets a fused backward skip the rescaling pass.
+    if dense is not None:
+        mass = dense.sum(-1, dtype=acc)  # [B]
+    else:
+        v = torch.ones_like(indices, dtype=acc) if values is None else values.to(acc)
+        mass = torch.zeros(x.shape[0], dtype=acc, device=x.device).index_add_(0, row_ids, v)  # [B]
+    nonempty = mass > 0
     if empty == "error":
-        bad = torch.nonzero(mass <= 0).flatten()
+        bad = torch.nonzero(~nonempty).flatten()
         if bad.numel():
             raise ValueError(
                 f"Expected every row of `target` to have a positive, but got {bad.numel()} empty rows "
                 f"(first: {bad[:10].tolist()})"
             )
-    if sample_weight is not None:
-        rows = rows * sample_weight.reshape(-1).to(rows.dtype)
+    row_scale = torch.ones_like(mass) if sample_weight is None else sample_weight.reshape(-1).to(acc)
+    if reduction == "mean":
+        denom = (row_scale * nonempty).sum()
+        row_scale = row_scale / torch.where(denom > 0, denom, torch.ones_like(denom))  # all empty: 0, not NaN
+    offsets = target.offsets if isinstance(target, Positives) else None
+    rows = MultiLabelSoftmaxFunction.apply(
+        x, dense, indices, offsets, row_ids, values, weight, row_scale.contiguous(), float(label_smoothing), chosen,
+        inplace,
+    )  # [B] row_scale * loss, accumulation dtype
     if reduction == "none":
         return rows.reshape(batch_shape).to(logits.dtype)
-    total = rows.sum()
-    if reduction == "sum":
-        return total.to(logits.dtype)
-    nonempty = (mass > 0).to(rows.dtype)
-    denom = nonempty.sum() if sample_weight is None else (sample_weight.reshape(-1).to(rows.dtype) * nonempty).sum()
-    denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # all rows empty: 0 / 1 = 0, no NaN
-    return (total / denom).to(logits.dtype)
+    return rows.sum().to(logits.dtype)
 
 
 class MultiLabelSoftmaxLoss(nn.Module):
@@ -303,18 +395,20 @@ class MultiLabelSoftmaxLoss(nn.Module):
         empty: str = "ignore",
         label_smoothing: float = 0.0,
         impl: str = "auto",
+        inplace: bool = False,
         validate: bool = True,
     ) -> None:
         super().__init__()
         _check_options(reduction, empty, label_smoothing, impl)
         self.register_buffer("weight", weight)
         self.reduction, self.empty, self.label_smoothing = reduction, empty, label_smoothing
-        self.impl, self.validate = impl, validate
+        self.impl, self.inplace, self.validate = impl, inplace, validate
 
     def forward(self, logits: Tensor, target, sample_weight: Optional[Tensor] = None) -> Tensor:
         return multilabel_softmax_loss(
             logits, target, weight=self.weight, sample_weight=sample_weight, reduction=self.reduction,
-            empty=self.empty, label_smoothing=self.label_smoothing, impl=self.impl, validate=self.validate,
+            empty=self.empty, label_smoothing=self.label_smoothing, impl=self.impl, inplace=self.inplace,
+            validate=self.validate,
         )
 
     def extra_repr(self) -> str:

@@ -74,9 +74,9 @@ class Positives:
                 )
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"Expected `num_classes` to be a positive int or None, but got {num_classes!r}")
-        self.indices = indices.long()
-        self.offsets = offsets.long()
-        self.values = values
+        self.indices = indices.long().contiguous()
+        self.offsets = offsets.long().contiguous()
+        self.values = None if values is None else values.contiguous()
         self.num_classes = num_classes
 
     # ------------------------------------------------------------------ constructors

@@ -14,6 +14,7 @@ import os
 import torch
 
 IMPLS = ("auto", "torch", "triton")
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp64 uses the torch path
 
 
 _TRITON = importlib.util.find_spec("triton") is not None
@@ -41,10 +42,13 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
     if impl not in IMPLS:
         raise ValueError(f"Expected `impl` to be one of {IMPLS}, but got {impl!r}")
     if impl == "auto":
-        return "triton" if (x.device.type == "cuda" and triton_available()) else "torch"
+        fused_ok = x.device.type == "cuda" and triton_available() and x.dtype in TRITON_DTYPES
+        return "triton" if fused_ok else "torch"
     if impl not in available_impls(x.device):
         raise ValueError(
             f"Expected `impl` to be one of {available_impls(x.device)} for a tensor on {x.device}, but got {impl!r}"
             " (Triton needs a CUDA tensor, or TRITON_INTERPRET=1 on the CPU)"
         )
+    if impl == "triton" and x.dtype not in TRITON_DTYPES:
+        raise ValueError(f"Expected `logits` to be float32, bfloat16 or float16 for impl='triton', but got {x.dtype}")
     return impl

@@ -1,0 +1,261 @@
+"""Fused Triton kernel: log-sum-exp, loss and gradient of each row in one launch.
+
+One program handles one row. Pass 1 streams the row once (online max and
+sum-exp, plus the dense target's sums), reading with ``evict_last`` so that the
+row stays in L2; the positives are gathered from their CSR indices. Pass 2
+re-reads the row (``evict_first``, from L2 when it fits) and writes the gradient
+``row_scale * (c * softmax - T)`` in the output dtype, each entry formed in fp32
+and rounded once. The target entries of sparse targets are computed in fp32 into
+a small ``[nnz]`` scratch before pass 2 (so that ``inplace=True``, where the
+gradient overwrites the logits, still reads the original logits) and written
+after a barrier.
+
+The backward only scales the gradient by ``grad_out``; a row whose ``grad_out``
+is exactly 1 is skipped inside the kernel (no host sync, no memory traffic).
+
+Tested on the CPU under ``TRITON_INTERPRET=1`` (small blocks, no autotune).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import triton_interpreting
+
+# --------------------------------------------------------------------------- constants
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+MAX_BLOCK = 16384  # elements of a row per step on the GPU (see BENCHMARKS.md: 32768 spills)
+INTERPRET_BLOCK = 128  # small blocks under the interpreter, so tests cover the multi-block loop
+BLOCK_P = 32  # positives per step
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _msl_fwd_kernel(
+    X, stride_x,  # [B, K] logits
+    G, stride_g,  # [B, K] gradient out (may alias X)
+    T, stride_t,  # [B, K] dense target (HAS_DENSE)
+    IDX, OFFS, VALS,  # CSR target: [nnz] indices, [B + 1] offsets, [nnz] values (HAS_SPARSE)
+    SCRATCH,  # [nnz] fp32 target-entry gradients (HAS_SPARSE)
+    W,  # [K] class weights (HAS_WEIGHT)
+    RS,  # [B] row scale (reduction and sample weights)
+    LOSS,  # [B] fp32 out: row_scale * loss
+    K, eps,
+    HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_VALUES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    cols = tl.arange(0, BLOCK)
+
+    # 1. one streaming pass: online max / sum-exp, and the dense target's sums
+    m = float("-inf")
+    s = 0.0
+    mass = 0.0
+    wmass = 0.0
+    dot = 0.0
+    sx = 0.0
+    wsum = 0.0
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + cols
+        mask = offs < K
+        x = tl.load(x_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp2((m - m_safe) * LOG2E) + tl.sum(tl.exp2((x - m_safe) * LOG2E), 0)
+        m = m_new
+        if HAS_WEIGHT:
+            w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DENSE:
+            t = tl.load(T + row * stride_t + offs, mask=mask, other=0).to(tl.float32)
+            tw = t * w if HAS_WEIGHT else t
+            mass += tl.sum(t, 0)
+            wmass += tl.sum(tw, 0)
+            dot += tl.sum(tl.where(t != 0, x, 0.0) * tw, 0)
+        if HAS_SMOOTH:
+            xs = tl.where(mask, x, 0.0)
+            if HAS_WEIGHT:
+                sx += tl.sum(xs * w, 0)
+                wsum += tl.sum(w, 0)
+            else:
+                sx += tl.sum(xs, 0)
+    if HAS_SPARSE:
+        # 2. the positives: gather their logits from the CSR indices
+        p0 = tl.load(OFFS + row)
+        p1 = tl.load(OFFS + row + 1)
+        for j0 in range(p0, p1, BLOCK_P):
+            pj = j0 + tl.arange(0, BLOCK_P)
+            pm = pj < p1
+            idx = tl.load(IDX + pj, mask=pm, other=0)
+            xg = tl.load(x_row + idx, mask=pm, other=0.0).to(tl.float32)
+            if HAS_VALUES:
+                v = tl.load(VALS + pj, mask=pm, other=0.0).to(tl.float32)
+            else:
+                v = tl.where(pm, 1.0, 0.0)
+            if HAS_WEIGHT:
+                vw = v * tl.load(W + idx, mask=pm, other=0.0).to(tl.float32)
+            else:
+                vw = v
+            mass += tl.sum(v, 0)
+            wmass += tl.sum(vw, 0)
+            dot += tl.sum(vw * xg, 0)
+
+    # 3. the row's loss: c * lse - sum_k T_k x_k, zero on empty rows
+    m_fin = tl.where(m == float("-inf"), 0.0, m)
+    lse = m_fin + tl.log2(s) / LOG2E
+    nonempty = mass > 0
+    inv_mass = tl.where(nonempty, 1.0 / tl.where(nonempty, mass, 1.0), 0.0)
+    if not HAS_WEIGHT:
+        wsum = K * 1.0
+    coef = tl.where(nonempty, (1.0 - eps) * wmass * inv_mass + eps / K * wsum, 0.0)
+    loss = coef * lse - (1.0 - eps) * dot * inv_mass
+    if HAS_SMOOTH:
+        loss = loss - eps / K * sx
+    loss = tl.where(nonempty, loss, 0.0)
+    rs = tl.load(RS + row).to(tl.float32)
+    tl.store(LOSS + row, loss * rs)
+
+    if COMPUTE_GRAD:
+        a = coef * rs  # scale of the softmax
+        bt = (1.0 - eps) * inv_mass * rs  # scale of the target weights
+        bs = tl.where(nonempty, eps / K * rs, 0.0)  # the smoothing mass
+        if HAS_SPARSE:
+            # 4. target entries in fp32, before pass 2 may overwrite the logits (inplace)
+            for j0 in range(p0, p1, BLOCK_P):
+                pj = j0 + tl.arange(0, BLOCK_P)
+                pm = pj < p1
+                idx = tl.load(IDX + pj, mask=pm, other=0)
+                xg = tl.load(x_row + idx, mask=pm, other=0.0).to(tl.float32)
+                if HAS_VALUES:
+                    v = tl.load(VALS + pj, mask=pm, other=0.0).to(tl.float32)
+                else:
+                    v = tl.where(pm, 1.0, 0.0)
+                val = tl.exp2((xg - lse) * LOG2E) * a
+                if HAS_WEIGHT:
+                    wg = tl.load(W + idx, mask=pm, other=0.0).to(tl.float32)
+                    val = val - v * wg * bt
+                    if HAS_SMOOTH:
+                        val = val - bs * wg
+                else:
+                    val = val - v * bt
+                    if HAS_SMOOTH:
+                        val = val - bs
+                tl.store(SCRATCH + pj, val, mask=pm)
+        # 5. second pass: the gradient, each entry in fp32 and rounded once
+        g_row = G + row * stride_g
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + cols
+            mask = offs < K
+            x = tl.load(x_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
+            g = tl.exp2((x - lse) * LOG2E) * a
+            if HAS_WEIGHT:
+                w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_DENSE:
+                t = tl.load(T + row * stride_t + offs, mask=mask, other=0).to(tl.float32)
+                tw = t * w if HAS_WEIGHT else t
+                g = g - tw * bt
+            if HAS_SMOOTH:
+                g = g - (bs * w if HAS_WEIGHT else bs)
+            tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
+        if HAS_SPARSE:
+            # 6. after every thread's pass-2 stores: the exact target entries
+            tl.debug_barrier()
+            for j0 in range(p0, p1, BLOCK_P):
+                pj = j0 + tl.arange(0, BLOCK_P)
+                pm = pj < p1
+                idx = tl.load(IDX + pj, mask=pm, other=0)
+                val = tl.load(SCRATCH + pj, mask=pm, other=0.0)
+                tl.store(g_row + idx, val.to(G.dtype.element_ty), mask=pm)
+
+
+@triton.jit
+def _scale_rows_kernel(
+    G, stride_g,  # [B, K] gradient, scaled in place
+    GO, stride_go,  # [B] grad_out per row (stride 0 for a broadcast scalar)
+    K,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    # 1. a row whose grad_out is exactly 1 needs nothing: no load, no store
+    go = tl.load(GO + row * stride_go).to(tl.float32)
+    if go != 1.0:
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < K
+        ptr = G + row * stride_g + offs
+        g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptr, (g * go).to(G.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+def _block(k: int) -> int:
+    cap = INTERPRET_BLOCK if triton_interpreting() else MAX_BLOCK
+    return max(16, min(triton.next_power_of_2(max(k, 1)), cap))
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 2048 else (8 if block <= 8192 else 16)
+
+
+def forward(
+    x: Tensor,  # [B, K]
+    dense: Optional[Tensor],  # [B, K]
+    indices: Optional[Tensor],  # [nnz]
+    offsets: Optional[Tensor],  # [B + 1]
+    values: Optional[Tensor],  # [nnz]
+    weight: Optional[Tensor],  # [K]
+    row_scale: Tensor,  # [B]
+    label_smoothing: float,
+    compute_grad: bool,
+    inplace: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Launch the fused kernel: returns ``(row_scale * loss [B] fp32, gradient [B, K] or empty)``."""
+    b, k = x.shape
+    if x.stride(-1) != 1:
+        if inplace:
+            raise ValueError("Expected `logits` to be contiguous in its last dim for inplace=True, but it is not")
+        x = x.contiguous()
+    if dense is not None and dense.stride(-1) != 1:
+        dense = dense.contiguous()
+    if dense is not None and dense.dtype == torch.bool:
+        dense = dense.view(torch.uint8)
+    loss = torch.empty(b, dtype=torch.float32, device=x.device)  # [B]
+    if compute_grad:
+        grad = x if inplace else torch.empty((b, k), dtype=x.dtype, device=x.device)  # [B, K]
+    else:
+        grad = torch.empty((0, 0), dtype=x.dtype, device=x.device)
+    sparse = indices is not None
+    scratch = torch.empty(indices.numel() if sparse else 1, dtype=torch.float32, device=x.device)  # [nnz]
+    dummy = loss
+    block = _block(k)
+    if b:
+        _msl_fwd_kernel[(b,)](
+            x, x.stride(0),
+            grad, grad.stride(0) if compute_grad else 0,
+            dense if dense is not None else dummy, dense.stride(0) if dense is not None else 0,
+            indices if sparse else dummy, offsets if sparse else dummy,
+            values if values is not None else dummy, scratch,
+            weight if weight is not None else dummy,
+            row_scale, loss, k, float(label_smoothing),
+            HAS_DENSE=dense is not None, HAS_SPARSE=sparse, HAS_VALUES=values is not None,
+            HAS_WEIGHT=weight is not None, HAS_SMOOTH=label_smoothing > 0, COMPUTE_GRAD=compute_grad,
+            BLOCK=block, BLOCK_P=BLOCK_P, num_warps=_num_warps(block),
+        )
+    return loss, grad
+
+
+def scale_rows_(grad: Tensor, grad_out: Tensor) -> Tensor:
+    """``grad *= grad_out[:, None]`` in place; rows with ``grad_out == 1`` are left untouched."""
+    b, k = grad.shape
+    if b and k:
+        block = min(_block(k), 4096)
+        _scale_rows_kernel[(b, triton.cdiv(k, block))](
+            grad, grad.stride(0), grad_out, grad_out.stride(0) if grad_out.dim() else 0, k,
+            BLOCK=block, num_warps=_num_warps(block),
+        )
+    return grad

@@ -1,0 +1,104 @@
+"""Triton kernel specifics (under TRITON_INTERPRET=1 on the CPU), dispatch, and GPU-only checks."""
+
+import numpy as np
+import pytest
+import torch
+
+from mlsoftmax import Positives, multilabel_softmax_loss
+from mlsoftmax import reference as R
+from mlsoftmax.kernels import IMPLS, resolve_impl
+
+from conftest import IMPLS as AVAILABLE, random_multihot
+
+needs_triton = pytest.mark.skipif("triton" not in AVAILABLE, reason="Triton not installed")
+
+
+def test_auto_picks_torch_on_cpu_and_errors_list_choices():
+    assert resolve_impl("auto", torch.zeros(2, 3)) == "torch"
+    with pytest.raises(ValueError, match=r"\('auto', 'torch', 'triton'\)"):
+        resolve_impl("fused", torch.zeros(2, 3))
+    assert IMPLS == ("auto", "torch", "triton")
+
+
+@needs_triton
+def test_triton_rejects_fp64_and_inplace_needs_triton():
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16 for impl='triton'"):
+        multilabel_softmax_loss(torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3), impl="triton")
+    with pytest.raises(ValueError, match="inplace=True"):
+        multilabel_softmax_loss(torch.zeros(2, 3), torch.ones(2, 3), impl="torch", inplace=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_gradient_overwrites_logits(sparse, dtype, rng):
+    b, k = 5, 300  # several blocks per row under the interpreter
+    y = random_multihot(rng, b, k, p=0.03, empty_rows=[2])
+    s = torch.tensor(rng.normal(size=(b, k))).to(dtype)
+    s64 = s.double().numpy()
+    tgt = Positives.from_lists([np.flatnonzero(r).tolist() for r in y]) if sparse else torch.from_numpy(y)
+    x = s.clone().requires_grad_()
+    leaf = x.detach()  # shares storage with x
+    out = multilabel_softmax_loss(x, tgt, reduction="sum", impl="triton", inplace=True)
+    np.testing.assert_allclose(out.double().item(), R.loss(s64, y).sum(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    out.backward()
+    # the storage of the logits now holds the gradient, and x.grad is that same tensor
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    np.testing.assert_allclose(leaf.double().numpy(), R.grad(s64, y), atol=tol)
+    assert x.grad.data_ptr() == leaf.data_ptr()
+
+
+@needs_triton
+def test_backward_scales_by_grad_out_and_skips_ones(rng):
+    b, k = 4, 50
+    y = random_multihot(rng, b, k, p=0.1)
+    s = rng.normal(size=(b, k)).astype(np.float32)
+    g_out = torch.tensor([1.0, 2.0, 1.0, -0.5])
+    x = torch.tensor(s, requires_grad=True)
+    multilabel_softmax_loss(x, torch.from_numpy(y), reduction="none", impl="triton").backward(g_out)
+    expected = R.grad(s.astype(np.float64), y) * g_out.numpy()[:, None]
+    np.testing.assert_allclose(x.grad.numpy(), expected, atol=1e-6)
+
+
+@needs_triton
+def test_no_gradient_buffer_without_requires_grad(rng):
+    y = random_multihot(rng, 3, 20, p=0.2)
+    s = rng.normal(size=(3, 20)).astype(np.float32)
+    out = multilabel_softmax_loss(torch.from_numpy(s), torch.from_numpy(y), reduction="none", impl="triton")
+    np.testing.assert_allclose(out.numpy(), R.loss(s.astype(np.float64), y), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gpu_triton_matches_torch_path(dtype, sparse):
+    g = torch.Generator().manual_seed(0)
+    b, k = 64, 50_000
+    x = torch.randn(b, k, generator=g).to("cuda", dtype)
+    idx = torch.stack([torch.randperm(k, generator=g)[:8] for _ in range(b)]).cuda()
+    pos = Positives.from_padded(idx)
+    tgt = pos if sparse else pos.to_dense(k)
+    grads = {}
+    for impl in ("torch", "triton"):
+        z = x.clone().requires_grad_()
+        loss = multilabel_softmax_loss(z, tgt, impl=impl, label_smoothing=0.1)
+        loss.backward()
+        grads[impl] = (loss.float(), z.grad.float())
+    torch.testing.assert_close(grads["triton"][0], grads["torch"][0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(grads["triton"][1], grads["torch"][1], rtol=2e-2, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets_large_tensor():
+    """B * K > 2**31: the row offsets must be int64 inside the kernel."""
+    b, k = 2**15 + 3, 2**16 + 1
+    try:
+        x = torch.zeros(b, k, device="cuda", dtype=torch.bfloat16)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    x[-1, -1] = 5.0
+    pos = Positives.from_padded(torch.full((b, 1), k - 1, device="cuda"))
+    out = multilabel_softmax_loss(x, pos, reduction="none", impl="triton")
+    expected_last = -torch.log_softmax(x[-1].float(), 0)[-1]
+    torch.testing.assert_close(out[-1].float(), expected_last, rtol=1e-2, atol=1e-2)
