@@ -1,0 +1,56 @@
+"""Positives: constructors, round trips, and errors."""
+
+import pytest
+import torch
+
+from mlsoftmax import Positives
+
+
+def test_constructors_agree_and_round_trip():
+    dense = torch.tensor([[0, 1, 0, 1], [0, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.float32)
+    a = Positives.from_lists([[1, 3], [], [0, 1, 2]], num_classes=4)
+    b = Positives.from_padded(torch.tensor([[3, 1, -1], [-1, -1, -1], [2, 0, 1]]), num_classes=4)
+    c = Positives(torch.tensor([1, 3, 0, 1, 2]), torch.tensor([0, 2, 2, 5]), 4)
+    for p in (a, b, c):
+        assert torch.equal(p.to_dense(), dense)
+        assert p.batch_size == 3 and p.counts().tolist() == [2, 0, 3]
+        assert p.row_ids().tolist() == [0, 0, 2, 2, 2]
+    moved = a.to("cpu")
+    assert moved is not a and torch.equal(moved.to_dense(), dense)
+    assert "nnz=5" in repr(a)
+
+
+def test_duplicates_are_merged_and_values_kept():
+    p = Positives.from_lists([[2, 2, 0]], values=[[0.5, 0.25, 1.0]])
+    assert p.to_dense(3).tolist() == [[1.0, 0.0, 0.75]]
+    q = Positives.from_padded(torch.tensor([[1, 1, -1]]), values=torch.tensor([[2.0, 3.0, 9.0]]))
+    assert q.to_dense(3).tolist() == [[0.0, 5.0, 0.0]]
+
+
+def test_k_comes_from_the_caller_not_the_largest_index():
+    p = Positives.from_lists([[0], [1]])
+    assert p.num_classes is None
+    assert p.to_dense(5).shape == (2, 5)
+    with pytest.raises(ValueError, match="Expected `num_classes` to be known"):
+        p.to_dense()
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,exc,match",
+    [
+        ((torch.tensor([0.5]), torch.tensor([0, 1])), {}, TypeError, "integer tensor"),
+        ((torch.tensor([0]), torch.tensor([[0, 1]])), {}, ValueError, "1-D"),
+        ((torch.tensor([0]), torch.tensor([0, 1])), {"values": torch.tensor([1, 2])}, TypeError, "floating-point"),
+        ((torch.tensor([0]), torch.tensor([0, 1])), {"values": torch.ones(2)}, ValueError, "shape of `indices`"),
+        ((torch.tensor([0]), torch.tensor([0, 1]), 0), {}, ValueError, "positive int"),
+        (([0], torch.tensor([0, 1])), {}, TypeError, "torch tensors"),
+    ],
+)
+def test_bad_construction(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        Positives(*args, **kwargs)
+
+
+def test_from_lists_rejects_non_integers():
+    with pytest.raises(TypeError, match="integers"):
+        Positives.from_lists([[0.5]])
