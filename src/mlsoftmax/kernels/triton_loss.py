@@ -36,6 +36,20 @@ BLOCK_P = 32  # positives per step
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
+def _load_positives(x_row, IDX, VALS, j0, p1, HAS_VALUES: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One block of a row's positives: slots, mask, class ids, their logits (fp32) and weights."""
+    pj = j0 + tl.arange(0, BLOCK_P)  # [BLOCK_P] slots in the CSR arrays
+    pm = pj < p1
+    idx = tl.load(IDX + pj, mask=pm, other=0)  # [BLOCK_P] class ids
+    xg = tl.load(x_row + idx, mask=pm, other=0.0).to(tl.float32)  # [BLOCK_P] their logits
+    if HAS_VALUES:
+        v = tl.load(VALS + pj, mask=pm, other=0.0).to(tl.float32)
+    else:
+        v = tl.where(pm, 1.0, 0.0)
+    return pj, pm, idx, xg, v
+
+
+@triton.jit
 def _msl_fwd_kernel(
     X, stride_x,  # [B, K] logits
     G, stride_g,  # [B, K] gradient out (may alias X)
@@ -89,14 +103,7 @@ def _msl_fwd_kernel(
         p0 = tl.load(OFFS + row)
         p1 = tl.load(OFFS + row + 1)
         for j0 in range(p0, p1, BLOCK_P):
-            pj = j0 + tl.arange(0, BLOCK_P)
-            pm = pj < p1
-            idx = tl.load(IDX + pj, mask=pm, other=0)
-            xg = tl.load(x_row + idx, mask=pm, other=0.0).to(tl.float32)
-            if HAS_VALUES:
-                v = tl.load(VALS + pj, mask=pm, other=0.0).to(tl.float32)
-            else:
-                v = tl.where(pm, 1.0, 0.0)
+            pj, pm, idx, xg, v = _load_positives(x_row, IDX, VALS, j0, p1, HAS_VALUES, BLOCK_P)
             if HAS_WEIGHT:
                 vw = v * tl.load(W + idx, mask=pm, other=0.0).to(tl.float32)
             else:
@@ -127,14 +134,7 @@ def _msl_fwd_kernel(
         if HAS_SPARSE:
             # 4. target entries in fp32, before pass 2 may overwrite the logits (inplace)
             for j0 in range(p0, p1, BLOCK_P):
-                pj = j0 + tl.arange(0, BLOCK_P)
-                pm = pj < p1
-                idx = tl.load(IDX + pj, mask=pm, other=0)
-                xg = tl.load(x_row + idx, mask=pm, other=0.0).to(tl.float32)
-                if HAS_VALUES:
-                    v = tl.load(VALS + pj, mask=pm, other=0.0).to(tl.float32)
-                else:
-                    v = tl.where(pm, 1.0, 0.0)
+                pj, pm, idx, xg, v = _load_positives(x_row, IDX, VALS, j0, p1, HAS_VALUES, BLOCK_P)
                 val = tl.exp2((xg - lse) * LOG2E) * a
                 if HAS_WEIGHT:
                     wg = tl.load(W + idx, mask=pm, other=0.0).to(tl.float32)
