@@ -1,9 +1,3 @@
-import os
-
-# The Triton kernels run on the CPU under the interpreter in CI; it must be set
-# before triton is imported anywhere.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import numpy as np
 import pytest
 import torch
