@@ -73,7 +73,7 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def build_model(kind, d, k, hidden, dropout, mean=None, std=None, *, fused=False):
+def build_model(kind, d, k, hidden, dropout, mean=None, std=None):
     mean = torch.zeros(d) if mean is None else mean
     std = torch.ones(d) if std is None else std
     if kind == "linear":

@@ -14,7 +14,7 @@ import gzip
 import importlib.util
 import os
 import re
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch

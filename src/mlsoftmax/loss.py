@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import _validation as V
 from .kernels import torch_chunked
-from .kernels import available_impls, resolve_impl, IMPLS
+from .kernels import resolve_impl, IMPLS
 from .targets import Positives
 
 __all__ = ["multilabel_softmax_loss", "MultiLabelSoftmaxLoss", "MultiLabelSoftmaxFunction"]
@@ -38,17 +38,13 @@ def _msl_forward(
     values: Optional[Tensor],
     weight: Optional[Tensor],
     label_smoothing: float,
-    impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if impl == "triton":
-        from .kernels import triton_loss
-
-        return triton_loss.row_stats(logits, dense, indices, row_ids, values, weight, label_smoothing)
+    """Pure-torch per-row statistics (see ``kernels.torch_chunked.row_stats``)."""
     return torch_chunked.row_stats(logits, dense, indices, row_ids, values, weight, label_smoothing)
 
 
 @_msl_forward.register_fake
-def _(logits, dense, indices, row_ids, values, weight, label_smoothing, impl):
+def _(logits, dense, indices, row_ids, values, weight, label_smoothing):
     acc = torch_chunked.acc_dtype(logits.dtype)
     b = logits.shape[0]
     return tuple(logits.new_empty(b, dtype=acc) for _ in range(5))
@@ -67,21 +63,15 @@ def _msl_backward(
     values: Optional[Tensor],
     weight: Optional[Tensor],
     label_smoothing: float,
-    impl: str,
 ) -> Tensor:
-    if impl == "triton":
-        from .kernels import triton_loss
-
-        return triton_loss.backward(
-            grad_rows, logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, label_smoothing
-        )
+    """Pure-torch gradient (see ``kernels.torch_chunked.backward``)."""
     return torch_chunked.backward(
         grad_rows, logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, label_smoothing
     )
 
 
 @_msl_backward.register_fake
-def _(grad_rows, logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, label_smoothing, impl):
+def _(grad_rows, logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, label_smoothing):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -173,7 +163,7 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
             ctx.save_for_backward(grad)
             return rows
         loss, lse, coef, inv_mass, _mass = torch.ops.mlsoftmax.msl_forward(
-            logits, dense, indices, row_ids, values, weight, label_smoothing, impl
+            logits, dense, indices, row_ids, values, weight, label_smoothing
         )
         ctx.save_for_backward(logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, row_scale)
         return loss * row_scale
@@ -189,7 +179,7 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
             logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, row_scale = ctx.saved_tensors
             grad = torch.ops.mlsoftmax.msl_backward(
                 (grad_rows * row_scale).contiguous(), logits, lse, coef, inv_mass, dense, indices, row_ids, values,
-                weight, ctx.label_smoothing, ctx.impl,
+                weight, ctx.label_smoothing,
             )
         return (grad,) + (None,) * 10
 
@@ -332,7 +322,7 @@ def multilabel_softmax_loss(
     """
     V.check_float_tensor("logits", logits)
     if logits.dim() < 1:
-        raise ValueError(f"Expected `logits` to have shape [..., K], but got a 0-d tensor")
+        raise ValueError("Expected `logits` to have shape [..., K], but got a 0-d tensor")
     _check_options(reduction, empty, label_smoothing, impl)
     _check_weights(weight, sample_weight, logits, validate)
     dense, indices, row_ids, values = _canonical_target(target, logits, validate)

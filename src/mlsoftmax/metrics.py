@@ -134,7 +134,6 @@ def _ndcg_rows(s: Tensor, y: Tensor, k: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- _update / _compute
-_EXAMPLE_KEYS = ("average_precision", "ranking_loss", "coverage", "one_error")
 
 
 def _update_ranking(s: Tensor, y: Tensor, ks: Sequence[int]) -> dict:
