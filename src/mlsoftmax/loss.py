@@ -195,10 +195,15 @@ def _check_options(reduction, empty, label_smoothing, impl) -> None:
         raise ValueError(f"Expected `label_smoothing` to be in [0, 1), but got {label_smoothing}")
 
 
-def _canonical_target(target, logits: Tensor, validate: bool):
-    """Return ``(dense [B, K] | None, indices, row_ids, values)`` for ``logits`` ``[..., K]``."""
-    k = logits.shape[-1]
-    b = logits.numel() // k if k else 0
+def _canonical_target(target, logits: Tensor, validate: bool, shape=None):
+    """Return ``(dense [B, K] | None, indices, row_ids, values)`` for logits of ``shape`` ``[..., K]``.
+
+    ``shape`` defaults to ``logits.shape``; the fused linear loss passes the
+    shape of the logits it never builds, and its ``hidden`` for the device.
+    """
+    shape = logits.shape if shape is None else torch.Size(shape)
+    k = shape[-1]
+    b = shape.numel() // k if k else 0
     if isinstance(target, Positives):
         if target.num_classes is not None and target.num_classes != k:
             raise ValueError(
@@ -212,9 +217,9 @@ def _canonical_target(target, logits: Tensor, validate: bool):
         values = target.values
         return None, target.indices, target.row_ids(), values
     if isinstance(target, Tensor):
-        if target.shape != logits.shape:
+        if target.shape != shape:
             raise ValueError(
-                f"Expected `target` to have the shape of `logits` {tuple(logits.shape)}, but got {tuple(target.shape)}"
+                f"Expected `target` to have the shape of `logits` {tuple(shape)}, but got {tuple(target.shape)}"
             )
         if target.is_complex():
             raise TypeError(f"Expected `target` to be a bool, integer or real tensor, but got {target.dtype}")
@@ -245,8 +250,9 @@ def _validate_positives(t: Positives, k: int) -> None:
         V.check_nonnegative_finite("target.values", t.values)
 
 
-def _check_weights(weight, sample_weight, logits: Tensor, validate: bool):
-    k = logits.shape[-1]
+def _check_weights(weight, sample_weight, logits: Tensor, validate: bool, shape=None):
+    shape = logits.shape if shape is None else torch.Size(shape)
+    k = shape[-1]
     if weight is not None:
         V.check_float_tensor("weight", weight)
         if weight.shape != (k,):
@@ -256,14 +262,40 @@ def _check_weights(weight, sample_weight, logits: Tensor, validate: bool):
             V.check_nonnegative_finite("weight", weight)
     if sample_weight is not None:
         V.check_float_tensor("sample_weight", sample_weight)
-        batch = logits.shape[:-1]
-        if sample_weight.shape != batch and sample_weight.shape != (logits.numel() // max(k, 1),):
+        batch = shape[:-1]
+        if sample_weight.shape != batch and sample_weight.shape != (batch.numel(),):
             raise ValueError(
                 f"Expected `sample_weight` to have shape {tuple(batch)}, but got {tuple(sample_weight.shape)}"
             )
         V.check_same_device("sample_weight", sample_weight, logits)
         if validate:
             V.check_nonnegative_finite("sample_weight", sample_weight)
+
+
+def _row_scale(dense, indices, row_ids, values, b: int, acc, device, sample_weight, reduction: str, empty: str):
+    """Each row's weight in the reduction ``[B]`` (acc dtype), from the per-row target mass.
+
+    Folding the reduction into the kernel lets a fused backward skip the
+    rescaling pass. ``empty="error"`` raises here (it syncs).
+    """
+    if dense is not None:
+        mass = dense.sum(-1, dtype=acc)  # [B]
+    else:
+        v = torch.ones_like(indices, dtype=acc) if values is None else values.to(acc)
+        mass = torch.zeros(b, dtype=acc, device=device).index_add_(0, row_ids, v)  # [B]
+    nonempty = mass > 0
+    if empty == "error":
+        bad = torch.nonzero(~nonempty).flatten()
+        if bad.numel():
+            raise ValueError(
+                f"Expected every row of `target` to have a positive, but got {bad.numel()} empty rows "
+                f"(first: {bad[:10].tolist()})"
+            )
+    row_scale = torch.ones_like(mass) if sample_weight is None else sample_weight.reshape(-1).to(acc)
+    if reduction == "mean":
+        denom = (row_scale * nonempty).sum()
+        row_scale = row_scale / torch.where(denom > 0, denom, torch.ones_like(denom))  # all empty: 0, not NaN
+    return row_scale.contiguous()
 
 
 # --------------------------------------------------------------------------- public API
@@ -335,28 +367,10 @@ def multilabel_softmax_loss(
         raise ValueError(f"Expected impl='triton' (a CUDA tensor) for inplace=True, but got impl={chosen!r}")
     acc = torch_chunked.acc_dtype(x.dtype)
 
-    # Per-row target mass, then each row's weight in the reduction. Folding the
-    # reduction into the kernel lets a fused backward skip the rescaling pass.
-    if dense is not None:
-        mass = dense.sum(-1, dtype=acc)  # [B]
-    else:
-        v = torch.ones_like(indices, dtype=acc) if values is None else values.to(acc)
-        mass = torch.zeros(x.shape[0], dtype=acc, device=x.device).index_add_(0, row_ids, v)  # [B]
-    nonempty = mass > 0
-    if empty == "error":
-        bad = torch.nonzero(~nonempty).flatten()
-        if bad.numel():
-            raise ValueError(
-                f"Expected every row of `target` to have a positive, but got {bad.numel()} empty rows "
-                f"(first: {bad[:10].tolist()})"
-            )
-    row_scale = torch.ones_like(mass) if sample_weight is None else sample_weight.reshape(-1).to(acc)
-    if reduction == "mean":
-        denom = (row_scale * nonempty).sum()
-        row_scale = row_scale / torch.where(denom > 0, denom, torch.ones_like(denom))  # all empty: 0, not NaN
+    row_scale = _row_scale(dense, indices, row_ids, values, x.shape[0], acc, x.device, sample_weight, reduction, empty)
     offsets = target.offsets if isinstance(target, Positives) else None
     rows = MultiLabelSoftmaxFunction.apply(
-        x, dense, indices, offsets, row_ids, values, weight, row_scale.contiguous(), float(label_smoothing), chosen,
+        x, dense, indices, offsets, row_ids, values, weight, row_scale, float(label_smoothing), chosen,
         inplace,
     )  # [B] row_scale * loss, accumulation dtype
     if reduction == "none":

@@ -89,6 +89,15 @@ def row_stats(
         wmass.index_add_(0, row_ids, vw)
         dot.index_add_(0, row_ids, vw * xg)
     # 5. combine: c_i * lse_i - sum_k T_k x_k, zero on empty rows
+    return combine(lse, dot, mass, wmass, sx, k, w, eps)
+
+
+def combine(lse, dot, mass, wmass, sx, k: int, w, eps: float):
+    """Per-row sums -> ``(loss, lse, coef, inv_mass, mass)`` (see :func:`row_stats`).
+
+    ``dot = sum_k w_k t_k x_k``, ``mass = sum_k t_k``, ``wmass = sum_k w_k t_k``
+    and (with smoothing) ``sx = sum_k w_k x_k``; empty rows get loss 0.
+    """
     nonempty = mass > 0
     inv_mass = torch.where(nonempty, 1.0 / torch.where(nonempty, mass, torch.ones_like(mass)), torch.zeros_like(mass))
     wsum = float(k) if w is None else w.sum()

@@ -1,0 +1,199 @@
+"""Fused linear + loss: forward + backward time, peak memory and dW error against the naive path.
+
+Every case is measured in the same run as its baselines and printed as a ratio
+against ``naive`` (``F.cross_entropy(h @ w.T, probs)``) and against the three
+GEMMs alone (``h @ w.T``, ``G @ w``, ``G.T @ h``).
+
+Commands:
+    python benchmarks/bench_linear.py --device cpu --B 2048 --D 128 --K 200000            # CPU time
+    python benchmarks/bench_linear.py --device cpu --memory --B 2048 --D 128 --K 200000   # CPU peak RSS
+    python benchmarks/bench_linear.py --device cuda --dtype bf16 --B 8192 --D 1024 --K 262144
+
+Cases: ``gemms`` (the three GEMMs alone), ``naive`` (explicit logits +
+F.cross_entropy with a probability target), ``ours`` (impl=auto, default chunk),
+``ours-fast`` / ``ours-lean`` (CUDA: 2048 / 256-row chunks), ``ours-torch``
+(impl="torch"), ``cce`` (Apple's Cut Cross-Entropy, first positive only) and
+``liger`` (Liger's fused linear cross-entropy, first positive only) when installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_inputs(b, d, k, npos, dtype, device, seed=0):
+    from mlsoftmax import Positives
+
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(b, d, generator=g).to(device=device, dtype=dtype)
+    w = (torch.randn(k, d, generator=g) / d**0.5).to(device=device, dtype=dtype)
+    idx = torch.randint(0, k, (b, npos), generator=g)
+    idx[:, 1:] = (idx[:, :1] + torch.arange(1, npos) * 7919) % k  # distinct within a row
+    return h, w, Positives.from_padded(idx.to(device))
+
+
+def case_fn(name, h, w, pos, k):
+    """A closure ``(h, w) -> loss`` for one case (its backward gives dX and dW)."""
+    from mlsoftmax import linear_multilabel_softmax_loss, multilabel_softmax_loss
+
+    if name == "gemms":
+        def gemms(hh, ww):
+            z = hh @ ww.T  # [B, K]; the backward of (z * c).sum() is the two GEMMs
+            return (z * torch.ones((), dtype=z.dtype, device=z.device)).sum()
+        return gemms
+    if name.startswith("ours"):
+        impl = "torch" if name == "ours-torch" else "auto"
+        chunk = {"ours-fast": 2048, "ours-lean": 256}.get(name)
+        return lambda hh, ww: linear_multilabel_softmax_loss(hh, ww, pos, impl=impl, chunk_size=chunk, validate=False)
+    if name == "naive-ours":
+        return lambda hh, ww: multilabel_softmax_loss(hh @ ww.T, pos, validate=False)
+    first = pos.indices[pos.offsets[:-1]]  # the first positive of each row
+    if name == "naive":
+        dense = pos.to_dense(k, dtype=h.dtype)
+        probs = dense / dense.sum(1, keepdim=True)
+        return lambda hh, ww: F.cross_entropy(hh @ ww.T, probs)
+    if name == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda hh, ww: linear_cross_entropy(hh, ww, first)
+    if name == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        crit = LigerFusedLinearCrossEntropyLoss()
+        return lambda hh, ww: crit(ww, hh, first)
+    raise ValueError(name)
+
+
+def run_once(fn, h, w):
+    hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+    fn(hh, ww).backward()
+    return hh.grad, ww.grad
+
+
+def time_case(fn, h, w, reps, cuda):
+    for _ in range(2):
+        run_once(fn, h, w)
+    ts = []
+    for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run_once(fn, h, w)
+        if cuda:
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _rss_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def memory_child(args):
+    """In a fresh process: peak RSS of one forward + backward beyond the inputs and their gradients."""
+    dtype = DTYPES[args.dtype]
+    h, w, pos = make_inputs(args.B, args.D, args.K, args.npos, dtype, "cpu")
+    hs, ws, ps = make_inputs(4, args.D, 64, args.npos, dtype, "cpu", seed=1)  # warm up one-time initialisation
+    run_once(case_fn(args.child, hs, ws, ps, 64), hs, ws)
+    fn = case_fn(args.child, h, w, pos, args.K)  # the dense target of "naive" counts as an input
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    base = _rss_kb("VmRSS")
+    t0 = time.perf_counter()
+    gh, gw = run_once(fn, h, w)
+    secs = time.perf_counter() - t0
+    peak = _rss_kb("VmHWM")
+    grads_mb = (gh.numel() + gw.numel()) * gh.element_size() / 2**20
+    print(json.dumps({"case": args.child, "peak_mb": (peak - base) / 1024 - grads_mb, "grads_mb": grads_mb,
+                      "s": secs}))
+
+
+def run_memory(args, cases):
+    rows = []
+    for c in cases:
+        cmd = [sys.executable, __file__, "--child", c, "--B", str(args.B), "--D", str(args.D), "--K", str(args.K),
+               "--npos", str(args.npos), "--dtype", args.dtype]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        rows.append(json.loads(out))
+    base = next(r for r in rows if r["case"] == "naive")["peak_mb"]
+    print(f"CPU peak RSS beyond inputs and their gradients ({rows[0]['grads_mb']:.0f} MB), forward + backward, "
+          f"B={args.B} D={args.D} K={args.K} {args.dtype}, {args.npos} positives/row, one fresh process per case")
+    print(f"{'case':<12}{'peak extra MB':>15}{'naive / case':>14}{'one-shot s':>12}")
+    for r in rows:
+        print(f"{r['case']:<12}{r['peak_mb']:>15.0f}{base / max(r['peak_mb'], 1e-9):>14.1f}{r['s']:>12.2f}")
+
+
+def dw_error(fn, h, w, ref_dw):
+    _, gw = run_once(fn, h, w)
+    return ((gw.float() - ref_dw).norm() / ref_dw.norm()).item()
+
+
+def run_time(args, cases):
+    cuda = args.device == "cuda"
+    dtype = DTYPES[args.dtype]
+    h, w, pos = make_inputs(args.B, args.D, args.K, args.npos, dtype, args.device)
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{name}, torch {torch.__version__}; B={args.B} D={args.D} K={args.K} {args.dtype}, "
+          f"{args.npos} positives/row, forward + backward, median of {args.reps}")
+    ref_dw = None
+    if cuda:  # dW of the naive path in fp32, the reference for the dW error column
+        _, ref_dw = run_once(case_fn("naive-ours", h.float(), w.float(), pos, args.K), h.float(), w.float())
+    print(f"{'case':<12}{'ms':>10}{'vs naive':>10}{'vs gemms':>10}{'peak MB':>10}{'dW rel err':>12}")
+    res = {}
+    for c in cases:
+        try:
+            fn = case_fn(c, h, w, pos, args.K)
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                m0 = torch.cuda.memory_allocated() + 2 * (h.numel() + w.numel()) * h.element_size()
+            t = time_case(fn, h, w, args.reps, cuda)
+            peak = (torch.cuda.max_memory_allocated() - m0) / 2**20 if cuda else float("nan")
+            err = dw_error(fn, h, w, ref_dw) if (ref_dw is not None and c != "gemms") else float("nan")
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"{c:<12} skipped ({type(e).__name__}: {str(e)[:90]})")
+            continue
+        res[c] = t
+        n, g = res.get("naive"), res.get("gemms")
+        print(f"{c:<12}{t * 1e3:>10.1f}{(n / t if n else float('nan')):>10.2f}{(t / g if g else float('nan')):>10.2f}"
+              f"{peak:>10.0f}{err:>12.2e}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--B", type=int, default=2048)
+    p.add_argument("--D", type=int, default=128)
+    p.add_argument("--K", type=int, default=200_000)
+    p.add_argument("--npos", type=int, default=8)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--cases", nargs="+", default=None)
+    p.add_argument("--memory", action="store_true", help="CPU peak RSS, one subprocess per case")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return memory_child(args)
+    gpu = ["gemms", "naive", "ours-fast", "ours-lean", "cce", "liger"]
+    cases = args.cases or (gpu if args.device == "cuda" else ["gemms", "naive", "naive-ours", "ours"])
+    if args.memory:
+        return run_memory(args, [c for c in cases if c != "gemms"])
+    run_time(args, cases)
+
+
+if __name__ == "__main__":
+    main()

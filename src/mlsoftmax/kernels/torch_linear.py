@@ -1,0 +1,172 @@
+"""Pure-PyTorch fused linear + loss, chunked over the labels (CPU and GPU).
+
+The logits ``z = s * hidden @ weight.T + bias`` (``[B, K]``) are never built.
+The forward walks the classes in chunks of ``C`` columns with an online
+log-sum-exp and keeps per-row statistics only; the positives' logits are
+indexed dot products ``s * <hidden_i, weight_k> + bias_k``. The backward
+recomputes each chunk's logits, forms the chunk's gradient
+``G = c * softmax - T`` (``[B, C]``) and accumulates
+
+    dX += s * G @ W_c,    dW_c = s * G^T @ X,    db_c = sum_i G_i,    ds += <X, G @ W_c>
+
+in the accumulation dtype (fp32, fp64 for fp64). The sparse target's part of
+``G`` is applied exactly by ``index_add`` (no ``[B, K]`` scatter). Peak extra
+memory is ``O(B * C + K * D)``.
+
+Per-row quantities (``loss, lse, coef, inv_mass``) follow
+:mod:`.torch_chunked`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import torch_chunked
+
+
+def _logits(h: Tensor, w: Tensor, bias: Optional[Tensor], scale: Optional[Tensor], c0: int, c1: int) -> Tensor:
+    """Chunk ``[B, C]`` of ``s * h @ w.T + b`` in ``h``'s (accumulation) dtype."""
+    z = h @ w[c0:c1].to(h.dtype).T  # [B, C]
+    if scale is not None:
+        z.mul_(scale)
+    if bias is not None:
+        z.add_(bias[c0:c1].to(h.dtype))
+    return z
+
+
+def _gather_logits(h, w, bias, scale, indices, row_ids, step: int) -> Tensor:
+    """Logits of the positives ``[nnz]``: ``s * <h[row], w[idx]> + b[idx]``, in blocks of ``step``."""
+    out = h.new_empty(indices.numel())  # [nnz]
+    for j0 in range(0, indices.numel(), step):
+        j1 = min(indices.numel(), j0 + step)
+        out[j0:j1] = (h[row_ids[j0:j1]] * w[indices[j0:j1]].to(h.dtype)).sum(-1)  # [n]
+    if scale is not None:
+        out.mul_(scale)
+    if bias is not None:
+        out.add_(bias[indices].to(h.dtype))
+    return out
+
+
+def forward(
+    h: Tensor,  # [B, D] in the accumulation dtype
+    w: Tensor,  # [K, D]
+    bias: Optional[Tensor],  # [K]
+    scale: Optional[Tensor],  # [] logit scale s
+    dense: Optional[Tensor],  # [B, K]
+    indices: Optional[Tensor],  # [nnz]
+    row_ids: Optional[Tensor],  # [nnz]
+    values: Optional[Tensor],  # [nnz]
+    class_weight: Optional[Tensor],  # [K]
+    label_smoothing: float,
+    chunk: int,
+):
+    """Per-row ``(loss, lse, coef, inv_mass, mass)`` of the logits ``s * h @ w.T + b``."""
+    b, k = h.shape[0], w.shape[0]
+    acc = h.dtype
+    eps = float(label_smoothing)
+    cw = None if class_weight is None else class_weight.to(acc)
+    m = h.new_full((b,), float("-inf"))  # [B] running max
+    s = h.new_zeros(b)  # [B] running sum of exp(z - m)
+    dot, mass, wmass = h.new_zeros(b), h.new_zeros(b), h.new_zeros(b)  # [B]
+    sx = h.new_zeros(b) if eps else None  # [B]
+    for c0 in range(0, k, chunk):
+        c1 = min(k, c0 + chunk)
+        z = _logits(h, w, bias, scale, c0, c1)  # [B, C]
+        # 1. online log-sum-exp: rescale the running sum to the new max
+        m_new = torch.maximum(m, z.amax(1))
+        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        s = s * (m - m_safe).exp() + (z - m_safe[:, None]).exp_().sum(1)
+        m = m_new
+        # 2. dense target terms of this chunk
+        if dense is not None:
+            t = dense[:, c0:c1].to(acc)  # [B, C]
+            tw = t if cw is None else t * cw[c0:c1]
+            mass += t.sum(1)
+            wmass += tw.sum(1)
+            dot += (tw * z).sum(1)
+        # 3. smoothing needs the (weighted) row sum of the logits
+        if sx is not None:
+            sx += z.sum(1) if cw is None else z @ cw[c0:c1]
+    lse = s.log() + torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # [B]
+    if indices is not None:
+        # 4. sparse target terms from the positives' logits
+        xg = _gather_logits(h, w, bias, scale, indices, row_ids, _gather_step(h))  # [nnz]
+        v = torch.ones_like(xg) if values is None else values.to(acc)
+        vw = v if cw is None else v * cw[indices]
+        mass.index_add_(0, row_ids, v)
+        wmass.index_add_(0, row_ids, vw)
+        dot.index_add_(0, row_ids, vw * xg)
+    return torch_chunked.combine(lse, dot, mass, wmass, sx, k, cw, eps)
+
+
+def backward(
+    grad_rows: Tensor,  # [B] d(total)/d(loss_i), row scale included
+    h: Tensor,  # [B, D] accumulation dtype
+    w: Tensor,  # [K, D]
+    bias: Optional[Tensor],
+    scale: Optional[Tensor],
+    lse: Tensor,
+    coef: Tensor,
+    inv_mass: Tensor,
+    dense: Optional[Tensor],
+    indices: Optional[Tensor],
+    row_ids: Optional[Tensor],
+    values: Optional[Tensor],
+    class_weight: Optional[Tensor],
+    label_smoothing: float,
+    chunk: int,
+    need_w: bool = True,
+):
+    """``(dX [B, D], dW [K, D] | None, db [K], ds [])`` in the accumulation dtype."""
+    b, k = h.shape[0], w.shape[0]
+    acc = h.dtype
+    eps = float(label_smoothing)
+    cw = None if class_weight is None else class_weight.to(acc)
+    g = grad_rows.to(acc)
+    scale_p = (coef * g)[:, None]  # [B, 1]
+    scale_t = (1.0 - eps) * inv_mass * g  # [B]
+    scale_s = ((eps / k) * g * (inv_mass > 0))[:, None] if eps else None  # [B, 1]
+    gw = h.new_zeros(h.shape)  # [B, D] G @ W, before the logit scale
+    dw = h.new_empty(w.shape) if need_w else None  # [K, D] G^T @ X, before the logit scale
+    db = h.new_empty(k)  # [K]
+    for c0 in range(0, k, chunk):
+        c1 = min(k, c0 + chunk)
+        # 1. recompute the chunk's logits, then G = c softmax - T (times grad)
+        gc = (_logits(h, w, bias, scale, c0, c1) - lse[:, None]).exp_().mul_(scale_p)  # [B, C]
+        if dense is not None:
+            t = dense[:, c0:c1].to(acc) * scale_t[:, None]  # [B, C]
+            gc.sub_(t if cw is None else t * cw[c0:c1])
+        if scale_s is not None:
+            gc.sub_(scale_s if cw is None else scale_s * cw[c0:c1])
+        # 2. the three products of the chunk
+        gw.addmm_(gc, w[c0:c1].to(acc))
+        if dw is not None:
+            torch.mm(gc.T, h, out=dw[c0:c1])
+        db[c0:c1] = gc.sum(0)
+    if indices is not None:
+        # 3. sparse target part of G: -a_j at (row_j, idx_j), applied by index_add
+        v = torch.ones(indices.numel(), dtype=acc, device=h.device) if values is None else values.to(acc)
+        a = v * scale_t[row_ids] if cw is None else v * cw[indices] * scale_t[row_ids]  # [nnz]
+        step = _gather_step(h)
+        for j0 in range(0, indices.numel(), step):
+            j1 = min(indices.numel(), j0 + step)
+            aj, rj, ij = a[j0:j1, None], row_ids[j0:j1], indices[j0:j1]
+            gw.index_add_(0, rj, w[ij].to(acc) * aj, alpha=-1)
+            if dw is not None:
+                dw.index_add_(0, ij, h[rj] * aj, alpha=-1)
+        db.index_add_(0, indices, a, alpha=-1)
+    # 4. the logit scale: dX = s G W, dW = s G^T X, ds = <X, G W>
+    ds = (h * gw).sum()
+    if scale is not None:
+        gw.mul_(scale)
+        if dw is not None:
+            dw.mul_(scale)
+    return gw, dw, db, ds
+
+
+def _gather_step(h: Tensor) -> int:
+    """Positives per block in the indexed dot products (``step * D`` floats)."""
+    return max(1, torch_chunked._CHUNK_ELEMS // max(h.shape[1], 1))

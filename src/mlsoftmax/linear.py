@@ -1,0 +1,325 @@
+"""Fused classifier + loss for extreme label spaces: the ``[B, K]`` logits are never materialised.
+
+Layers, like :mod:`mlsoftmax.loss`:
+
+* the implementations in :mod:`mlsoftmax.kernels` (``torch_linear``: chunked
+  over the labels with an online log-sum-exp; ``triton_linear``: GEMMs per chunk
+  of rows with the fused loss kernel in place);
+* one ``torch.autograd.Function`` (:class:`LinearMultiLabelSoftmaxFunction`);
+* the public :func:`linear_multilabel_softmax_loss` and the
+  :class:`LinearMultiLabelSoftmaxLoss` module, which owns the classifier and
+  predicts in chunks (:meth:`LinearMultiLabelSoftmaxLoss.top_k`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _validation as V
+from .kernels import resolve_impl, torch_chunked, torch_linear
+from .loss import _canonical_target, _check_options, _check_weights, _row_scale
+from .targets import Positives
+
+__all__ = ["linear_multilabel_softmax_loss", "LinearMultiLabelSoftmaxLoss", "LinearMultiLabelSoftmaxFunction"]
+
+MEMORY_BUDGET = 256 << 20  # bytes of [B, chunk] temporaries that the default chunk size aims for
+
+
+def default_chunk(impl: str, b: int, k: int, dtype: torch.dtype, budget: int = MEMORY_BUDGET) -> int:
+    """Chunk size from a memory budget: classes per chunk (``"torch"``) or rows per chunk (``"triton"``).
+
+    Example:
+        >>> default_chunk("torch", 2048, 200_000, torch.float32)
+        16384
+    """
+    if impl == "triton":
+        return max(1, min(max(b, 1), budget // max(k * torch.finfo(dtype).bits // 8, 1)))
+    acc_bytes = torch.finfo(torch_chunked.acc_dtype(dtype)).bits // 8
+    return max(1, min(max(k, 1), budget // (2 * acc_bytes * max(b, 1))))  # two [B, C] temporaries
+
+
+class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
+    """``row_scale * loss`` (``[B]``, or its sum when ``reduce``) of ``s * hidden @ weight.T + bias``.
+
+    ``impl="torch"`` saves the inputs and per-row statistics and recomputes each
+    label chunk's logits in the backward. ``impl="triton"`` computes the
+    gradients in the forward when the output is reduced (the backward scales
+    them by ``grad_out``), and recomputes them in the backward for
+    ``reduction="none"``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, scale, dense, indices, offsets, row_ids, values, class_weight, row_scale,
+                label_smoothing, impl, chunk, reduce):
+        needs = ctx.needs_input_grad[:4]
+        ctx.impl, ctx.reduce, ctx.chunk, ctx.label_smoothing = impl, reduce, chunk, label_smoothing
+        ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias, scale)]
+        if impl == "triton":
+            from .kernels import triton_linear
+
+            ctx.eager = reduce and any(needs)
+            loss, dx, dw, db, ds = triton_linear.run(
+                hidden, weight, bias, scale, dense, indices, offsets, values, class_weight, row_scale,
+                label_smoothing, chunk, need_grad=ctx.eager,
+            )
+            if ctx.eager:
+                ctx.save_for_backward(dx, dw, db, ds)
+            else:
+                ctx.save_for_backward(hidden, weight, bias, scale, dense, indices, offsets, values, class_weight,
+                                      row_scale)
+        else:
+            h = hidden.to(torch_chunked.acc_dtype(hidden.dtype))
+            loss, lse, coef, inv_mass, _ = torch_linear.forward(
+                h, weight, bias, scale, dense, indices, row_ids, values, class_weight, label_smoothing, chunk
+            )
+            loss = loss * row_scale
+            ctx.save_for_backward(hidden, weight, bias, scale, lse, coef, inv_mass, dense, indices, row_ids, values,
+                                  class_weight, row_scale)
+        return loss.sum() if reduce else loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        needs = ctx.needs_input_grad[:4]
+        if ctx.impl == "triton" and ctx.eager:
+            grads = [None if t is None else t * grad for t in ctx.saved_tensors]
+        elif ctx.impl == "triton":
+            from .kernels import triton_linear
+
+            hidden, weight, bias, scale, dense, indices, offsets, values, cw, row_scale = ctx.saved_tensors
+            _, *grads = triton_linear.run(
+                hidden, weight, bias, scale, dense, indices, offsets, values, cw, (row_scale * grad).float(),
+                ctx.label_smoothing, ctx.chunk, need_grad=True,
+            )
+        else:
+            hidden, weight, bias, scale, lse, coef, inv_mass, dense, indices, row_ids, values, cw, row_scale = (
+                ctx.saved_tensors
+            )
+            g = row_scale * (grad.expand_as(row_scale) if ctx.reduce else grad)
+            grads = torch_linear.backward(
+                g, hidden.to(lse.dtype), weight, bias, scale, lse, coef, inv_mass, dense, indices, row_ids, values,
+                cw, ctx.label_smoothing, ctx.chunk, need_w=needs[1],
+            )
+        out = [g.to(dt) if (need and g is not None) else None for g, dt, need in zip(grads, ctx.dtypes, needs)]
+        return tuple(out) + (None,) * 11
+
+
+def _check_linear(hidden, weight, bias, weight_scale) -> None:
+    V.check_float_tensor("hidden", hidden)
+    V.check_float_tensor("weight", weight)
+    if hidden.dim() < 1:
+        raise ValueError("Expected `hidden` to have shape [..., D], but got a 0-d tensor")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"Expected `weight` to have shape [K, {hidden.shape[-1]}] (D of `hidden`), but got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"Expected `weight` to have the dtype of `hidden` ({hidden.dtype}), but got {weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"Expected `weight` to be on {hidden.device} like `hidden`, but got {weight.device}")
+    if bias is not None:
+        V.check_float_tensor("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"Expected `bias` to have shape ({weight.shape[0]},), but got {tuple(bias.shape)}")
+        if bias.device != hidden.device:
+            raise ValueError(f"Expected `bias` to be on {hidden.device} like `hidden`, but got {bias.device}")
+    if weight_scale is not None:
+        if isinstance(weight_scale, Tensor):
+            if weight_scale.numel() != 1 or not weight_scale.is_floating_point():
+                raise ValueError(
+                    "Expected `weight_scale` to be a float or a one-element float tensor, but got a tensor of "
+                    f"shape {tuple(weight_scale.shape)} and dtype {weight_scale.dtype}"
+                )
+        elif isinstance(weight_scale, bool) or not isinstance(weight_scale, numbers.Real):
+            raise TypeError(f"Expected `weight_scale` to be a float or a tensor, but got {type(weight_scale).__name__}")
+
+
+def linear_multilabel_softmax_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Union[Tensor, Positives],
+    *,
+    bias: Optional[Tensor] = None,
+    weight_scale: Union[float, Tensor, None] = None,
+    class_weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    empty: str = "ignore",
+    label_smoothing: float = 0.0,
+    sample_weight: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    impl: str = "auto",
+    validate: bool = True,
+) -> Tensor:
+    r"""Multi-label softmax loss of a linear classifier, without the ``[B, K]`` logits.
+
+    Equals ``multilabel_softmax_loss(s * hidden @ weight.T + bias, target, ...)``,
+    with gradients for ``hidden``, ``weight``, ``bias`` and a tensor ``weight_scale``.
+
+    .. math::
+        \ell_i = \operatorname{logsumexp}_k(s\,h_i \cdot w_k + b_k)
+                 - \operatorname{mean}_{k \in Y_i}(s\,h_i \cdot w_k + b_k)
+
+    Args:
+        hidden: ``[..., D]`` features.
+        weight: ``[K, D]`` classifier weight (same dtype and device as ``hidden``).
+        target: ``Positives`` with one row per ``hidden`` row (the main form), or
+            a dense ``[..., K]`` tensor.
+        bias: ``[K]`` classifier bias.
+        weight_scale: logit scale ``s`` (a float, or a one-element tensor that
+            may require grad), e.g. the temperature of a cosine classifier.
+        class_weight: ``[K]`` per-class weights (``weight`` of
+            :func:`~mlsoftmax.multilabel_softmax_loss`).
+        reduction, empty, label_smoothing, sample_weight, validate: as in
+            :func:`~mlsoftmax.multilabel_softmax_loss`.
+        chunk_size: classes per chunk (``impl="torch"``) or rows per chunk
+            (``impl="triton"``). Default: from a 256 MB budget for the
+            ``[B, chunk]`` temporaries (:func:`default_chunk`).
+        impl: ``"auto"`` (Triton route on CUDA, else torch), ``"torch"`` or ``"triton"``.
+
+    Returns:
+        A scalar, or ``[...]`` for ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> from mlsoftmax import Positives, linear_multilabel_softmax_loss, multilabel_softmax_loss
+        >>> h, w = torch.randn(4, 8), torch.randn(1000, 8)
+        >>> y = Positives.from_lists([[1, 7], [3], [999], [0, 5, 6]], 1000)
+        >>> fused = linear_multilabel_softmax_loss(h, w, y, chunk_size=128)
+        >>> torch.allclose(fused, multilabel_softmax_loss(h @ w.T, y))
+        True
+    """
+    _check_linear(hidden, weight, bias, weight_scale)
+    _check_options(reduction, empty, label_smoothing, impl)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"Expected `chunk_size` to be a positive int, but got {chunk_size!r}")
+    d, k = hidden.shape[-1], weight.shape[0]
+    shape = hidden.shape[:-1] + (k,)  # the logits' shape
+    _check_weights(class_weight, sample_weight, hidden, validate, shape=shape)
+    dense, indices, row_ids, values = _canonical_target(target, hidden, validate, shape=shape)
+
+    h = hidden.reshape(-1, d)  # [B, D]
+    chosen = resolve_impl(impl, h)
+    acc = torch_chunked.acc_dtype(h.dtype)
+    row_scale = _row_scale(dense, indices, row_ids, values, h.shape[0], acc, h.device, sample_weight, reduction,
+                           empty)
+    scale = None
+    if weight_scale is not None:
+        scale = (weight_scale if isinstance(weight_scale, Tensor) else torch.tensor(float(weight_scale)))
+        scale = scale.to(device=h.device, dtype=acc).reshape(())
+    if bias is not None and chosen == "triton":
+        bias = bias.to(h.dtype)
+    chunk = chunk_size or default_chunk(chosen, h.shape[0], k, h.dtype)
+    offsets = target.offsets if isinstance(target, Positives) else None
+    out = LinearMultiLabelSoftmaxFunction.apply(
+        h, weight, bias, scale, dense, indices, offsets, row_ids, values, class_weight, row_scale,
+        float(label_smoothing), chosen, chunk, reduction != "none",
+    )
+    if reduction == "none":
+        return out.reshape(shape[:-1]).to(hidden.dtype)
+    return out.to(hidden.dtype)
+
+
+class LinearMultiLabelSoftmaxLoss(nn.Module):
+    """A linear classifier ``[K, D]`` trained with the fused multi-label softmax loss.
+
+    It owns ``weight`` (and ``bias``), initialised like ``nn.Linear``. Training
+    calls :func:`linear_multilabel_softmax_loss`; :meth:`logits` returns the
+    full ``[..., K]`` scores, and :meth:`top_k` predicts in label chunks, so
+    prediction over millions of labels needs no ``[B, K]`` buffer either.
+
+    Example:
+        >>> import torch
+        >>> from mlsoftmax import LinearMultiLabelSoftmaxLoss, Positives
+        >>> head = LinearMultiLabelSoftmaxLoss(16, 10_000)
+        >>> h = torch.randn(3, 16)
+        >>> loss = head(h, Positives.from_lists([[1, 2], [9_999], [5]], 10_000))
+        >>> loss.backward()
+        >>> scores, labels = head.top_k(h, 5)
+        >>> labels.shape
+        torch.Size([3, 5])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        bias: bool = True,
+        weight_scale: Optional[float] = None,
+        class_weight: Optional[Tensor] = None,
+        reduction: str = "mean",
+        empty: str = "ignore",
+        label_smoothing: float = 0.0,
+        chunk_size: Optional[int] = None,
+        impl: str = "auto",
+        validate: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        _check_options(reduction, empty, label_smoothing, impl)
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.num_classes = in_features, num_classes
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(num_classes, **kw)) if bias else None
+        self.register_buffer("class_weight", class_weight)
+        self.weight_scale = weight_scale
+        self.reduction, self.empty, self.label_smoothing = reduction, empty, label_smoothing
+        self.chunk_size, self.impl, self.validate = chunk_size, impl, validate
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialisation."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, hidden: Tensor, target, sample_weight: Optional[Tensor] = None) -> Tensor:
+        return linear_multilabel_softmax_loss(
+            hidden, self.weight, target, bias=self.bias, weight_scale=self.weight_scale,
+            class_weight=self.class_weight, reduction=self.reduction, empty=self.empty,
+            label_smoothing=self.label_smoothing, sample_weight=sample_weight, chunk_size=self.chunk_size,
+            impl=self.impl, validate=self.validate,
+        )
+
+    def _chunk_logits(self, h: Tensor, c0: int, c1: int) -> Tensor:
+        z = h @ self.weight[c0:c1].T  # [B, C]
+        if self.weight_scale is not None:
+            z = z * self.weight_scale
+        return z if self.bias is None else z + self.bias[c0:c1]
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The full scores ``[..., K]`` (materialised: use :meth:`top_k` for large ``K``)."""
+        return self._chunk_logits(hidden, 0, self.num_classes)
+
+    @torch.no_grad()
+    def top_k(self, hidden: Tensor, k: int, *, chunk_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+        """The ``k`` best scores and labels per row, ``([..., k], [..., k])``, computed in label chunks.
+
+        Memory is ``O(B * (chunk + k))``.
+        """
+        if not 1 <= k <= self.num_classes:
+            raise ValueError(f"Expected `k` in [1, {self.num_classes}], but got {k}")
+        h = hidden.reshape(-1, self.in_features)  # [B, D]
+        chunk = chunk_size or default_chunk("torch", h.shape[0], self.num_classes, h.dtype)
+        chunk = max(chunk, k)
+        best_v = h.new_empty(h.shape[0], 0)  # [B, <=k]
+        best_i = torch.empty(h.shape[0], 0, dtype=torch.long, device=h.device)
+        for c0 in range(0, self.num_classes, chunk):
+            c1 = min(self.num_classes, c0 + chunk)
+            v, i = self._chunk_logits(h, c0, c1).topk(min(k, c1 - c0), dim=1, sorted=False)  # [B, k]
+            v, i2 = torch.cat([best_v, v], 1), torch.cat([best_i, i + c0], 1)  # [B, <=2k] merge with the best so far
+            top = v.topk(min(k, v.shape[1]), dim=1, sorted=False).indices
+            best_v, best_i = v.gather(1, top), i2.gather(1, top)
+        order = best_v.argsort(1, descending=True)
+        shape = hidden.shape[:-1] + (k,)
+        return best_v.gather(1, order).reshape(shape), best_i.gather(1, order).reshape(shape)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "
+                f"reduction={self.reduction!r}, impl={self.impl!r}")

@@ -1,0 +1,199 @@
+"""Fused linear + loss against the float64 oracle applied to the explicit logits."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlsoftmax import LinearMultiLabelSoftmaxLoss, Positives, linear_multilabel_softmax_loss, multilabel_softmax_loss
+from mlsoftmax import reference as R
+from mlsoftmax.linear import default_chunk
+
+from conftest import IMPLS, random_multihot
+from test_loss import _positives_from_dense
+
+
+def _oracle(h, w, b, s, soft, *, cw=None, eps=0.0, sw=None, reduction="mean", upstream=None):
+    """Loss and (dX, dW, db, ds) from the NumPy reference on the explicit logits, by the chain rule."""
+    z = s * h @ w.T + (0 if b is None else b)  # [B, K]
+    per_row = R.loss(z, soft, weight=cw, label_smoothing=eps)
+    out = R.reduce(per_row, soft, reduction=reduction, sample_weight=sw)
+    sw = np.ones(len(h)) if sw is None else sw
+    g_row = sw if upstream is None else sw * upstream
+    if reduction == "mean":
+        g_row = g_row / (sw * (soft.sum(1) > 0)).sum()
+    g = R.grad(z, soft, weight=cw, label_smoothing=eps) * g_row[:, None]  # [B, K] dLoss/dz
+    return out, (s * g @ w, s * g.T @ h, g.sum(0), (g * (h @ w.T)).sum())
+
+
+def _exact_dtype(impl):
+    return torch.float64 if impl == "torch" else torch.float32
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("options", ["plain", "all"])
+def test_matches_oracle(impl, reduction, sparse, options, rng):
+    """D=19, K=1031, with empty rows; "all" adds bias, logit scale, class and sample weights, smoothing."""
+    b, d, k = 6, 19, 1031
+    h, w = rng.normal(size=(b, d)), rng.normal(size=(k, d)) / 3
+    y = random_multihot(rng, b, k, p=0.01, empty_rows=[1])
+    allopts = options == "all"
+    soft = y * rng.uniform(0.5, 2.0, size=(b, k)) if allopts else y.astype(np.float64)
+    bias = rng.normal(size=k) if allopts else None
+    scale = 1.7 if allopts else 1.0
+    cw = rng.uniform(0.3, 2.0, size=k) if allopts else None
+    sw = rng.uniform(0.1, 2.0, size=b) if allopts else None
+    eps = 0.1 if allopts else 0.0
+    upstream = rng.normal(size=b) if reduction == "none" else None
+
+    dt = _exact_dtype(impl)
+    tol = 1e-9 if dt == torch.float64 else 2e-4
+    th = torch.tensor(h, dtype=dt, requires_grad=True)
+    tw = torch.tensor(w, dtype=dt, requires_grad=True)
+    tb = None if bias is None else torch.tensor(bias, dtype=dt, requires_grad=True)
+    ts = torch.tensor(scale, dtype=dt, requires_grad=True) if allopts else None
+    tgt = _positives_from_dense(y, values=soft if allopts else None) if sparse else torch.from_numpy(soft).to(dt)
+    if sparse and allopts:
+        tgt = Positives(tgt.indices, tgt.offsets, values=tgt.values.to(dt))
+    out = linear_multilabel_softmax_loss(
+        th, tw, tgt, bias=tb, weight_scale=ts, class_weight=None if cw is None else torch.tensor(cw, dtype=dt),
+        sample_weight=None if sw is None else torch.tensor(sw, dtype=dt), label_smoothing=eps,
+        reduction=reduction, chunk_size=100 if impl == "torch" else 4, impl=impl,
+    )
+    exp_out, (dx, dw, db, ds) = _oracle(h, w, bias, scale, soft, cw=cw, eps=eps, sw=sw, reduction=reduction,
+                                        upstream=upstream)
+    np.testing.assert_allclose(out.detach().numpy(), exp_out, rtol=tol, atol=tol)
+    (out if upstream is None else out @ torch.tensor(upstream, dtype=dt)).backward()
+    np.testing.assert_allclose(th.grad.numpy(), dx, rtol=tol * 10, atol=tol)
+    np.testing.assert_allclose(tw.grad.numpy(), dw, rtol=tol * 10, atol=tol)
+    if allopts:
+        np.testing.assert_allclose(tb.grad.numpy(), db, rtol=tol * 10, atol=tol)
+        np.testing.assert_allclose(ts.grad.numpy(), ds, rtol=tol * 10, atol=tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("b,k", [(3, 423), (25, 507), (1, 1)])
+def test_odd_shapes_and_chunks_match_explicit_logits(impl, b, k, rng):
+    """Every chunk size gives the explicit composition's value and gradients (torch autograd on h @ w.T)."""
+    dt = _exact_dtype(impl)
+    h0, w0 = torch.tensor(rng.normal(size=(b, 7)), dtype=dt), torch.tensor(rng.normal(size=(k, 7)), dtype=dt)
+    y = torch.from_numpy(random_multihot(rng, b, k, p=0.05))
+    h1, w1 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    ref = F.cross_entropy(h1 @ w1.T, y.to(dt) / y.sum(1, keepdim=True))  # PyTorch's own soft-target loss
+    ref.backward()
+    for chunk in (1, 3, 64, 10_000):
+        h2, w2 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        out = linear_multilabel_softmax_loss(h2, w2, y, chunk_size=chunk, impl=impl)
+        out.backward()
+        tol = 1e-10 if dt == torch.float64 else 1e-5
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(h2.grad, h1.grad, rtol=tol * 10, atol=tol)
+        torch.testing.assert_close(w2.grad, w1.grad, rtol=tol * 10, atol=tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_dims_and_only_some_grads(impl, rng):
+    dt = _exact_dtype(impl)
+    h = torch.tensor(rng.normal(size=(2, 3, 5)), dtype=dt)
+    w = torch.tensor(rng.normal(size=(40, 5)), dtype=dt, requires_grad=True)
+    y = torch.from_numpy(random_multihot(rng, 6, 40, p=0.1).reshape(2, 3, 40))
+    out = linear_multilabel_softmax_loss(h, w, y, reduction="none", impl=impl, chunk_size=16 if impl == "torch" else 2)
+    assert out.shape == (2, 3)
+    expected = R.loss(h.reshape(6, 5).numpy() @ w.detach().numpy().T, y.reshape(6, 40).numpy())
+    np.testing.assert_allclose(out.detach().numpy().ravel(), expected, rtol=1e-6)
+    out.sum().backward()  # hidden needs no grad
+    assert w.grad is not None and h.grad is None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_no_worse_than_naive(impl, dtype, rng):
+    """bf16/fp16 inputs: loss and dW errors (vs fp64) within 2x of the naive path in the same dtype."""
+    b, d, k = 16, 32, 700
+    h64, w64 = torch.tensor(rng.normal(size=(b, d))), torch.tensor(rng.normal(size=(k, d)) / 4)
+    y = random_multihot(rng, b, k, p=0.01)
+    tgt = Positives.from_lists([np.flatnonzero(r).tolist() for r in y], k)
+    errs = {}
+    for name in ("fp64", "naive", "ours"):
+        dt = torch.float64 if name == "fp64" else dtype
+        h, w = h64.to(dt, copy=True).requires_grad_(), w64.to(dt, copy=True).requires_grad_()
+        if name == "ours":
+            out = linear_multilabel_softmax_loss(h, w, tgt, impl=impl, chunk_size=128 if impl == "torch" else 4)
+        else:
+            out = multilabel_softmax_loss(h @ w.T, tgt, impl="torch")
+        out.backward()
+        errs[name] = (out.double(), w.grad.double())
+    ref_l, ref_w = errs.pop("fp64")
+    naive_l, naive_w = (errs["naive"][0] - ref_l).abs().item(), (errs["naive"][1] - ref_w).norm().item()
+    ours_l, ours_w = (errs["ours"][0] - ref_l).abs().item(), (errs["ours"][1] - ref_w).norm().item()
+    assert ours_w <= 2 * naive_w + 1e-6
+    assert ours_l <= 2 * naive_l + 1e-3
+
+
+def test_chunked_top_k_and_logits_match_full(rng):
+    head = LinearMultiLabelSoftmaxLoss(9, 1000, weight_scale=2.0)
+    h = torch.tensor(rng.normal(size=(4, 9)), dtype=torch.float32)
+    full = 2.0 * h @ head.weight.T + head.bias
+    torch.testing.assert_close(head.logits(h), full)
+    v, i = head.top_k(h, 7, chunk_size=33)
+    fv, fi = full.topk(7, dim=1)
+    torch.testing.assert_close(v, fv)
+    assert torch.equal(i, fi)
+    assert head.top_k(h[0], 3)[1].shape == (3,)
+
+
+def test_module_init_like_linear_and_trains():
+    torch.manual_seed(0)
+    head = LinearMultiLabelSoftmaxLoss(64, 10)
+    bound = 1 / 64**0.5
+    assert head.weight.abs().max() <= bound and head.bias.abs().max() <= bound
+    h = torch.randn(32, 64)
+    y = Positives.from_lists([[i % 10, (i + 3) % 10] for i in range(32)], 10)
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    first = None
+    for _ in range(30):
+        opt.zero_grad()
+        loss = head(h, y)
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.8 * first
+    assert "num_classes=10" in repr(head)
+
+
+def test_default_chunk_follows_memory_budget():
+    assert default_chunk("torch", 2048, 200_000, torch.float32) == 16384
+    assert default_chunk("torch", 2048, 200_000, torch.float32, budget=64 << 20) == 4096
+    assert default_chunk("torch", 4, 100, torch.float32) == 100
+    assert default_chunk("triton", 8192, 262_144, torch.bfloat16, budget=1 << 30) == 2048
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"weight": torch.zeros(5, 4)}, ValueError, "Expected `weight` to have shape \\[K, 3\\]"),
+        ({"weight": torch.zeros(5, 3, dtype=torch.float64)}, TypeError, "dtype of `hidden`"),
+        ({"bias": torch.zeros(4)}, ValueError, "Expected `bias` to have shape \\(5,\\)"),
+        ({"weight_scale": torch.ones(2)}, ValueError, "weight_scale"),
+        ({"weight_scale": "2"}, TypeError, "weight_scale"),
+        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"impl": "cuda"}, ValueError, "impl"),
+        ({"target": torch.ones(2, 4)}, ValueError, "shape of `logits`"),
+        ({"target": Positives.from_lists([[0], [7]], 8)}, ValueError, "num_classes == 5"),
+        ({"hidden": torch.zeros(2, 3, dtype=torch.long)}, TypeError, "hidden"),
+    ],
+)
+def test_bad_input(kwargs, exc, match):
+    args = {"hidden": torch.zeros(2, 3), "weight": torch.zeros(5, 3), "target": torch.ones(2, 5)}
+    args.update(kwargs)
+    h, w, t = args.pop("hidden"), args.pop("weight"), args.pop("target")
+    with pytest.raises(exc, match=match):
+        linear_multilabel_softmax_loss(h, w, t, **args)
+
+
+def test_empty_error_mode():
+    with pytest.raises(ValueError, match="empty rows"):
+        linear_multilabel_softmax_loss(torch.zeros(2, 3), torch.zeros(5, 3), Positives.from_lists([[1], []], 5),
+                                       empty="error")
