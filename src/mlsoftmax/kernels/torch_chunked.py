@@ -53,14 +53,34 @@ def row_stats(
         dtype: the per-row loss (0 on empty rows), the log-sum-exp, ``c_i``,
         ``1 / m_i`` (0 on empty rows) and the raw target mass ``m_i``.
     """
+    k = x.shape[1]
+    eps = float(label_smoothing)
+    parts = partial_sums(x, dense, indices, row_ids, values, weight, eps > 0)
+    wsum = float(k) if weight is None else weight.to(parts[0].dtype).sum()
+    return combine(*parts, k, wsum, eps)
+
+
+def partial_sums(
+    x: Tensor,  # [B, K]
+    dense: Optional[Tensor],
+    indices: Optional[Tensor],
+    row_ids: Optional[Tensor],
+    values: Optional[Tensor],
+    weight: Optional[Tensor],
+    smooth: bool,
+):
+    """Per-row sums over the classes of ``x``: ``(lse, dot, mass, wmass, sx)`` (see :func:`combine`).
+
+    ``sx`` is ``None`` unless ``smooth``. A label-sharded caller combines these
+    across shards (log-sum-exp of ``lse``, sums of the rest) before :func:`combine`.
+    """
     b, k = x.shape
     acc = acc_dtype(x.dtype)
-    eps = float(label_smoothing)
     lse = x.new_empty(b, dtype=acc)  # [B]
     dot = x.new_zeros(b, dtype=acc)  # [B] sum_k w_k t_k x_k
     mass = x.new_zeros(b, dtype=acc)  # [B] sum_k t_k
     wmass = x.new_zeros(b, dtype=acc)  # [B] sum_k w_k t_k
-    sx = x.new_zeros(b, dtype=acc) if eps else None  # [B] sum_k w_k x_k
+    sx = x.new_zeros(b, dtype=acc) if smooth else None  # [B] sum_k w_k x_k
     w = None if weight is None else weight.to(acc)
     step = _row_step(k)
     for r0 in range(0, b, step):
@@ -88,19 +108,18 @@ def row_stats(
         mass.index_add_(0, row_ids, v)
         wmass.index_add_(0, row_ids, vw)
         dot.index_add_(0, row_ids, vw * xg)
-    # 5. combine: c_i * lse_i - sum_k T_k x_k, zero on empty rows
-    return combine(lse, dot, mass, wmass, sx, k, w, eps)
+    return lse, dot, mass, wmass, sx
 
 
-def combine(lse, dot, mass, wmass, sx, k: int, w, eps: float):
+def combine(lse, dot, mass, wmass, sx, k: int, wsum, eps: float):
     """Per-row sums -> ``(loss, lse, coef, inv_mass, mass)`` (see :func:`row_stats`).
 
     ``dot = sum_k w_k t_k x_k``, ``mass = sum_k t_k``, ``wmass = sum_k w_k t_k``
-    and (with smoothing) ``sx = sum_k w_k x_k``; empty rows get loss 0.
+    and (with smoothing) ``sx = sum_k w_k x_k``, over all ``k`` classes;
+    ``wsum = sum_k w_k``. Empty rows get loss 0.
     """
     nonempty = mass > 0
     inv_mass = torch.where(nonempty, 1.0 / torch.where(nonempty, mass, torch.ones_like(mass)), torch.zeros_like(mass))
-    wsum = float(k) if w is None else w.sum()
     coef = ((1.0 - eps) * wmass * inv_mass + (eps / k) * wsum) * nonempty
     loss = coef * lse - (1.0 - eps) * dot * inv_mass
     if sx is not None:
@@ -122,13 +141,16 @@ def backward(
     weight: Optional[Tensor],
     label_smoothing: float,
     out: Optional[Tensor] = None,
+    num_classes: Optional[int] = None,
 ) -> Tensor:
     """``grad_rows[:, None] * (c * softmax(x) - T)``, written once into ``out``.
 
     Every value is computed in the accumulation dtype and rounded once, so in
     bf16/fp16 the target-class entry ``p - 1/|Y|`` does not cancel.
+    ``num_classes`` is the total ``K`` when ``x`` holds one shard of the classes.
     """
-    b, k = x.shape
+    b = x.shape[0]
+    k = x.shape[1] if num_classes is None else num_classes
     acc = acc_dtype(x.dtype)
     eps = float(label_smoothing)
     out = torch.empty(b, k, dtype=x.dtype, device=x.device) if out is None else out  # [B, K]
@@ -137,7 +159,7 @@ def backward(
     scale_p = coef * g  # [B]
     scale_t = (1.0 - eps) * inv_mass * g  # [B]
     scale_s = (eps / k) * g * (inv_mass > 0) if eps else None  # [B]
-    step = _row_step(k)
+    step = _row_step(x.shape[1])
     for r0 in range(0, b, step):
         r1 = min(b, r0 + step)
         # 1. c * softmax, scaled by the incoming gradient

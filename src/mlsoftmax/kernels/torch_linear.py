@@ -64,14 +64,21 @@ def forward(
     chunk: int,
 ):
     """Per-row ``(loss, lse, coef, inv_mass, mass)`` of the logits ``s * h @ w.T + b``."""
+    k, eps = w.shape[0], float(label_smoothing)
+    parts = partial_sums(h, w, bias, scale, dense, indices, row_ids, values, class_weight, eps > 0, chunk)
+    wsum = float(k) if class_weight is None else class_weight.to(h.dtype).sum()
+    return torch_chunked.combine(*parts, k, wsum, eps)
+
+
+def partial_sums(h, w, bias, scale, dense, indices, row_ids, values, class_weight, smooth: bool, chunk: int):
+    """Per-row ``(lse, dot, mass, wmass, sx)`` over the classes of ``w`` (see ``torch_chunked.combine``)."""
     b, k = h.shape[0], w.shape[0]
     acc = h.dtype
-    eps = float(label_smoothing)
     cw = None if class_weight is None else class_weight.to(acc)
     m = h.new_full((b,), float("-inf"))  # [B] running max
     s = h.new_zeros(b)  # [B] running sum of exp(z - m)
     dot, mass, wmass = h.new_zeros(b), h.new_zeros(b), h.new_zeros(b)  # [B]
-    sx = h.new_zeros(b) if eps else None  # [B]
+    sx = h.new_zeros(b) if smooth else None  # [B]
     for c0 in range(0, k, chunk):
         c1 = min(k, c0 + chunk)
         z = _logits(h, w, bias, scale, c0, c1)  # [B, C]
@@ -99,7 +106,7 @@ def forward(
         mass.index_add_(0, row_ids, v)
         wmass.index_add_(0, row_ids, vw)
         dot.index_add_(0, row_ids, vw * xg)
-    return torch_chunked.combine(lse, dot, mass, wmass, sx, k, cw, eps)
+    return lse, dot, mass, wmass, sx
 
 
 def backward(
@@ -119,9 +126,14 @@ def backward(
     label_smoothing: float,
     chunk: int,
     need_w: bool = True,
+    num_classes: Optional[int] = None,
 ):
-    """``(dX [B, D], dW [K, D] | None, db [K], ds [])`` in the accumulation dtype."""
-    b, k = h.shape[0], w.shape[0]
+    """``(dX [B, D], dW [K, D] | None, db [K], ds [])`` in the accumulation dtype.
+
+    ``num_classes`` is the total ``K`` when ``w`` holds one shard of the classes.
+    """
+    b = h.shape[0]
+    k = w.shape[0] if num_classes is None else num_classes
     acc = h.dtype
     eps = float(label_smoothing)
     cw = None if class_weight is None else class_weight.to(acc)
@@ -131,9 +143,9 @@ def backward(
     scale_s = ((eps / k) * g * (inv_mass > 0))[:, None] if eps else None  # [B, 1]
     gw = h.new_zeros(h.shape)  # [B, D] G @ W, before the logit scale
     dw = h.new_empty(w.shape) if need_w else None  # [K, D] G^T @ X, before the logit scale
-    db = h.new_empty(k)  # [K]
-    for c0 in range(0, k, chunk):
-        c1 = min(k, c0 + chunk)
+    db = h.new_empty(w.shape[0])  # [K]
+    for c0 in range(0, w.shape[0], chunk):
+        c1 = min(w.shape[0], c0 + chunk)
         # 1. recompute the chunk's logits, then G = c softmax - T (times grad)
         gc = (_logits(h, w, bias, scale, c0, c1) - lse[:, None]).exp_().mul_(scale_p)  # [B, C]
         if dense is not None:
