@@ -153,7 +153,7 @@ def backward(
     k = x.shape[1] if num_classes is None else num_classes
     acc = acc_dtype(x.dtype)
     eps = float(label_smoothing)
-    out = torch.empty(b, k, dtype=x.dtype, device=x.device) if out is None else out  # [B, K]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out  # [B, K]
     g = grad_rows.to(acc)  # [B]
     w = None if weight is None else weight.to(acc)
     scale_p = coef * g  # [B]

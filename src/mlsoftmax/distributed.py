@@ -1,0 +1,289 @@
+"""Label-sharded ("vocab-parallel") loss on ``torch.distributed`` (NCCL on GPUs, gloo on CPUs).
+
+Each rank of ``group`` holds a contiguous slice of the classes: the logits
+``[B, K_r]`` (or the classifier rows ``[K_r, D]``) of classes
+``[class_start, class_start + K_r)``. Shards may be uneven; a rank may hold one
+class. The target uses global class ids and is the same on every rank.
+
+Communication per call is O(B), never O(B·K):
+
+1. one all-reduce (MAX) of the per-row local log-sum-exp ``[B]``;
+2. one all-reduce (SUM) of the packed per-row partial sums ``[B, 5]``:
+   ``exp(lse_r - lse_max)``, the target-weighted sum of logits, the target mass,
+   its class-weighted version and (for smoothing) the class-weighted logit sum.
+
+Every rank then holds the exact single-process loss. The backward of
+:func:`sharded_multilabel_softmax_loss` needs no collective (each rank writes
+the gradient of its own columns); :func:`sharded_linear_multilabel_softmax_loss`
+all-reduces ``dX`` ``[B, D]`` once and keeps ``dW`` local. Finding the default
+``class_start`` costs one all-gather of one integer per rank.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import _validation as V
+from .kernels import torch_chunked, torch_linear
+from .linear import _check_linear, default_chunk
+from .loss import _check_options, _row_scale
+from .targets import Positives
+
+__all__ = ["sharded_multilabel_softmax_loss", "sharded_linear_multilabel_softmax_loss", "shard_range"]
+
+
+def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The ``[start, stop)`` classes of ``rank`` when ``num_classes`` are split as evenly as possible.
+
+    Example:
+        >>> [shard_range(11, r, 3) for r in range(3)]
+        [(0, 4), (4, 8), (8, 11)]
+    """
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _layout(k_local: int, class_start: Optional[int], target, device, group) -> tuple[int, int]:
+    """``(class_start, K)``: from the all-gathered shard sizes unless ``class_start`` is given."""
+    if class_start is None:
+        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(sizes, torch.tensor([k_local], dtype=torch.long, device=device), group=group)
+        sizes = [int(s) for s in sizes]
+        rank = dist.get_rank(group)
+        return sum(sizes[:rank]), sum(sizes)
+    if isinstance(target, Positives) and target.num_classes is not None:
+        return class_start, target.num_classes
+    if isinstance(target, Tensor):
+        return class_start, target.shape[-1]
+    stop = torch.tensor([class_start + k_local], dtype=torch.long, device=device)
+    dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=group)
+    return class_start, int(stop)
+
+
+def _local_target(target, b: int, k: int, start: int, stop: int, device, validate: bool):
+    """Global target -> ``(mass [B] of the whole row, local dense | None, local CSR (idx, rows, vals))``."""
+    if isinstance(target, Positives):
+        if target.batch_size != b:
+            raise ValueError(f"Expected `target` to have {b} rows like `logits`, but got {target.batch_size}")
+        if target.num_classes is not None and target.num_classes != k:
+            raise ValueError(f"Expected `target` to have num_classes == {k} (all shards), but got {target.num_classes}")
+        V.check_same_device("target", target.indices, torch.empty(0, device=device))
+        if validate:
+            from .loss import _validate_positives
+
+            _validate_positives(target, k)
+        rows = target.row_ids()
+        keep = ((target.indices >= start) & (target.indices < stop)).nonzero().flatten()  # [nnz_r]
+        vals = None if target.values is None else target.values[keep]
+        return None, (target.indices[keep] - start, rows[keep], vals), (target.indices, rows, target.values)
+    if isinstance(target, Tensor):
+        if target.dim() != 2 or target.shape != (b, k):
+            raise ValueError(f"Expected `target` to have shape {(b, k)} (global classes), but got {tuple(target.shape)}")
+        if validate:
+            V.check_nonnegative_finite("target", target)
+        return target[:, start:stop], (None, None, None), (target, None, None)
+    raise TypeError(f"Expected `target` to be a dense tensor [B, K] or mlsoftmax.Positives, but got {type(target).__name__}")
+
+
+def _global_stats(parts, smooth: bool, k: int, wsum, eps: float, group):
+    """All-reduce the local partial sums and combine them: the single-process per-row statistics."""
+    lse_r, dot, mass, wmass, sx = parts
+    # 1. global max of the local log-sum-exps (rows of a shard may be all -inf)
+    m = lse_r.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    # 2. one packed all-reduce of the per-row sums
+    cols = [(lse_r - m_safe).exp(), dot, mass, wmass] + ([sx] if smooth else [])
+    packed = torch.stack(cols, 1)  # [B, 4 or 5]
+    dist.all_reduce(packed, group=group)
+    lse = packed[:, 0].log() + m_safe
+    sx = packed[:, 4] if smooth else None
+    return torch_chunked.combine(lse, packed[:, 1], packed[:, 2], packed[:, 3], sx, k, wsum, eps)
+
+
+def _prepare(b, k_local, dtype, device, target, weight, sample_weight, class_start, reduction, empty,
+             label_smoothing, group, validate):
+    _check_options(reduction, empty, label_smoothing, "auto")
+    start, k = _layout(k_local, class_start, target, device, group)
+    if not 0 <= start <= k - k_local:
+        raise ValueError(f"Expected `class_start` in [0, {k - k_local}], but got {start}")
+    acc = torch_chunked.acc_dtype(dtype)
+    if weight is not None:
+        V.check_float_tensor("weight", weight)
+        if weight.shape != (k,):
+            raise ValueError(f"Expected `weight` to have shape ({k},) (all classes), but got {tuple(weight.shape)}")
+    if sample_weight is not None:
+        V.check_float_tensor("sample_weight", sample_weight)
+        if sample_weight.shape != (b,):
+            raise ValueError(f"Expected `sample_weight` to have shape ({b},), but got {tuple(sample_weight.shape)}")
+    dense, local, full = _local_target(target, b, k, start, start + k_local, device, validate)
+    # the row mass and reduction weights come from the global target: no communication
+    fd, fi, fv = (full[0], None, None) if dense is not None else (None, full[0], full[2])
+    row_scale = _row_scale(fd, fi, full[1], fv, b, acc, device, sample_weight, reduction, empty)
+    w_local = None if weight is None else weight[start:start + k_local]
+    wsum = float(k) if weight is None else weight.to(acc).sum()
+    return start, k, acc, dense, local, w_local, wsum, row_scale
+
+
+class _ShardedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dense, idx, rows, vals, w_local, wsum, row_scale, k, eps, group):
+        smooth = eps > 0
+        parts = torch_chunked.partial_sums(x, dense, idx, rows, vals, w_local, smooth)
+        loss, lse, coef, inv_mass, _ = _global_stats(parts, smooth, k, wsum, eps, group)
+        ctx.save_for_backward(x, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale)
+        ctx.k, ctx.eps = k, eps
+        return loss * row_scale
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        x, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale = ctx.saved_tensors
+        g = torch_chunked.backward((grad_rows * row_scale).contiguous(), x, lse, coef, inv_mass, dense, idx, rows,
+                                   vals, w_local, ctx.eps, num_classes=ctx.k)
+        return (g,) + (None,) * 10
+
+
+def sharded_multilabel_softmax_loss(
+    local_logits: Tensor,
+    target: Union[Tensor, Positives],
+    *,
+    group=None,
+    class_start: Optional[int] = None,
+    reduction: str = "mean",
+    empty: str = "ignore",
+    weight: Optional[Tensor] = None,
+    sample_weight: Optional[Tensor] = None,
+    label_smoothing: float = 0.0,
+    validate: bool = True,
+) -> Tensor:
+    r"""The multi-label softmax loss of logits whose classes are split across the ranks of ``group``.
+
+    .. math::
+        \ell_i = \log \sum_r \sum_{k \in \text{shard}_r} e^{S_{ik}} - \operatorname{mean}_{k \in Y_i} S_{ik}
+
+    Args:
+        local_logits: ``[B, K_r]`` this rank's columns (classes
+            ``class_start .. class_start + K_r - 1``).
+        target: ``Positives`` with global class ids, or a dense ``[B, K]`` over
+            all classes; the same on every rank.
+        group: the process group (default: the world).
+        class_start: this rank's first class; default the prefix sum of the
+            shard sizes over the group in rank order (one small all-gather).
+        reduction, empty, sample_weight, label_smoothing, validate: as in
+            :func:`~mlsoftmax.multilabel_softmax_loss`.
+        weight: ``[K]`` per-class weights over all classes.
+
+    Returns:
+        The single-process loss (identical on every rank); the gradient of
+        ``local_logits`` is this rank's slice of the single-process gradient.
+
+    Example:
+        >>> import os, tempfile, torch, torch.distributed as dist
+        >>> from mlsoftmax import Positives, multilabel_softmax_loss
+        >>> init = "file://" + os.path.join(tempfile.mkdtemp(), "store")
+        >>> dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+        >>> x, y = torch.randn(2, 6), Positives.from_lists([[0, 4], [5]], 6)
+        >>> torch.allclose(sharded_multilabel_softmax_loss(x, y), multilabel_softmax_loss(x, y))
+        True
+        >>> dist.destroy_process_group()
+    """
+    V.check_float_tensor("local_logits", local_logits)
+    if local_logits.dim() != 2:
+        raise ValueError(f"Expected `local_logits` to have shape [B, K_r], but got {tuple(local_logits.shape)}")
+    b, k_local = local_logits.shape
+    start, k, acc, dense, (idx, rows, vals), w_local, wsum, row_scale = _prepare(
+        b, k_local, local_logits.dtype, local_logits.device, target, weight, sample_weight, class_start, reduction,
+        empty, label_smoothing, group, validate,
+    )
+    out = _ShardedLoss.apply(local_logits, dense, idx, rows, vals, w_local, wsum, row_scale, k,
+                             float(label_smoothing), group)
+    return out.to(local_logits.dtype) if reduction == "none" else out.sum().to(local_logits.dtype)
+
+
+class _ShardedLinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, bias, dense, idx, rows, vals, w_local, wsum, row_scale, k, eps, chunk, group):
+        smooth = eps > 0
+        ha = h.to(torch_chunked.acc_dtype(h.dtype))
+        parts = torch_linear.partial_sums(ha, w, bias, None, dense, idx, rows, vals, w_local, smooth, chunk)
+        loss, lse, coef, inv_mass, _ = _global_stats(parts, smooth, k, wsum, eps, group)
+        ctx.save_for_backward(h, w, bias, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale)
+        ctx.k, ctx.eps, ctx.chunk, ctx.group = k, eps, chunk, group
+        return loss * row_scale
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        h, w, bias, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale = ctx.saved_tensors
+        dx, dw, db, _ = torch_linear.backward(
+            grad_rows * row_scale, h.to(lse.dtype), w, bias, None, lse, coef, inv_mass, dense, idx, rows, vals,
+            w_local, ctx.eps, ctx.chunk, need_w=ctx.needs_input_grad[1], num_classes=ctx.k,
+        )
+        # the only collective of the backward: every shard's part of dX
+        dist.all_reduce(dx, group=ctx.group)
+        return (dx.to(h.dtype), None if dw is None else dw.to(w.dtype),
+                None if bias is None else db.to(bias.dtype)) + (None,) * 11
+
+
+def sharded_linear_multilabel_softmax_loss(
+    hidden: Tensor,
+    local_weight: Tensor,
+    target: Union[Tensor, Positives],
+    *,
+    bias: Optional[Tensor] = None,
+    group=None,
+    class_start: Optional[int] = None,
+    reduction: str = "mean",
+    empty: str = "ignore",
+    weight: Optional[Tensor] = None,
+    sample_weight: Optional[Tensor] = None,
+    label_smoothing: float = 0.0,
+    chunk_size: Optional[int] = None,
+    validate: bool = True,
+) -> Tensor:
+    r"""The fused linear + loss with the classifier's rows split across the ranks of ``group``.
+
+    Equals ``multilabel_softmax_loss(hidden @ W.T + b, target)`` for the full
+    ``W = cat(local_weight over ranks)``. ``hidden`` ``[B, D]`` is the same on
+    every rank; its gradient is all-reduced (one ``[B, D]`` all-reduce in the
+    backward), while ``local_weight``'s gradient stays local.
+
+    Args:
+        hidden: ``[B, D]`` features, replicated over the group.
+        local_weight: ``[K_r, D]`` this rank's classifier rows.
+        target: as in :func:`sharded_multilabel_softmax_loss`.
+        bias: ``[K_r]`` this rank's bias.
+        weight: ``[K]`` per-class weights over all classes.
+        chunk_size: classes per chunk of the local label loop (default from a memory budget).
+        group, class_start, reduction, empty, sample_weight, label_smoothing, validate:
+            as in :func:`sharded_multilabel_softmax_loss`.
+
+    Returns:
+        The single-process loss, identical on every rank.
+
+    Example:
+        >>> import os, tempfile, torch, torch.distributed as dist
+        >>> from mlsoftmax import Positives, linear_multilabel_softmax_loss
+        >>> init = "file://" + os.path.join(tempfile.mkdtemp(), "store")
+        >>> dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+        >>> h, w, y = torch.randn(2, 4), torch.randn(6, 4), Positives.from_lists([[0, 4], [5]], 6)
+        >>> torch.allclose(sharded_linear_multilabel_softmax_loss(h, w, y), linear_multilabel_softmax_loss(h, w, y))
+        True
+        >>> dist.destroy_process_group()
+    """
+    _check_linear(hidden, local_weight, bias, None)
+    if hidden.dim() != 2:
+        raise ValueError(f"Expected `hidden` to have shape [B, D], but got {tuple(hidden.shape)}")
+    b, k_local = hidden.shape[0], local_weight.shape[0]
+    start, k, acc, dense, (idx, rows, vals), w_local, wsum, row_scale = _prepare(
+        b, k_local, hidden.dtype, hidden.device, target, weight, sample_weight, class_start, reduction, empty,
+        label_smoothing, group, validate,
+    )
+    chunk = chunk_size or default_chunk("torch", b, k_local, hidden.dtype)
+    out = _ShardedLinearLoss.apply(hidden, local_weight, bias, dense, idx, rows, vals, w_local, wsum, row_scale, k,
+                                   float(label_smoothing), chunk, group)
+    return out.to(hidden.dtype) if reduction == "none" else out.sum().to(hidden.dtype)

@@ -1,0 +1,143 @@
+"""Label-sharded losses on gloo with 2 and 3 CPU processes and uneven shards, against the oracle."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mlsoftmax import Positives
+from mlsoftmax import reference as R
+from mlsoftmax.distributed import shard_range
+
+B, D, K = 7, 5, 11
+SPLITS = {2: [8, 3], 3: [5, 1, 5]}  # uneven; one rank of three holds a single class
+
+
+def _problem():
+    """The same global problem on every rank (seeded): logits, weights, targets, options."""
+    rng = np.random.default_rng(0)
+    y = rng.random((B, K)) < 0.25
+    y[np.arange(B), rng.integers(0, K, B)] = True
+    y[3] = False  # an empty row
+    return dict(
+        s=rng.normal(size=(B, K)) * 2, h=rng.normal(size=(B, D)), w=rng.normal(size=(K, D)), b=rng.normal(size=K),
+        y=y, soft=y * rng.uniform(0.5, 2.0, size=(B, K)), cw=rng.uniform(0.5, 2.0, size=K),
+        sw=rng.uniform(0.2, 2.0, size=B),
+    )
+
+
+CASES = {
+    # name: (sparse target, class weights, sample weights, smoothing, reduction, explicit class_start)
+    "plain": (True, False, False, 0.0, "mean", False),
+    "options": (True, True, True, 0.1, "sum", True),
+    "dense": (False, True, False, 0.05, "mean", False),
+    "none": (True, False, True, 0.0, "none", False),
+}
+
+
+def _worker(rank, world, store, out):
+    from mlsoftmax.distributed import sharded_linear_multilabel_softmax_loss, sharded_multilabel_softmax_loss
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    p = _problem()
+    sizes = SPLITS[world]
+    c0 = sum(sizes[:rank])
+    c1 = c0 + sizes[rank]
+    res = {}
+    for name, (sparse, use_cw, use_sw, eps, red, explicit) in CASES.items():
+        if sparse:
+            rows, cols = np.nonzero(p["y"])
+            offs = np.concatenate([[0], np.cumsum(p["y"].sum(1))])
+            vals = torch.from_numpy(p["soft"][rows, cols])
+            tgt = Positives(torch.from_numpy(cols), torch.from_numpy(offs), K, values=vals)
+        else:
+            tgt = torch.from_numpy(p["soft"])
+        kw = dict(reduction=red, label_smoothing=eps, class_start=c0 if explicit else None,
+                  weight=torch.from_numpy(p["cw"]) if use_cw else None,
+                  sample_weight=torch.from_numpy(p["sw"]) if use_sw else None)
+        up = torch.linspace(0.5, 1.5, B, dtype=torch.float64) if red == "none" else None
+        # 1. the sharded loss on this rank's columns of the logits
+        x = torch.from_numpy(p["s"][:, c0:c1]).clone().requires_grad_()
+        loss = sharded_multilabel_softmax_loss(x, tgt, **kw)
+        (loss if up is None else loss @ up).backward()
+        # 2. the sharded fused linear loss on this rank's classifier rows
+        h = torch.from_numpy(p["h"]).clone().requires_grad_()
+        w = torch.from_numpy(p["w"][c0:c1]).clone().requires_grad_()
+        bias = torch.from_numpy(p["b"][c0:c1]).clone().requires_grad_()
+        lin = sharded_linear_multilabel_softmax_loss(h, w, tgt, bias=bias, chunk_size=2, **kw)
+        (lin if up is None else lin @ up).backward()
+        res[name] = dict(loss=loss.detach().numpy(), grad=x.grad.numpy(), lin=lin.detach().numpy(),
+                         dh=h.grad.numpy(), dw=w.grad.numpy(), db=bias.grad.numpy(), cols=(c0, c1))
+    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _oracle(p, name):
+    sparse, use_cw, use_sw, eps, red, _ = CASES[name]
+    soft = p["soft"]
+    cw = p["cw"] if use_cw else None
+    sw = p["sw"] if use_sw else None
+    up = np.linspace(0.5, 1.5, B) if red == "none" else np.ones(B)
+
+    def loss_and_grad(z):
+        val = R.reduce(R.loss(z, soft, weight=cw, label_smoothing=eps), soft, reduction=red, sample_weight=sw)
+        g_row = (np.ones(B) if sw is None else sw) * up
+        if red == "mean":
+            g_row = g_row / ((np.ones(B) if sw is None else sw) * (soft.sum(1) > 0)).sum()
+        return val, R.grad(z, soft, weight=cw, label_smoothing=eps) * g_row[:, None]
+
+    loss, g = loss_and_grad(p["s"])
+    z = p["h"] @ p["w"].T + p["b"]
+    lin, gz = loss_and_grad(z)
+    return loss, g, lin, gz @ p["w"], gz.T @ p["h"], gz.sum(0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_losses_match_single_process_oracle(world, tmp_path):
+    mp.start_processes(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world,
+                       start_method="spawn", join=True)
+    p = _problem()
+    for rank in range(world):
+        res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for name in CASES:
+            r = res[name]
+            c0, c1 = r["cols"]
+            loss, g, lin, dh, dw, db = _oracle(p, name)
+            np.testing.assert_allclose(r["loss"], loss, rtol=1e-10, atol=1e-12, err_msg=name)
+            np.testing.assert_allclose(r["grad"], g[:, c0:c1], rtol=1e-9, atol=1e-12, err_msg=name)
+            np.testing.assert_allclose(r["lin"], lin, rtol=1e-10, atol=1e-12, err_msg=name)
+            np.testing.assert_allclose(r["dh"], dh, rtol=1e-9, atol=1e-12, err_msg=name)
+            np.testing.assert_allclose(r["dw"], dw[c0:c1], rtol=1e-9, atol=1e-12, err_msg=name)
+            np.testing.assert_allclose(r["db"], db[c0:c1], rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_shard_range_covers_all_classes():
+    for k in (1, 7, 11, 100):
+        for world in (1, 2, 3, 8):
+            ranges = [shard_range(k, r, world) for r in range(world)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == k
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            sizes = [e - s for s, e in ranges]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_bad_input_single_rank(tmp_path):
+    from mlsoftmax.distributed import sharded_multilabel_softmax_loss
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        x = torch.zeros(2, 4)
+        with pytest.raises(ValueError, match="class_start"):
+            sharded_multilabel_softmax_loss(x, Positives.from_lists([[0], [1]], 6), class_start=3)
+        with pytest.raises(ValueError, match="Expected `weight` to have shape \\(6,\\)"):
+            sharded_multilabel_softmax_loss(x, Positives.from_lists([[0], [1]], 6), class_start=0,
+                                            weight=torch.ones(4))
+        with pytest.raises(ValueError, match="Expected `local_logits` to have shape"):
+            sharded_multilabel_softmax_loss(torch.zeros(4), Positives.from_lists([[0]], 4))
+        with pytest.raises(TypeError, match="Expected `target`"):
+            sharded_multilabel_softmax_loss(x, [[0], [1]])
+    finally:
+        dist.destroy_process_group()
