@@ -134,3 +134,134 @@ def test_bad_file_gives_one_line(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "mlsoftmax", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "train" in r.stdout and "compare" in r.stdout
+
+
+# ----------------------------------------------------------------------------- fused, resume, distributed
+def _weights(path):
+    import torch
+
+    return torch.load(path, weights_only=False)["model"]
+
+
+def _assert_same_weights(a, b, atol):
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+def test_fused_head_trains_like_plain_linear(tmp_path):
+    """--fused (no [b, K] logits) starts from the same init and follows the same training path."""
+    common = ["train", "--model", "linear", "--epochs", "2"]
+    assert main(common + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(common + ["--fused", "--out", str(tmp_path / "fused")]) == 0
+    _assert_same_weights(_weights(tmp_path / "plain" / "last.rank0.pt"), _weights(tmp_path / "fused" / "last.rank0.pt"),
+                         atol=1e-4)
+    cfg = json.loads((tmp_path / "fused" / "config.json").read_text())
+    assert cfg["fused"] is True
+    f = tmp_path / "x.csv"
+    np.savetxt(f, load_yeast("test")[0][:3].numpy(), delimiter=",")
+    assert main(["predict", "--checkpoint", str(tmp_path / "fused"), "--input", str(f), "--top-k", "2"]) == 0
+
+
+def test_fused_needs_softmax_loss(tmp_path, capsys):
+    assert main(["train", "--fused", "--loss", "bce", "--epochs", "1", "--out", str(tmp_path)]) == 2
+    assert "--fused and --shard-labels need --loss softmax" in capsys.readouterr().err
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "mlsoftmax", *args]
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    """Kill a run (SIGKILL) after its first epoch; --resume reaches the uninterrupted run's weights."""
+    import time
+
+    import torch
+
+    args = ["train", "--epochs", "12", "--hidden", "512", "--seed", "3"]
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "full")), check=True, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*args, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last, deadline = out / "last.rank0.pt", time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists() and torch.load(last, weights_only=False)["epoch"] >= 1:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.kill()
+    proc.wait()
+    done = torch.load(last, weights_only=False)["epoch"]
+    assert 1 <= done < 12
+    subprocess.run(_cli(*args, "--out", str(out), "--resume", str(out)), check=True, capture_output=True)
+    _assert_same_weights(_weights(tmp_path / "full" / "checkpoint.pt"), _weights(out / "checkpoint.pt"), atol=0)
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["history"] == full["history"] and resumed["test"] == full["test"]
+
+
+def _torchrun(n, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "mlsoftmax",
+            *args]
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_two_process_gloo_training_matches_single_process(tmp_path, shard):
+    """2 ranks x batch 32 (DDP; or an MLP whose classifier is sharded by rows) == 1 process x batch 64."""
+    import torch
+
+    model = ["--model", "mlp", "--hidden", "32", "--dropout", "0"] if shard else ["--model", "linear"]
+    common = ["train", *model, "--epochs", "2", "--lr", "1e-2"]
+    assert main(common + ["--batch-size", "64", "--out", str(tmp_path / "one")]) == 0
+    extra = ["--shard-labels"] if shard else []
+    r = subprocess.run(_torchrun(2, *common, "--batch-size", "32", *extra, "--out", str(tmp_path / "two")),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = _weights(tmp_path / "one" / "last.rank0.pt")
+    if shard:  # each rank's file holds its rows of the classifier: concatenate them
+        parts = [_weights(tmp_path / "two" / f"last.rank{i}.pt") for i in range(2)]
+        two = dict(parts[0])
+        for k in ("head.weight", "head.bias"):
+            two[k] = torch.cat([p[k] for p in parts])
+            assert parts[0][k].shape[0] == 7 and parts[1][k].shape[0] == 7
+    else:
+        two = _weights(tmp_path / "two" / "last.rank0.pt")
+    _assert_same_weights(one, two, atol=1e-5)
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m2["test"]["average_precision"] == pytest.approx(m1["test"]["average_precision"], abs=1e-4)
+    assert m2["test"]["ranking_loss"] == pytest.approx(m1["test"]["ranking_loss"], abs=1e-4)
+    assert "mean_average_precision" not in m2["test"]  # label AP needs every score: not all-reducible
+
+
+def test_dead_rank_fails_the_others_with_a_clear_error(tmp_path):
+    """SIGKILL rank 1 mid-training: rank 0 exits with a one-line error, not a hang."""
+    import os
+    import socket
+    import time
+
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(
+            _cli("train", "--epochs", "200", "--dist-timeout", "30", "--out", str(tmp_path)),
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    last, deadline = tmp_path / "last.rank1.pt", time.time() + 120
+    while time.time() < deadline and not last.exists():
+        time.sleep(0.05)
+    assert last.exists()
+    procs[1].kill()
+    t0 = time.time()
+    err = procs[0].communicate(timeout=120)[1]
+    assert procs[0].returncode == 2
+    assert time.time() - t0 < 60
+    assert "mlsoftmax: error: rank 0: a collective failed" in err
+    procs[1].wait()
+    assert torch.load(tmp_path / "last.rank0.pt", weights_only=False)["epoch"] >= 1

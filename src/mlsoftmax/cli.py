@@ -7,11 +7,16 @@ Commands (each also runs as ``python -m mlsoftmax ...``):
     mlsoftmax train --data data.txt --format xc --model linear --out runs/xc
     mlsoftmax compare --losses softmax,bce,warp,ranking,asl,zlpr --seeds 5 --out runs/compare
     mlsoftmax predict --checkpoint runs/train --input features.csv --top-k 3
+    mlsoftmax train --model linear --fused --out runs/fused             # fused linear + loss head
+    mlsoftmax train --resume runs/train --out runs/train                # continue after the last finished epoch
+    torchrun --nproc-per-node 2 -m mlsoftmax train --out runs/ddp       # data-parallel (DDP), gloo on CPU
+    torchrun --nproc-per-node 2 -m mlsoftmax train --model linear --shard-labels --out runs/sharded
 
 ``train`` tunes nothing on the test split: the epoch is chosen, and the decoding
 rule for F1/Hamming fitted, on a validation part carved from the training data.
 It writes ``metrics.json``, ``config.json``, ``checkpoint.pt`` (atomically) and
-``curve.png`` to ``--out``.
+``curve.png`` to ``--out``, and after every epoch ``last.rank{r}.pt`` (model,
+optimiser, schedule, RNG, history; atomically) for ``--resume``.
 """
 
 from __future__ import annotations
@@ -73,16 +78,45 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def build_model(kind, d, k, hidden, dropout, mean=None, std=None):
-    mean = torch.zeros(d) if mean is None else mean
-    std = torch.ones(d) if std is None else std
-    if kind == "linear":
-        return nn.Sequential(Standardize(mean, std), nn.Linear(d, k))
-    if kind == "mlp":
-        return nn.Sequential(
-            Standardize(mean, std), nn.Linear(d, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, k)
-        )
-    raise CLIError(f"unknown model {kind!r}; choose linear or mlp")
+FUSED_MIN_CLASSES = 65536  # --model linear uses the fused linear + loss from this many labels on
+
+
+class Classifier(nn.Module):
+    """Features ``[b, D]`` -> scores ``[b, K]``: ``body`` (standardise, optional hidden layer), then a linear ``head``.
+
+    With ``fused=True`` the head is a :class:`~mlsoftmax.LinearMultiLabelSoftmaxLoss`
+    (same initialisation as ``nn.Linear``): training never builds the ``[b, K]``
+    logits. ``forward(x, target)`` returns the loss (so that DDP sees it);
+    ``forward(x)`` returns the scores.
+    """
+
+    def __init__(self, kind, d, k, hidden, dropout, mean=None, std=None, *, fused=False, criterion=None):
+        super().__init__()
+        mean = torch.zeros(d) if mean is None else mean
+        std = torch.ones(d) if std is None else std
+        if kind == "linear":
+            self.body, dh = nn.Sequential(Standardize(mean, std)), d
+        elif kind == "mlp":
+            self.body = nn.Sequential(Standardize(mean, std), nn.Linear(d, hidden), nn.GELU(), nn.Dropout(dropout))
+            dh = hidden
+        else:
+            raise CLIError(f"unknown model {kind!r}; choose linear or mlp")
+        from . import LinearMultiLabelSoftmaxLoss
+
+        self.fused = fused
+        self.head = LinearMultiLabelSoftmaxLoss(dh, k, validate=False) if fused else nn.Linear(dh, k)
+        self.criterion = criterion
+
+    def forward(self, x, target=None):
+        h = self.body(x)
+        if target is not None and self.fused:
+            return self.head(h, target)
+        scores = self.head.logits(h) if self.fused else self.head(h)
+        return scores if target is None else self.criterion(scores, target)
+
+
+def build_model(kind, d, k, hidden, dropout, mean=None, std=None, *, fused=False, criterion=None):
+    return Classifier(kind, d, k, hidden, dropout, mean, std, fused=fused, criterion=criterion)
 
 
 def loss_fn(name):
@@ -96,13 +130,15 @@ def loss_fn(name):
 
 
 @torch.no_grad()
-def predict_scores(model, ds, device, batch_size=1024):
+def predict_scores(model, ds, device, batch_size=None):
+    """Scores ``[N, K]`` in row batches of at most ~64M scores."""
     model.eval()
+    batch_size = batch_size or max(1, min(1024, (1 << 26) // max(ds.num_classes, 1)))
     out = [model(ds.features[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(ds), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, ds.num_classes)
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- checkpoints
 def atomic_save(obj, path):
     """torch.save to a temporary file in the same folder, then rename over ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -116,64 +152,263 @@ def atomic_save(obj, path):
             os.remove(tmp)
 
 
+# ----------------------------------------------------------------------------- distributed
+class Dist:
+    """The process group of a ``torchrun`` launch (``WORLD_SIZE`` > 1), or a single process."""
+
+    def __init__(self, args):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.on = self.world > 1
+        self.timeout = args.dist_timeout
+        self.device = torch.device(args.device)
+        if self.on:
+            import datetime
+
+            import torch.distributed as dist
+
+            if args.device == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if args.device == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=args.dist_timeout))
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def all_reduce_(self, t):
+        if self.on:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self):
+        if self.on:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self):
+        if self.on:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather the rows of every rank ``[b_r, D] -> [sum b_r, D]``.
+
+    The backward keeps this rank's rows of the (already all-reduced) gradient,
+    times the world size, so that DDP's gradient average over the ranks gives
+    the gradient of the global loss.
+    """
+
+    @staticmethod
+    def forward(ctx, h, sizes, rank, world):
+        import torch.distributed as dist
+
+        big = h.new_zeros(max(sizes), h.shape[1])
+        big[: h.shape[0]] = h
+        parts = [torch.empty_like(big) for _ in range(world)]
+        dist.all_gather(parts, big.contiguous())
+        ctx.lo, ctx.hi, ctx.world = sum(sizes[:rank]), sum(sizes[: rank + 1]), world
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, g):
+        return g[ctx.lo : ctx.hi] * ctx.world, None, None, None
+
+
+def gather_batch(h, target, dd):
+    """The global batch of a label-sharded step: every rank's hidden rows and targets (O(b·D + nnz))."""
+    import torch.distributed as dist
+
+    from .targets import Positives
+
+    sizes = [None] * dd.world
+    dist.all_gather_object(sizes, (h.shape[0], target.indices.cpu(), target.counts().cpu()))
+    hh = _GatherRows.apply(h, [n for n, _, _ in sizes], dd.rank, dd.world)
+    idx = torch.cat([i for _, i, _ in sizes])
+    counts = torch.cat([c for _, _, c in sizes])
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return hh, Positives(idx, offsets, target.num_classes).to(h.device)
+
+
+def shard_head(model, dd, k):
+    """Keep this rank's contiguous rows of the (identically initialised) classifier."""
+    from .distributed import shard_range
+
+    lo, hi = shard_range(k, dd.rank, dd.world)
+    head = model.head
+    head.weight = nn.Parameter(head.weight.detach()[lo:hi].clone())
+    head.bias = nn.Parameter(head.bias.detach()[lo:hi].clone())
+    return lo, hi
+
+
+def full_model(model, dd, k, args, d):
+    """A single-process copy of a label-sharded model (its head all-gathered) for evaluation and checkpoints."""
+    import torch.distributed as dist
+
+    from .distributed import shard_range
+
+    full = build_model(args.model, d, k, args.hidden, args.dropout).to(model.head.weight.device)
+    state = {kk: v for kk, v in model.state_dict().items() if not kk.startswith("head.")}
+    rows = max(hi - lo for lo, hi in (shard_range(k, r, dd.world) for r in range(dd.world)))
+    for name in ("weight", "bias"):
+        local = getattr(model.head, name).detach()
+        pad = local.new_zeros((rows,) + local.shape[1:])
+        pad[: local.shape[0]] = local
+        parts = [torch.empty_like(pad) for _ in range(dd.world)]
+        dist.all_gather(parts, pad)
+        sizes = [hi - lo for lo, hi in (shard_range(k, r, dd.world) for r in range(dd.world))]
+        state[f"head.{name}"] = torch.cat([p[:n] for p, n in zip(parts, sizes)])
+    full.load_state_dict(state)
+    return full
+
+
+# ----------------------------------------------------------------------------- training
 def train_run(args, *, quiet=False):
-    """Train one model; returns ``(test_metrics, history, model, decoder, config)``."""
+    """Train one model; returns ``(test_metrics, history, model, decoder, config)``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs this: DDP over a
+    ``DistributedSampler`` (or, with ``--shard-labels``, the classifier split
+    by rows and the sharded fused loss on the gathered global batch). Rank 0
+    logs and writes; the test metrics are all-reduced.
+    """
     from tqdm.auto import tqdm
 
     from .data import collate
     from .decode import fit_decoder
     from .metrics import MultilabelEvaluator, average_precision
 
+    dd = Dist(args)
+    try:
+        return _train(args, dd, quiet or not dd.main, tqdm, collate, fit_decoder, MultilabelEvaluator,
+                      average_precision)
+    except RuntimeError as e:
+        if not (dd.on and _collective_failure(e)):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"rank {dd.rank}: a collective failed: a peer rank died or did not answer within "
+                       f"--dist-timeout={dd.timeout}s ({first[:200]})") from e
+    finally:
+        dd.close()
+
+
+def _collective_failure(e: RuntimeError) -> bool:
+    """A backend error of a collective (peer gone, timeout), as opposed to a bug in the step."""
+    import torch.distributed as dist
+
+    msg = str(e)
+    return isinstance(e, dist.DistError) or any(
+        s in msg for s in ("gloo", "Connection closed", "Connection reset", "imed out", "NCCL", "Broken pipe"))
+
+
+def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, average_precision):
+    from torch.utils.data import DataLoader, DistributedSampler
+
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    device = torch.device(args.device)
+    device = dd.device
     fit, val, test = load_data(args)
+    k, d = fit.num_classes, fit.num_features
+    fused = args.fused or (args.model == "linear" and args.loss == "softmax" and k >= FUSED_MIN_CLASSES)
+    if (fused or args.shard_labels) and args.loss != "softmax":
+        raise CLIError(f"--fused and --shard-labels need --loss softmax, got --loss {args.loss}")
+    if args.shard_labels and k < dd.world:
+        raise CLIError(f"--shard-labels needs at least one label per rank: {k} labels, {dd.world} ranks")
     mean, std = fit.features.mean(0), fit.features.std(0).clamp_min(1e-6)
-    model = build_model(args.model, fit.num_features, fit.num_classes, args.hidden, args.dropout, mean, std).to(device)
+    model = build_model(args.model, d, k, args.hidden, args.dropout, mean, std, fused=fused,
+                        criterion=loss_fn(args.loss)).to(device)
+    if args.shard_labels:
+        shard_head(model, dd, k)
+    torch.manual_seed(args.seed + dd.rank)  # dropout differs across ranks; the init above does not
+    net = model.body if args.shard_labels else model
+    if dd.on and any(p.requires_grad for p in net.parameters()):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(net)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    crit = loss_fn(args.loss)
-    k = fit.num_classes
-    gen = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(
-        fit, batch_size=args.batch_size, shuffle=True, generator=gen, collate_fn=lambda b: collate(b, k)
-    )
+    sampler = DistributedSampler(fit, num_replicas=dd.world, rank=dd.rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(fit, batch_size=args.batch_size, sampler=sampler, collate_fn=lambda b: collate(b, k))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(1, args.epochs * len(loader)))
-    y_val = val.labels
     history = {"epoch": [], "train_loss": [], "val_average_precision": []}
-    best = (-math.inf, None, 0)
-    bar = tqdm(range(1, args.epochs + 1), desc=f"train {args.loss}", disable=quiet, leave=False)
+    best, start = (-math.inf, None, 0), 1
+    last = os.path.join(args.out, f"last.rank{dd.rank}.pt") if args.out else None
+    if args.resume:
+        path = os.path.join(args.resume, f"last.rank{dd.rank}.pt")
+        if not os.path.exists(path):
+            raise CLIError(f"--resume {args.resume}: no {os.path.basename(path)} (was it written by {dd.world} ranks?)")
+        ck = torch.load(path, map_location=device, weights_only=False)
+        if ck["world"] != dd.world:
+            raise CLIError(f"--resume {args.resume}: written by {ck['world']} ranks, now {dd.world}")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        history, best, start = ck["history"], ck["best"], ck["epoch"] + 1
+        torch.set_rng_state(ck["rng"])
+
+    def evaluator_model():
+        return full_model(model, dd, k, args, d) if args.shard_labels else model
+
+    def step_loss(xb, tb):
+        if not args.shard_labels:
+            return net(xb, tb)
+        from .distributed import sharded_linear_multilabel_softmax_loss
+
+        hh, tt = gather_batch(net(xb), tb, dd)
+        return sharded_linear_multilabel_softmax_loss(hh, model.head.weight, tt, bias=model.head.bias,
+                                                      validate=False)
+
+    bar = tqdm(range(start, args.epochs + 1), desc=f"train {args.loss}", disable=quiet, leave=False)
     for epoch in bar:
         model.train()
-        total, n = 0.0, 0
+        sampler.set_epoch(epoch)
+        tot = torch.zeros(2, dtype=torch.float64)  # [sum of loss * rows, rows]
         for xb, tb in loader:
             xb = xb.to(device)
-            loss = crit(model(xb), tb.to(device))
+            loss = step_loss(xb, tb.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(xb)
-            n += len(xb)
-        val_ap = average_precision(predict_scores(model, val, device), y_val)
+            tot += torch.tensor([float(loss.detach()) * len(xb), len(xb)], dtype=torch.float64)
+        if not args.shard_labels:  # sharded: the loss is already the global batch's
+            dd.all_reduce_(tot)
+        # validation on every rank (the same scores everywhere: no communication)
+        val_ap = average_precision(predict_scores(evaluator_model(), val, device), val.labels)
         history["epoch"].append(epoch)
-        history["train_loss"].append(total / max(n, 1))
+        history["train_loss"].append(float(tot[0] / tot[1].clamp_min(1)))
         history["val_average_precision"].append(val_ap)
-        bar.set_postfix(loss=f"{total / max(n, 1):.4f}", val_ap=f"{val_ap:.4f}")
+        bar.set_postfix(loss=f"{history['train_loss'][-1]:.4f}", val_ap=f"{val_ap:.4f}")
         if val_ap > best[0]:
             best = (val_ap, {kk: v.detach().clone() for kk, v in model.state_dict().items()}, epoch)
+        if last:
+            os.makedirs(args.out, exist_ok=True)
+            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                         "history": history, "best": best, "epoch": epoch, "rng": torch.get_rng_state(),
+                         "world": dd.world}, last)
     bar.close()
     if best[1] is not None:
         model.load_state_dict(best[1])
-    decoder = fit_decoder(predict_scores(model, val, device), y_val, rule=args.decode, metric="micro_f1")
-    ev = MultilabelEvaluator(ks=(1, 3, 5), annotation_k=3, decoder=decoder)
-    ev.update(predict_scores(model, test, device), test.labels)
+    final = evaluator_model()
+    decoder = fit_decoder(predict_scores(final, val, device), val.labels, rule=args.decode, metric="micro_f1")
+    # test metrics: each rank scores its rows, the metric states are all-reduced
+    ev = MultilabelEvaluator(ks=(1, 3, 5), annotation_k=3, decoder=decoder, label_ap=not dd.on)
+    mine = test.subset(np.arange(dd.rank, len(test), dd.world))
+    ev.update(predict_scores(final, mine, device), mine.labels)
+    if dd.on:
+        ev.sync()
     metrics = ev.compute()
     metrics["best_epoch"] = best[2]
     metrics["val_average_precision"] = best[0]
     config = {k_: v for k_, v in vars(args).items() if k_ not in ("func",)}
-    config.update(num_features=fit.num_features, num_classes=k, decoder=decoder.to_dict(),
-                  n_fit=len(fit), n_val=len(val), n_test=len(test))
-    return metrics, history, model, decoder, config
+    config.update(num_features=d, num_classes=k, decoder=decoder.to_dict(), n_fit=len(fit), n_val=len(val),
+                  n_test=len(test), fused=fused, world_size=dd.world)
+    return metrics, history, final, decoder, config
 
 
 TABLE_KEYS = ("average_precision", "ranking_loss", "coverage", "one_error", "precision_at_1", "precision_at_3",
@@ -203,6 +438,8 @@ def cmd_train(args):
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     metrics, history, model, decoder, config = train_run(args)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 writes and reports
+        return
     test_metrics = {k: metrics[k] for k in metrics if k not in ("best_epoch", "val_average_precision")}
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump({"test": test_metrics, "best_epoch": metrics["best_epoch"],
@@ -221,6 +458,8 @@ def cmd_train(args):
 
 
 def cmd_compare(args):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CLIError("compare runs in one process; use torchrun with `mlsoftmax train`")
     os.makedirs(args.out, exist_ok=True)
     losses = [l.strip() for l in args.losses.split(",") if l.strip()]
     for l in losses:
@@ -230,7 +469,7 @@ def cmd_compare(args):
         runs = []
         for s in range(args.seeds):
             a = argparse.Namespace(**vars(args))
-            a.loss, a.seed = l, args.seed + s
+            a.loss, a.seed, a.out = l, args.seed + s, None  # no per-epoch checkpoints
             m = train_run(a, quiet=True)[0]
             runs.append(m)
             print(f"{l:<8} seed {a.seed}: AP {m['average_precision']:.4f}  RL {m['ranking_loss']:.4f}", flush=True)
@@ -280,7 +519,7 @@ def cmd_predict(args):
     ck = torch.load(path, map_location="cpu", weights_only=False)
     cfg = ck["config"]
     d, k = cfg["num_features"], cfg["num_classes"]
-    model = build_model(cfg["model"], d, k, cfg["hidden"], cfg["dropout"])
+    model = build_model(cfg["model"], d, k, cfg["hidden"], cfg["dropout"], fused=cfg.get("fused", False))
     model.load_state_dict(ck["model"])
     model.eval()
     if args.input.endswith(".npy"):
@@ -303,8 +542,10 @@ def cmd_predict(args):
     if x.dim() != 2 or x.shape[1] != d:
         raise CLIError(f"{args.input}: expected rows of {d} features, got shape {tuple(x.shape)}")
     with torch.no_grad():
-        scores = model(x)
-    top = torch.topk(scores, min(args.top_k, k), dim=1).indices
+        if model.fused:  # label chunks: no [N, K] scores
+            top = model.head.top_k(model.body(x), min(args.top_k, k))[1]
+        else:
+            top = torch.topk(model(x), min(args.top_k, k), dim=1).indices
     for row in top.tolist():
         print(",".join(str(j) for j in row))
 
@@ -328,6 +569,14 @@ def _common(p):
                    help="decoding rule for F1/Hamming, fitted on validation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--fused", action="store_true",
+                   help=f"fused linear + loss head (no [b, K] logits); automatic for --model linear "
+                        f"from {FUSED_MIN_CLASSES} labels")
+    p.add_argument("--shard-labels", action="store_true",
+                   help="under torchrun: split the classifier's rows over the ranks (sharded fused loss)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue from DIR's last per-epoch checkpoint")
+    p.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="seconds before a collective with a dead or stuck rank fails (torchrun runs)")
 
 
 def make_parser():

@@ -409,6 +409,33 @@ class MultilabelEvaluator:
         if self.label_ap:
             self._kept.append((s.float(), y))
 
+    def sync(self, group=None) -> None:
+        """Sum the states of every rank of ``group`` in place (``torch.distributed`` all-reduce).
+
+        Each state is a sum over rows (O(K) per metric), so all-reducing them
+        gives exactly the metrics of the union of the ranks' rows; nothing is
+        gathered. ``mean_average_precision`` needs every score of a label, so a
+        synced evaluator must be built with ``label_ap=False``.
+        """
+        import torch.distributed as dist
+
+        if self.label_ap:
+            raise ValueError("Expected `label_ap=False` for a synced evaluator (label AP needs every score)")
+        for name in ("_rank", "_annot", "_sets"):
+            st = getattr(self, name)
+            if st is None:
+                continue
+            keys = sorted(st)
+            flat = torch.cat([torch.as_tensor(st[k], dtype=torch.float64).reshape(-1) for k in keys])
+            dist.all_reduce(flat, group=group)
+            out, i = {}, 0
+            for k in keys:
+                n = torch.as_tensor(st[k]).numel()
+                out[k] = flat[i:i + n].reshape(torch.as_tensor(st[k]).shape) if isinstance(st[k], Tensor) \
+                    else float(flat[i])
+                i += n
+            setattr(self, name, out)
+
     def compute(self) -> dict:
         if self._rank is None:
             raise ValueError("Expected at least one `update` before `compute`, but got none")
