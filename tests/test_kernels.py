@@ -13,11 +13,16 @@ from conftest import IMPLS as AVAILABLE, random_multihot
 needs_triton = pytest.mark.skipif("triton" not in AVAILABLE, reason="Triton not installed")
 
 
-def test_auto_picks_torch_on_cpu_and_errors_list_choices():
+def test_auto_on_cpu_and_errors_list_choices():
+    """auto: torch for small CPU problems, the compiled kernel from COMPILE_MIN_ELEMS logits (with a compiler)."""
+    from mlsoftmax.kernels import COMPILE_MIN_ELEMS, compiler_available
+
     assert resolve_impl("auto", torch.zeros(2, 3)) == "torch"
-    with pytest.raises(ValueError, match=r"\('auto', 'torch', 'triton'\)"):
+    big = torch.empty(COMPILE_MIN_ELEMS // 1024, 1024)
+    assert resolve_impl("auto", big) == ("compile" if compiler_available() else "torch")
+    with pytest.raises(ValueError, match=r"\('auto', 'torch', 'triton', 'compile'\)"):
         resolve_impl("fused", torch.zeros(2, 3))
-    assert IMPLS == ("auto", "torch", "triton")
+    assert IMPLS == ("auto", "torch", "triton", "compile")
 
 
 @needs_triton

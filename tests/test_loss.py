@@ -339,7 +339,7 @@ def _bad_cases():
         ((x, "labels"), {}, TypeError, "Expected `target` to be a dense tensor"),
         ((x, y), {"reduction": "avg"}, ValueError, "Expected `reduction` to be one of"),
         ((x, y), {"empty": "skip"}, ValueError, "Expected `empty` to be one of"),
-        ((x, y), {"impl": "cuda"}, ValueError, r"Expected `impl` to be one of \('auto', 'torch', 'triton'\)"),
+        ((x, y), {"impl": "cuda"}, ValueError, r"Expected `impl` to be one of \('auto', 'torch', 'triton', 'compile'\)"),
         ((x, y), {"label_smoothing": 1.0}, ValueError, r"in \[0, 1\)"),
         ((x, y), {"label_smoothing": -0.1}, ValueError, r"in \[0, 1\)"),
         ((x, y), {"weight": torch.ones(4)}, ValueError, "Expected `weight` to have shape"),

@@ -27,6 +27,7 @@ from .targets import Positives
 
 __all__ = ["linear_multilabel_softmax_loss", "LinearMultiLabelSoftmaxLoss", "LinearMultiLabelSoftmaxFunction"]
 
+LINEAR_IMPLS = ("auto", "torch", "triton")
 MEMORY_BUDGET = 256 << 20  # bytes of [B, chunk] temporaries that the default chunk size aims for
 
 
@@ -202,7 +203,9 @@ def linear_multilabel_softmax_loss(
     dense, indices, row_ids, values = _canonical_target(target, hidden, validate, shape=shape)
 
     h = hidden.reshape(-1, d)  # [B, D]
+    V.check_choice("impl", impl, LINEAR_IMPLS)
     chosen = resolve_impl(impl, h)
+    chosen = "torch" if chosen == "compile" else chosen  # the label-chunked torch path is the CPU route
     acc = torch_chunked.acc_dtype(h.dtype)
     row_scale = _row_scale(dense, indices, row_ids, values, h.shape[0], acc, h.device, sample_weight, reduction,
                            empty)

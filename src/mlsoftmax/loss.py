@@ -132,6 +132,43 @@ def _(grad, grad_out):
     return None
 
 
+@torch.library.custom_op("mlsoftmax::msl_compiled_forward", mutates_args=())
+def _msl_compiled_forward(
+    logits: Tensor,
+    dense: Optional[Tensor],
+    indices: Optional[Tensor],
+    row_ids: Optional[Tensor],
+    values: Optional[Tensor],
+    weight: Optional[Tensor],
+    row_scale: Tensor,
+    label_smoothing: float,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """The fused CPU kernel (see ``kernels.compiled_loss``): row-scaled loss and gradient."""
+    from .kernels import compiled_loss
+
+    return compiled_loss.forward(logits, dense, indices, row_ids, values, weight, row_scale, label_smoothing,
+                                 compute_grad)
+
+
+@_msl_compiled_forward.register_fake
+def _(logits, dense, indices, row_ids, values, weight, row_scale, label_smoothing, compute_grad):
+    g = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0, 0))
+    return logits.new_empty(logits.shape[0], dtype=torch_chunked.acc_dtype(logits.dtype)), g
+
+
+@torch.library.custom_op("mlsoftmax::msl_scale_rows_", mutates_args=("grad",))
+def _msl_scale_rows_(grad: Tensor, grad_rows: Tensor) -> None:
+    from .kernels import compiled_loss
+
+    compiled_loss.scale_rows_(grad, grad_rows)
+
+
+@_msl_scale_rows_.register_fake
+def _(grad, grad_rows):
+    return None
+
+
 class MultiLabelSoftmaxFunction(torch.autograd.Function):
     """Per-row ``row_scale * loss`` ``[B]`` from logits ``[B, K]``.
 
@@ -143,6 +180,9 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
     scaled by ``row_scale``) in the forward; the backward scales it by
     ``grad_out`` in place, skipping rows whose ``grad_out`` is 1. With
     ``inplace=True`` the gradient overwrites the logits.
+
+    ``impl="compile"``: the same design on the CPU, with one Inductor-generated
+    C++ kernel (``kernels.compiled_loss``).
     """
 
     @staticmethod
@@ -162,6 +202,13 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
                 )
             ctx.save_for_backward(grad)
             return rows
+        if impl == "compile":
+            rows, grad = torch.ops.mlsoftmax.msl_compiled_forward(
+                logits, dense, indices, row_ids, values, weight, row_scale, label_smoothing,
+                bool(ctx.needs_input_grad[0]),
+            )
+            ctx.save_for_backward(grad)
+            return rows
         loss, lse, coef, inv_mass, _mass = torch.ops.mlsoftmax.msl_forward(
             logits, dense, indices, row_ids, values, weight, label_smoothing
         )
@@ -175,6 +222,9 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
         if ctx.impl == "triton":
             (grad,) = ctx.saved_tensors
             torch.ops.mlsoftmax.msl_triton_scale_(grad, grad_rows)
+        elif ctx.impl == "compile":
+            (grad,) = ctx.saved_tensors
+            torch.ops.mlsoftmax.msl_scale_rows_(grad, grad_rows.contiguous())
         else:
             logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, row_scale = ctx.saved_tensors
             grad = torch.ops.mlsoftmax.msl_backward(
@@ -334,8 +384,10 @@ def multilabel_softmax_loss(
             of the mean) or ``"error"`` (``ValueError`` naming the rows; syncs).
         label_smoothing: ``eps`` in ``[0, 1)``: the target becomes
             ``(1 - eps) Y/|Y| + eps/K`` on rows with a target.
-        impl: ``"auto"`` (Triton on CUDA when installed, else torch), ``"torch"``
-            or ``"triton"``.
+        impl: ``"auto"``, ``"torch"``, ``"triton"`` or ``"compile"``. ``"auto"``
+            picks Triton on CUDA when installed; on the CPU it picks the fused
+            ``torch.compile`` kernel (``"compile"``) for problems of at least
+            2^20 logits when a C++ compiler is found, else the pure-torch path.
         inplace: Triton only: write the gradient over ``logits`` (no extra
             ``[B, K]`` memory). This destroys the logits: do not use them after
             the call.
