@@ -10,16 +10,20 @@ over the cached row). The sparse target entries are then written exactly, in
 the accumulation dtype, by ``index_put``. The backward only scales the
 gradient by ``grad_out`` (and skips that when it is all ones).
 
-Class weights and smoothing are always passed (ones / zeros when unused), so
-that only ``(dtype, dense or sparse, gradient or not)`` select a compiled
-variant (each its own compiled function); shapes are dynamic, so a new batch
-size does not recompile. When no C++ compiler is found, ``impl="auto"`` keeps
+Class weights are always passed (ones when unused), so that only ``(dtype,
+gradient or not, dense or sparse, smoothing or not)`` select a compiled
+variant; shapes are dynamic, so a new batch size does not recompile. The
+gradient buffer is allocated with transparent huge pages where Linux allows
+it (``madvise``, as PyTorch's ``THP_MEM_ALLOC_ENABLE`` does): first-touch page
+faults of a fresh ``[B, K]`` buffer otherwise cost as much as the kernel. When no C++ compiler is found, ``impl="auto"`` keeps
 the pure-torch path; a compile failure at run time falls back to the same
 eager ops, with one warning.
 """
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import warnings
 from typing import Optional
 
@@ -29,29 +33,43 @@ from torch import Tensor
 from . import torch_chunked
 
 
-def _rows(x, sp, st, t, w, ss, compute_grad: bool):
-    """Per row: ``lse``, ``sum w t x`` (dense), ``sum w x``, and the gradient ``sp P - st w t - ss w``."""
+def _rows(x, out, sp, st, t, w, ss, smooth: bool):
+    """Per row: ``lse``, ``sum w t x`` (dense), ``sum w x`` (smoothing); writes ``sp P - st w t - ss w`` to ``out``."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(acc)  # [B, K]
-    # 1. max and sum-exp of the cached row
-    m = xf.amax(1, keepdim=True)  # [B, 1]
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    # 1. max and sum-exp of the cached row (a row of -inf keeps a finite max: no NaN from -inf - -inf)
+    m = xf.amax(1, keepdim=True).clamp_min(torch.finfo(acc).min)  # [B, 1]
     lse = torch.log(torch.exp(xf - m).sum(1, keepdim=True)) + m  # [B, 1]
-    # 2. the row sums of the loss: dense target term and the smoothing term
-    tw = None
+    # 2. the gradient, formed in the accumulation dtype and rounded once, and the row sums of the loss
+    g = torch.exp(xf - lse) * sp[:, None]  # [B, K]
+    dot = sx = None
     if t is not None:
         tw = t.to(acc) * w  # [B, K]
         dot = torch.where(tw != 0, xf, torch.zeros_like(xf)).mul(tw).sum(1)  # [B]
-    else:
-        dot = None
-    sx = (xf * w).sum(1)  # [B]
-    if not compute_grad:
-        return lse.squeeze(1), dot, sx, None
-    # 3. the gradient, formed in the accumulation dtype and rounded once
-    g = torch.exp(xf - lse) * sp[:, None] - ss[:, None] * w  # [B, K]
-    if tw is not None:
         g = g - tw * st[:, None]
-    return lse.squeeze(1), dot, sx, g.to(x.dtype)
+    if smooth:
+        sx = (xf * w).sum(1)  # [B]
+        g = g - ss[:, None] * w
+    if out is not None:
+        out.copy_(g)  # Inductor writes the fused result straight into `out`
+    return lse.squeeze(1), dot, sx
+
+
+_HUGE = 1 << 21  # 2 MB pages
+_MADV_HUGEPAGE = 14
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _empty_huge(shape, dtype) -> Tensor:
+    """``torch.empty`` on the CPU, advised to use transparent huge pages before its first touch (Linux)."""
+    out = torch.empty(shape, dtype=dtype)
+    nbytes = out.numel() * out.element_size()
+    if _libc is not None and nbytes >= 4 * _HUGE:
+        lo = (out.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
+        hi = (out.data_ptr() + nbytes) & ~(_HUGE - 1)
+        if hi > lo:
+            _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE)  # advisory: errors ignored
+    return out
 
 
 _RECOMPILE_LIMIT = 64
@@ -59,8 +77,8 @@ _compiled: dict = {}  # (dtype, dense, grad) -> compiled _rows, or None after a 
 
 
 def _run_rows(*args):
-    x, t, compute_grad = args[0], args[3], args[-1]
-    key = (x.dtype, t is not None, compute_grad)
+    x, out, t, smooth = args[0], args[1], args[4], args[-1]
+    key = (x.dtype, out is not None, t is not None, smooth)
     if key not in _compiled:
         _compiled[key] = torch.compile(_rows, dynamic=True, fullgraph=True)
     fn = _compiled[key]
@@ -107,7 +125,8 @@ def forward(
     rs = row_scale.to(acc)
     sp, st, ss = coef * rs, (1.0 - eps) * inv * rs, (eps / k) * rs * nonempty  # [B] each
     # 2. the fused row kernel (eager ops if Inductor cannot build it)
-    lse, dot, sx, grad = _run_rows(x, sp, st, dense, w, ss, compute_grad)
+    grad = _empty_huge(x.shape, x.dtype) if compute_grad else None  # [B, K]
+    lse, dot, sx = _run_rows(x, grad, sp, st, dense, w, ss, eps > 0)
     # 3. sparse targets: the positives' logits, and their exact gradient entries
     if dense is None:
         xg = x[row_ids, indices].to(acc)  # [nnz]
