@@ -168,10 +168,12 @@ def test_module_init_like_linear_and_trains():
 
 
 def test_default_chunk_follows_memory_budget():
-    assert default_chunk("torch", 2048, 200_000, torch.float32) == 16384
+    assert default_chunk("torch", 2048, 200_000, torch.float32, device="cuda") == 16384
+    assert default_chunk("torch", 2048, 200_000, torch.float32) == 2048  # CPU: 16 MB temporaries
     assert default_chunk("torch", 2048, 200_000, torch.float32, budget=64 << 20) == 4096
     assert default_chunk("torch", 4, 100, torch.float32) == 100
     assert default_chunk("triton", 8192, 262_144, torch.bfloat16, budget=1 << 30) == 2048
+    assert default_chunk("triton", 8192, 262_144, torch.bfloat16, device="cuda") == 512
 
 
 @pytest.mark.parametrize(

@@ -28,16 +28,28 @@ from .targets import Positives
 __all__ = ["linear_multilabel_softmax_loss", "LinearMultiLabelSoftmaxLoss", "LinearMultiLabelSoftmaxFunction"]
 
 LINEAR_IMPLS = ("auto", "torch", "triton")
-MEMORY_BUDGET = 256 << 20  # bytes of [B, chunk] temporaries that the default chunk size aims for
+MEMORY_BUDGET = 256 << 20  # bytes of [B, chunk] temporaries that the default chunk size aims for (GPU)
+CPU_BUDGET = 32 << 20  # CPU: two 16 MB temporaries, reused by malloc instead of mmap'd per chunk
 
 
-def default_chunk(impl: str, b: int, k: int, dtype: torch.dtype, budget: int = MEMORY_BUDGET) -> int:
+def default_chunk(impl: str, b: int, k: int, dtype: torch.dtype, budget: Optional[int] = None,
+                  device: Union[str, torch.device] = "cpu") -> int:
     """Chunk size from a memory budget: classes per chunk (``"torch"``) or rows per chunk (``"triton"``).
+
+    The budget (bytes of ``[B, chunk]`` temporaries) defaults to
+    ``MEMORY_BUDGET`` on GPUs and to ``CPU_BUDGET`` on the CPU, where each
+    temporary then stays below glibc's largest mmap threshold (32 MB): larger
+    ones are mapped and unmapped on every chunk, and their first-touch page
+    faults cost more than the GEMMs (measured in BENCHMARKS.md).
 
     Example:
         >>> default_chunk("torch", 2048, 200_000, torch.float32)
+        2048
+        >>> default_chunk("torch", 2048, 200_000, torch.float32, device="cuda")
         16384
     """
+    if budget is None:
+        budget = MEMORY_BUDGET if torch.device(device).type == "cuda" else CPU_BUDGET
     if impl == "triton":
         return max(1, min(max(b, 1), budget // max(k * torch.finfo(dtype).bits // 8, 1)))
     acc_bytes = torch.finfo(torch_chunked.acc_dtype(dtype)).bits // 8
@@ -177,8 +189,9 @@ def linear_multilabel_softmax_loss(
         reduction, empty, label_smoothing, sample_weight, validate: as in
             :func:`~mlsoftmax.multilabel_softmax_loss`.
         chunk_size: classes per chunk (``impl="torch"``) or rows per chunk
-            (``impl="triton"``). Default: from a 256 MB budget for the
-            ``[B, chunk]`` temporaries (:func:`default_chunk`).
+            (``impl="triton"``). Default: from a memory budget for the
+            ``[B, chunk]`` temporaries, 256 MB on GPUs and 32 MB on the CPU
+            (:func:`default_chunk`).
         impl: ``"auto"`` (Triton route on CUDA, else torch), ``"torch"`` or ``"triton"``.
 
     Returns:
@@ -215,7 +228,7 @@ def linear_multilabel_softmax_loss(
         scale = scale.to(device=h.device, dtype=acc).reshape(())
     if bias is not None and chosen == "triton":
         bias = bias.to(h.dtype)
-    chunk = chunk_size or default_chunk(chosen, h.shape[0], k, h.dtype)
+    chunk = chunk_size or default_chunk(chosen, h.shape[0], k, h.dtype, device=h.device)
     offsets = target.offsets if isinstance(target, Positives) else None
     out = LinearMultiLabelSoftmaxFunction.apply(
         h, weight, bias, scale, dense, indices, offsets, row_ids, values, class_weight, row_scale,
@@ -309,7 +322,7 @@ class LinearMultiLabelSoftmaxLoss(nn.Module):
         if not 1 <= k <= self.num_classes:
             raise ValueError(f"Expected `k` in [1, {self.num_classes}], but got {k}")
         h = hidden.reshape(-1, self.in_features)  # [B, D]
-        chunk = chunk_size or default_chunk("torch", h.shape[0], self.num_classes, h.dtype)
+        chunk = chunk_size or default_chunk("torch", h.shape[0], self.num_classes, h.dtype, device=h.device)
         chunk = max(chunk, k)
         best_v = h.new_empty(h.shape[0], 0)  # [B, <=k]
         best_i = torch.empty(h.shape[0], 0, dtype=torch.long, device=h.device)
