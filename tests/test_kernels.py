@@ -74,6 +74,49 @@ def test_no_gradient_buffer_without_requires_grad(rng):
 
 
 # ----------------------------------------------------------------------------- GPU only
+@needs_triton
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+@pytest.mark.parametrize("form", ["sparse", "dense"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_split_row_kernels_match_oracle(splits, form, inplace, rng):
+    """Several programs per row (slices + combine) give the oracle's loss and gradient, for every option."""
+    from mlsoftmax.kernels import triton_loss
+
+    b, k = 3, 1031
+    s = rng.normal(size=(b, k)) * 3
+    s[1, :700] = -np.inf  # a masked stretch: whole slices of -inf
+    y = random_multihot(rng, b, k, p=0.01, empty_rows=[2])
+    y[1, :700] = False
+    soft = y * rng.uniform(0.5, 2.0, size=(b, k))
+    w = rng.uniform(0.5, 2.0, size=k)
+    rs = np.array([0.5, 1.5, 1.0])
+    x = torch.tensor(s, dtype=torch.float32)
+    t = torch.from_numpy(soft).float()
+    if form == "sparse":
+        rows, cols = np.nonzero(y)
+        offs = torch.from_numpy(np.concatenate([[0], np.cumsum(y.sum(1))]))
+        args = (None, torch.from_numpy(cols.copy()), offs, torch.from_numpy(soft[rows, cols]).float())
+    else:
+        args = (t, None, None, None)
+    loss, grad = triton_loss.forward(x, *args, torch.tensor(w, dtype=torch.float32), torch.tensor(rs).float(), 0.1,
+                                     True, inplace=inplace, splits=splits)
+    np.testing.assert_allclose(loss.numpy(), R.loss(s, soft, weight=w, label_smoothing=0.1) * rs, rtol=1e-5,
+                               atol=1e-5)
+    expected = R.grad(s, soft, weight=w, label_smoothing=0.1) * rs[:, None]
+    np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-4, atol=1e-6)
+    assert (grad.data_ptr() == x.data_ptr()) == inplace
+
+
+def test_split_heuristic_fills_the_machine():
+    from mlsoftmax.kernels.triton_loss import num_splits
+
+    cpu = torch.device("cpu")  # the interpreter counts as 2 SMs: 8 programs in flight
+    assert num_splits(1, 1 << 20, 128, cpu) == 8
+    assert num_splits(3, 1031, 128, cpu) == 3
+    assert num_splits(8, 1 << 20, 128, cpu) == 1  # the batch already fills it
+    assert num_splits(1, 200, 128, cpu) == 1  # short rows stay one program
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sparse", [False, True])

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import triton_interpreting
+from . import torch_chunked, triton_interpreting
 
 # --------------------------------------------------------------------------- constants
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
@@ -174,6 +174,136 @@ def _msl_fwd_kernel(
 
 
 @triton.jit
+def _msl_split_stats_kernel(
+    X, stride_x,  # [B, K] logits
+    T, stride_t,  # [B, K] dense target (HAS_DENSE)
+    IDX, OFFS, VALS,  # CSR target (HAS_SPARSE): gathered by the first slice of each row
+    W,  # [K] class weights (HAS_WEIGHT)
+    STATS,  # [B, S, 6] fp32 out: max, sum-exp (relative to max), mass, wmass, dot, sum w x
+    K, SPAN, S,
+    HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_VALUES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    x_row = X + row * stride_x
+    cols = tl.arange(0, BLOCK)
+    lo = split * SPAN
+    hi = tl.minimum(lo + SPAN, K)
+    # 1. one streaming pass over this program's slice of the row
+    m = float("-inf")
+    s = 0.0
+    mass = 0.0
+    wmass = 0.0
+    dot = 0.0
+    sx = 0.0
+    for k0 in range(lo, hi, BLOCK):
+        offs = k0 + cols
+        mask = offs < hi
+        x = tl.load(x_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp2((m - m_safe) * LOG2E) + tl.sum(tl.exp2((x - m_safe) * LOG2E), 0)
+        m = m_new
+        if HAS_WEIGHT:
+            w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DENSE:
+            t = tl.load(T + row * stride_t + offs, mask=mask, other=0).to(tl.float32)
+            tw = t * w if HAS_WEIGHT else t
+            mass += tl.sum(t, 0)
+            wmass += tl.sum(tw, 0)
+            dot += tl.sum(tl.where(t != 0, x, 0.0) * tw, 0)
+        if HAS_SMOOTH:
+            xs = tl.where(mask, x, 0.0)
+            sx += tl.sum(xs * w, 0) if HAS_WEIGHT else tl.sum(xs, 0)
+    if HAS_SPARSE:
+        # 2. the positives, once per row (by its first slice)
+        if split == 0:
+            p1 = tl.load(OFFS + row + 1)
+            for j0 in range(tl.load(OFFS + row), p1, BLOCK_P):
+                pj, pm, idx, xg, v = _load_positives(x_row, IDX, VALS, j0, p1, HAS_VALUES, BLOCK_P)
+                vw = v * tl.load(W + idx, mask=pm, other=0.0).to(tl.float32) if HAS_WEIGHT else v
+                mass += tl.sum(v, 0)
+                wmass += tl.sum(vw, 0)
+                dot += tl.sum(vw * xg, 0)
+    # 3. the slice's partial statistics, combined across slices by the launcher
+    out = STATS + (row * S + split) * 6
+    tl.store(out + 0, m)
+    tl.store(out + 1, s)
+    tl.store(out + 2, mass)
+    tl.store(out + 3, wmass)
+    tl.store(out + 4, dot)
+    tl.store(out + 5, sx)
+
+
+@triton.jit
+def _msl_split_grad_kernel(
+    X, stride_x,  # [B, K] logits
+    G, stride_g,  # [B, K] gradient out (may alias X)
+    T, stride_t,  # [B, K] dense target (HAS_DENSE)
+    IDX, OFFS, VALS, SCRATCH,  # CSR target and [nnz] fp32 scratch (HAS_SPARSE)
+    W,  # [K] class weights (HAS_WEIGHT)
+    COEF,  # [B, 4] fp32: lse, scale of the softmax, of the target, of the smoothing mass
+    K, SPAN,
+    HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_VALUES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    lse = tl.load(COEF + row * 4 + 0)
+    a = tl.load(COEF + row * 4 + 1)
+    bt = tl.load(COEF + row * 4 + 2)
+    bs = tl.load(COEF + row * 4 + 3)
+    cols = tl.arange(0, BLOCK)
+    lo = split * SPAN
+    hi = tl.minimum(lo + SPAN, K)
+    x_row = X + row * stride_x
+    g_row = G + row * stride_g
+    if HAS_SPARSE:
+        # 1. exact target entries of this slice's positives, before the pass may overwrite the logits
+        p0 = tl.load(OFFS + row)
+        p1 = tl.load(OFFS + row + 1)
+        for j0 in range(p0, p1, BLOCK_P):
+            pj, pm, idx, xg, v = _load_positives(x_row, IDX, VALS, j0, p1, HAS_VALUES, BLOCK_P)
+            mine = pm & (idx >= lo) & (idx < hi)
+            val = tl.exp2((xg - lse) * LOG2E) * a
+            if HAS_WEIGHT:
+                wg = tl.load(W + idx, mask=pm, other=0.0).to(tl.float32)
+                val = val - v * wg * bt
+                if HAS_SMOOTH:
+                    val = val - bs * wg
+            else:
+                val = val - v * bt
+                if HAS_SMOOTH:
+                    val = val - bs
+            tl.store(SCRATCH + pj, val, mask=mine)
+    # 2. this slice of the gradient, each entry in fp32 and rounded once
+    for k0 in range(lo, hi, BLOCK):
+        offs = k0 + cols
+        mask = offs < hi
+        x = tl.load(x_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_first")
+        g = tl.exp2((x.to(tl.float32) - lse) * LOG2E) * a
+        if HAS_WEIGHT:
+            w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DENSE:
+            t = tl.load(T + row * stride_t + offs, mask=mask, other=0).to(tl.float32)
+            g = g - (t * w if HAS_WEIGHT else t) * bt
+        if HAS_SMOOTH:
+            g = g - (bs * w if HAS_WEIGHT else bs)
+        tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
+    if HAS_SPARSE:
+        # 3. after every thread's stores: this slice's exact target entries
+        tl.debug_barrier()
+        for j0 in range(p0, p1, BLOCK_P):
+            pj = j0 + tl.arange(0, BLOCK_P)
+            pm = pj < p1
+            idx = tl.load(IDX + pj, mask=pm, other=0)
+            mine = pm & (idx >= lo) & (idx < hi)
+            val = tl.load(SCRATCH + pj, mask=mine, other=0.0)
+            tl.store(g_row + idx, val.to(G.dtype.element_ty), mask=mine)
+
+
+@triton.jit
 def _scale_rows_kernel(
     G, stride_g,  # [B, K] gradient, scaled in place
     GO, stride_go,  # [B] grad_out per row (stride 0 for a broadcast scalar)
@@ -213,8 +343,13 @@ def forward(
     label_smoothing: float,
     compute_grad: bool,
     inplace: bool = False,
+    splits: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Launch the fused kernel: returns ``(row_scale * loss [B] fp32, gradient [B, K] or empty)``."""
+    """Launch the fused kernel: returns ``(row_scale * loss [B] fp32, gradient [B, K] or empty)``.
+
+    ``splits`` programs share each row (default: :func:`num_splits`); with more
+    than one, the split-row kernels run instead of the one-program-per-row kernel.
+    """
     b, k = x.shape
     if x.stride(-1) != 1:
         if inplace:
@@ -233,7 +368,11 @@ def forward(
     scratch = torch.empty(indices.numel() if sparse else 1, dtype=torch.float32, device=x.device)  # [nnz]
     dummy = loss
     block = _block(k)
-    if b:
+    splits = num_splits(b, k, block, x.device) if splits is None else splits
+    if b and splits > 1:
+        _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch,
+                       float(label_smoothing), compute_grad, splits, block)
+    elif b:
         _msl_fwd_kernel[(b,)](
             x, x.stride(0),
             grad, grad.stride(0) if compute_grad else 0,
@@ -247,6 +386,59 @@ def forward(
             BLOCK=block, BLOCK_P=BLOCK_P, num_warps=_num_warps(block),
         )
     return loss, grad
+
+
+def num_splits(b: int, k: int, block: int, device: torch.device) -> int:
+    """Programs per row: enough to fill the GPU (4 per SM) when the batch alone cannot.
+
+    Under the interpreter the machine counts as 2 SMs, so that small test shapes
+    exercise both the split-row and the one-program-per-row kernels.
+    """
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    target = 4 * sms
+    if b >= target or k <= 2 * block:
+        return 1
+    return max(1, min(triton.cdiv(k, block), triton.cdiv(target, max(b, 1))))
+
+
+def _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch, eps, compute_grad,
+                   splits, block):
+    """Split-row path: per-slice statistics, a small combine in torch (O(B·S)), then per-slice gradients."""
+    b, k = x.shape
+    span = triton.cdiv(triton.cdiv(k, splits), block) * block  # columns per program, a multiple of BLOCK
+    splits = triton.cdiv(k, span)
+    sparse = indices is not None
+    dummy = loss
+    flags = dict(HAS_DENSE=dense is not None, HAS_SPARSE=sparse, HAS_VALUES=values is not None,
+                 HAS_WEIGHT=weight is not None, HAS_SMOOTH=eps > 0, BLOCK=block, BLOCK_P=BLOCK_P,
+                 num_warps=_num_warps(block))
+    stats = torch.empty(b, splits, 6, dtype=torch.float32, device=x.device)  # [B, S, 6]
+    _msl_split_stats_kernel[(b, splits)](
+        x, x.stride(0), dense if dense is not None else dummy, dense.stride(0) if dense is not None else 0,
+        indices if sparse else dummy, offsets if sparse else dummy, values if values is not None else dummy,
+        weight if weight is not None else dummy, stats, k, span, splits, **flags,
+    )
+    # 1. combine the slices: log-sum-exp of the partial sums, plain sums of the rest
+    m = stats[..., 0]  # [B, S]
+    mx = m.amax(1)
+    mx = torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)
+    lse = (stats[..., 1] * torch.exp(m - mx[:, None])).sum(1).log() + mx  # [B]
+    mass, wmass, dot, sx = stats[..., 2:].sum(1).unbind(-1)  # [B] each
+    wsum = float(k) if weight is None else weight.float().sum()
+    loss_rows, lse, coef, inv_mass, _ = torch_chunked.combine(lse, dot, mass, wmass, sx if eps else None, k, wsum,
+                                                              eps)
+    rs = row_scale.float()
+    loss.copy_(loss_rows * rs)
+    if not compute_grad:
+        return
+    # 2. the per-row scales, then every slice's gradient
+    coefs = torch.stack([lse, coef * rs, (1.0 - eps) * inv_mass * rs, (eps / k) * rs * (inv_mass > 0)], 1)  # [B, 4]
+    _msl_split_grad_kernel[(b, splits)](
+        x, x.stride(0), grad, grad.stride(0), dense if dense is not None else dummy,
+        dense.stride(0) if dense is not None else 0, indices if sparse else dummy, offsets if sparse else dummy,
+        values if values is not None else dummy, scratch, weight if weight is not None else dummy,
+        coefs.contiguous(), k, span, **flags,
+    )
 
 
 def scale_rows_(grad: Tensor, grad_out: Tensor) -> Tensor:
