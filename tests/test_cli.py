@@ -156,8 +156,7 @@ def test_fused_head_trains_like_plain_linear(tmp_path):
     common = ["train", "--model", "linear", "--epochs", "2"]
     assert main(common + ["--out", str(tmp_path / "plain")]) == 0
     assert main(common + ["--fused", "--out", str(tmp_path / "fused")]) == 0
-    _assert_same_weights(_weights(tmp_path / "plain" / "last.rank0.pt"), _weights(tmp_path / "fused" / "last.rank0.pt"),
-                         atol=1e-4)
+    _assert_same_weights(_weights(tmp_path / "plain" / "last.pt"), _weights(tmp_path / "fused" / "last.pt"), atol=1e-4)
     cfg = json.loads((tmp_path / "fused" / "config.json").read_text())
     assert cfg["fused"] is True
     f = tmp_path / "x.csv"
@@ -184,7 +183,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     subprocess.run(_cli(*args, "--out", str(tmp_path / "full")), check=True, capture_output=True)
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli(*args, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last, deadline = out / "last.rank0.pt", time.time() + 120
+    last, deadline = out / "last.pt", time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if last.exists() and torch.load(last, weights_only=False)["epoch"] >= 1:
             break
@@ -217,8 +216,8 @@ def test_two_process_gloo_training_matches_single_process(tmp_path, shard):
     extra = ["--shard-labels"] if shard else []
     r = subprocess.run(_torchrun(2, *common, "--batch-size", "32", *extra, "--out", str(tmp_path / "two")),
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    one = _weights(tmp_path / "one" / "last.rank0.pt")
+    assert r.returncode == 0, r.stderr[:3000] + "\n...\n" + r.stderr[-2000:]
+    one = _weights(tmp_path / "one" / "last.pt")
     if shard:  # each rank's file holds its rows of the classifier: concatenate them
         parts = [_weights(tmp_path / "two" / f"last.rank{i}.pt") for i in range(2)]
         two = dict(parts[0])
@@ -226,7 +225,8 @@ def test_two_process_gloo_training_matches_single_process(tmp_path, shard):
             two[k] = torch.cat([p[k] for p in parts])
             assert parts[0][k].shape[0] == 7 and parts[1][k].shape[0] == 7
     else:
-        two = _weights(tmp_path / "two" / "last.rank0.pt")
+        two = _weights(tmp_path / "two" / "last.pt")  # DDP: rank 0 writes the one resume file
+        assert not (tmp_path / "two" / "last.rank1.pt").exists()
     _assert_same_weights(one, two, atol=1e-5)
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
@@ -253,7 +253,7 @@ def test_dead_rank_fails_the_others_with_a_clear_error(tmp_path):
         procs.append(subprocess.Popen(
             _cli("train", "--epochs", "200", "--dist-timeout", "30", "--out", str(tmp_path)),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    last, deadline = tmp_path / "last.rank1.pt", time.time() + 120
+    last, deadline = tmp_path / "last.pt", time.time() + 120
     while time.time() < deadline and not last.exists():
         time.sleep(0.05)
     assert last.exists()
@@ -264,4 +264,5 @@ def test_dead_rank_fails_the_others_with_a_clear_error(tmp_path):
     assert time.time() - t0 < 60
     assert "mlsoftmax: error: rank 0: a collective failed" in err
     procs[1].wait()
-    assert torch.load(tmp_path / "last.rank0.pt", weights_only=False)["epoch"] >= 1
+    ck = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert ck["epoch"] >= 1 and len(ck["rng"]) == 2  # every rank's RNG state, saved by rank 0

@@ -15,8 +15,9 @@ Commands (each also runs as ``python -m mlsoftmax ...``):
 ``train`` tunes nothing on the test split: the epoch is chosen, and the decoding
 rule for F1/Hamming fitted, on a validation part carved from the training data.
 It writes ``metrics.json``, ``config.json``, ``checkpoint.pt`` (atomically) and
-``curve.png`` to ``--out``, and after every epoch ``last.rank{r}.pt`` (model,
-optimiser, schedule, RNG, history; atomically) for ``--resume``.
+``curve.png`` to ``--out``, and after every epoch ``last.pt`` (model, optimiser,
+schedule, every rank's RNG, history; atomically) for ``--resume``. With
+``--shard-labels`` each rank writes its own ``last.rank{r}.pt``.
 """
 
 from __future__ import annotations
@@ -184,16 +185,30 @@ class Dist:
             dist.all_reduce(t)
         return t
 
+    def gather_object(self, obj):
+        """``[obj of rank 0, obj of rank 1, ...]`` (every rank gets the list)."""
+        if not self.on:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self):
         if self.on:
             import torch.distributed as dist
 
             dist.barrier()
 
-    def close(self):
+    def close(self, ok=True):
+        """Leave the group; after a clean run, first wait for every rank (so that no rank tears down its
+        connections while a peer is still finishing the last collective: gloo aborts on that)."""
         if self.on:
             import torch.distributed as dist
 
+            if ok:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -285,9 +300,12 @@ def train_run(args, *, quiet=False):
     from .metrics import MultilabelEvaluator, average_precision
 
     dd = Dist(args)
+    ok = False
     try:
-        return _train(args, dd, quiet or not dd.main, tqdm, collate, fit_decoder, MultilabelEvaluator,
-                      average_precision)
+        out = _train(args, dd, quiet or not dd.main, tqdm, collate, fit_decoder, MultilabelEvaluator,
+                     average_precision)
+        ok = True
+        return out
     except RuntimeError as e:
         if not (dd.on and _collective_failure(e)):
             raise
@@ -295,7 +313,7 @@ def train_run(args, *, quiet=False):
         raise CLIError(f"rank {dd.rank}: a collective failed: a peer rank died or did not answer within "
                        f"--dist-timeout={dd.timeout}s ({first[:200]})") from e
     finally:
-        dd.close()
+        dd.close(ok)
 
 
 def _collective_failure(e: RuntimeError) -> bool:
@@ -337,11 +355,16 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(1, args.epochs * len(loader)))
     history = {"epoch": [], "train_loss": [], "val_average_precision": []}
     best, start = (-math.inf, None, 0), 1
-    last = os.path.join(args.out, f"last.rank{dd.rank}.pt") if args.out else None
+    # Resume state after every epoch: rank 0 writes last.pt (with every rank's RNG state); with the
+    # classifier sharded, each rank writes its own rows and optimiser state to last.rank{r}.pt.
+    per_rank = args.shard_labels and dd.on
+    name = f"last.rank{dd.rank}.pt" if per_rank else "last.pt"
+    last = os.path.join(args.out, name) if args.out and (per_rank or dd.main) else None
     if args.resume:
-        path = os.path.join(args.resume, f"last.rank{dd.rank}.pt")
+        path = os.path.join(args.resume, name)
         if not os.path.exists(path):
-            raise CLIError(f"--resume {args.resume}: no {os.path.basename(path)} (was it written by {dd.world} ranks?)")
+            raise CLIError(f"--resume {args.resume}: no {name} (was it written by {dd.world} ranks"
+                           f"{', --shard-labels' if per_rank else ''}?)")
         ck = torch.load(path, map_location=device, weights_only=False)
         if ck["world"] != dd.world:
             raise CLIError(f"--resume {args.resume}: written by {ck['world']} ranks, now {dd.world}")
@@ -349,7 +372,7 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         history, best, start = ck["history"], ck["best"], ck["epoch"] + 1
-        torch.set_rng_state(ck["rng"])
+        torch.set_rng_state(ck["rng"][dd.rank])
 
     def evaluator_model():
         return full_model(model, dd, k, args, d) if args.shard_labels else model
@@ -386,11 +409,11 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
         bar.set_postfix(loss=f"{history['train_loss'][-1]:.4f}", val_ap=f"{val_ap:.4f}")
         if val_ap > best[0]:
             best = (val_ap, {kk: v.detach().clone() for kk, v in model.state_dict().items()}, epoch)
+        rngs = dd.gather_object(torch.get_rng_state())  # every rank's dropout RNG, for an exact resume
         if last:
             os.makedirs(args.out, exist_ok=True)
             atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                         "history": history, "best": best, "epoch": epoch, "rng": torch.get_rng_state(),
-                         "world": dd.world}, last)
+                         "history": history, "best": best, "epoch": epoch, "rng": rngs, "world": dd.world}, last)
     bar.close()
     if best[1] is not None:
         model.load_state_dict(best[1])
