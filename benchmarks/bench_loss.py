@@ -9,6 +9,7 @@ Commands:
     python benchmarks/bench_loss.py --device cpu --memory --B 2048 --K 32768    # peak RSS, one process per case
     python benchmarks/bench_loss.py --device cuda --dtype bf16 fp32 --B 4096 --K 131072
     python benchmarks/bench_loss.py --device cuda --sweep                       # K 1k..1M, B 1..16k, 1 and 8 positives
+    python benchmarks/bench_loss.py --device cpu --sweep --cases torch ours     # the same, up to B*K = 2^26
 
 Cases: ``ours`` (impl=auto, sparse Positives), ``ours-dense`` (dense target),
 ``torch`` (F.cross_entropy(x, probs) eager), ``compile`` (the same under
@@ -156,8 +157,9 @@ def run_time(args, cases):
           f"copy bandwidth (read+write) {bw / 1e9:.1f} GB/s, torch {torch.__version__}")
     shapes = [(args.B, args.K)]
     if args.sweep:
+        cap = args.max_elems or ((1 << 31) if dev == "cuda" else (1 << 26))
         shapes = [(b, k) for k in (1024, 32768, 131072, 1 << 20) for b in (1, 64, 1024, 4096, 16384)
-                  if b * k <= (1 << 31)]
+                  if b * k <= cap]
     npos_list = [1, 8] if args.sweep else [args.npos]
     print(f"{'dtype':<6}{'B':>7}{'K':>9}{'pos':>4} {'case':<12}{'ms':>9}{'vs torch':>9}{'of limit':>9}{'peak MB':>9}")
     for dname in args.dtype:
@@ -200,6 +202,8 @@ def main():
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--cases", nargs="+", default=None)
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--max-elems", type=int, default=0,
+                   help="largest B*K in the sweep (default 2^31 on CUDA, 2^26 on the CPU)")
     p.add_argument("--memory", action="store_true", help="CPU peak RSS, one subprocess per case")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

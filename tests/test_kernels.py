@@ -150,3 +150,38 @@ def test_gpu_int64_offsets_large_tensor():
     out = multilabel_softmax_loss(x, pos, reduction="none", impl="triton")
     expected_last = -torch.log_softmax(x[-1].float(), 0)[-1]
     torch.testing.assert_close(out[-1].float(), expected_last, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif("compile" not in AVAILABLE, reason="no C++ compiler for torch.compile")
+def test_compiled_cpu_kernel_falls_back_to_eager_ops_with_one_warning(monkeypatch, rng):
+    """A compiler that fails at run time must not break the loss: same values, one warning, then silence."""
+    import warnings
+
+    from mlsoftmax.kernels import compiled_loss
+
+    def broken_compile(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(compiled_loss, "_compiled", {})
+    monkeypatch.setattr(compiled_loss.torch, "compile", broken_compile)
+    s = rng.normal(size=(5, 300))
+    y = random_multihot(rng, 5, 300, p=0.05)
+    x = torch.tensor(s, requires_grad=True)
+    with pytest.warns(UserWarning, match="compiled CPU kernel failed"):
+        loss = multilabel_softmax_loss(x, torch.from_numpy(y), impl="compile")
+    loss.backward()
+    np.testing.assert_allclose(loss.item(), R.loss(s, y).mean(), rtol=1e-10)
+    np.testing.assert_allclose(x.grad.numpy(), R.grad(s, y) / 5, rtol=1e-9, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the failed variant (same dtype, gradient, target form) is not retried
+        multilabel_softmax_loss(x, torch.from_numpy(y), impl="compile")
+
+
+def test_huge_page_buffer_is_an_ordinary_tensor():
+    from mlsoftmax.kernels.compiled_loss import _empty_huge
+
+    t = _empty_huge((64, 1 << 16), torch.float32)  # 16 MB: advised
+    t.fill_(2.0)
+    assert t.shape == (64, 1 << 16) and t.is_contiguous() and float(t.sum()) == 2.0 * t.numel()
