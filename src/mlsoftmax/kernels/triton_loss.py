@@ -50,6 +50,120 @@ def _load_positives(x_row, IDX, VALS, j0, p1, HAS_VALUES: tl.constexpr, BLOCK_P:
 
 
 @triton.jit
+def _stream_stats(x_row, t_row, W, lo, hi, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                  HAS_SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
+    """One streaming pass over columns ``[lo, hi)`` of a row (kept in L2 for a second pass).
+
+    Returns the online max and sum-exp (relative to that max), the dense target's
+    mass, weighted mass and ``sum w t x``, and for smoothing ``sum w x`` and ``sum w``.
+    """
+    cols = tl.arange(0, BLOCK)
+    m = float("-inf")
+    s = 0.0
+    mass = 0.0
+    wmass = 0.0
+    dot = 0.0
+    sx = 0.0
+    wsum = 0.0
+    for k0 in range(lo, hi, BLOCK):
+        offs = k0 + cols
+        mask = offs < hi
+        x = tl.load(x_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp2((m - m_safe) * LOG2E) + tl.sum(tl.exp2((x - m_safe) * LOG2E), 0)
+        m = m_new
+        if HAS_WEIGHT:
+            w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DENSE:
+            t = tl.load(t_row + offs, mask=mask, other=0).to(tl.float32)
+            tw = t * w if HAS_WEIGHT else t
+            mass += tl.sum(t, 0)
+            wmass += tl.sum(tw, 0)
+            dot += tl.sum(tl.where(t != 0, x, 0.0) * tw, 0)
+        if HAS_SMOOTH:
+            xs = tl.where(mask, x, 0.0)
+            if HAS_WEIGHT:
+                sx += tl.sum(xs * w, 0)
+                wsum += tl.sum(w, 0)
+            else:
+                sx += tl.sum(xs, 0)
+    return m, s, mass, wmass, dot, sx, wsum
+
+
+@triton.jit
+def _sparse_stats(x_row, IDX, VALS, W, p0, p1, HAS_VALUES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                  BLOCK_P: tl.constexpr):
+    """A row's positives, gathered from their CSR indices: ``(mass, weighted mass, sum w v x)``."""
+    mass = 0.0
+    wmass = 0.0
+    dot = 0.0
+    for j0 in range(p0, p1, BLOCK_P):
+        pj, pm, idx, xg, v = _load_positives(x_row, IDX, VALS, j0, p1, HAS_VALUES, BLOCK_P)
+        vw = v * tl.load(W + idx, mask=pm, other=0.0).to(tl.float32) if HAS_WEIGHT else v
+        mass += tl.sum(v, 0)
+        wmass += tl.sum(vw, 0)
+        dot += tl.sum(vw * xg, 0)
+    return mass, wmass, dot
+
+
+@triton.jit
+def _target_entries(x_row, IDX, VALS, W, SCRATCH, p0, p1, lo, hi, lse, a, bt, bs, HAS_VALUES: tl.constexpr,
+                    HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Exact fp32 gradient entries of the positives in columns ``[lo, hi)``, into ``SCRATCH`` ``[nnz]``.
+
+    Run before the gradient pass, so that an in-place pass cannot have overwritten their logits.
+    """
+    for j0 in range(p0, p1, BLOCK_P):
+        pj, pm, idx, xg, v = _load_positives(x_row, IDX, VALS, j0, p1, HAS_VALUES, BLOCK_P)
+        mine = pm & (idx >= lo) & (idx < hi)
+        val = tl.exp2((xg - lse) * LOG2E) * a
+        if HAS_WEIGHT:
+            wg = tl.load(W + idx, mask=pm, other=0.0).to(tl.float32)
+            val = val - v * wg * bt
+            if HAS_SMOOTH:
+                val = val - bs * wg
+        else:
+            val = val - v * bt
+            if HAS_SMOOTH:
+                val = val - bs
+        tl.store(SCRATCH + pj, val, mask=mine)
+
+
+@triton.jit
+def _grad_pass(x_row, g_row, t_row, W, lo, hi, lse, a, bt, bs, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+               HAS_SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
+    """Second pass over columns ``[lo, hi)``: ``a softmax - bt w t - bs w``, each entry in fp32, rounded once."""
+    cols = tl.arange(0, BLOCK)
+    for k0 in range(lo, hi, BLOCK):
+        offs = k0 + cols
+        mask = offs < hi
+        x = tl.load(x_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
+        g = tl.exp2((x - lse) * LOG2E) * a
+        if HAS_WEIGHT:
+            w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DENSE:
+            t = tl.load(t_row + offs, mask=mask, other=0).to(tl.float32)
+            g = g - (t * w if HAS_WEIGHT else t) * bt
+        if HAS_SMOOTH:
+            g = g - (bs * w if HAS_WEIGHT else bs)
+        tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _write_target_entries(g_row, IDX, SCRATCH, p0, p1, lo, hi, BLOCK_P: tl.constexpr):
+    """After every thread's gradient stores: the exact entries of the positives in ``[lo, hi)``."""
+    tl.debug_barrier()
+    for j0 in range(p0, p1, BLOCK_P):
+        pj = j0 + tl.arange(0, BLOCK_P)
+        pm = pj < p1
+        idx = tl.load(IDX + pj, mask=pm, other=0)
+        mine = pm & (idx >= lo) & (idx < hi)
+        val = tl.load(SCRATCH + pj, mask=mine, other=0.0)
+        tl.store(g_row + idx, val.to(g_row.dtype.element_ty), mask=mine)
+
+
+@triton.jit
 def _msl_fwd_kernel(
     X, stride_x,  # [B, K] logits
     G, stride_g,  # [B, K] gradient out (may alias X)
@@ -65,52 +179,15 @@ def _msl_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
-    cols = tl.arange(0, BLOCK)
+    t_row = T + row * stride_t
 
     # 1. one streaming pass: online max / sum-exp, and the dense target's sums
-    m = float("-inf")
-    s = 0.0
-    mass = 0.0
-    wmass = 0.0
-    dot = 0.0
-    sx = 0.0
-    wsum = 0.0
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + cols
-        mask = offs < K
-        x = tl.load(x_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp2((m - m_safe) * LOG2E) + tl.sum(tl.exp2((x - m_safe) * LOG2E), 0)
-        m = m_new
-        if HAS_WEIGHT:
-            w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_DENSE:
-            t = tl.load(T + row * stride_t + offs, mask=mask, other=0).to(tl.float32)
-            tw = t * w if HAS_WEIGHT else t
-            mass += tl.sum(t, 0)
-            wmass += tl.sum(tw, 0)
-            dot += tl.sum(tl.where(t != 0, x, 0.0) * tw, 0)
-        if HAS_SMOOTH:
-            xs = tl.where(mask, x, 0.0)
-            if HAS_WEIGHT:
-                sx += tl.sum(xs * w, 0)
-                wsum += tl.sum(w, 0)
-            else:
-                sx += tl.sum(xs, 0)
+    m, s, mass, wmass, dot, sx, wsum = _stream_stats(x_row, t_row, W, 0, K, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH, BLOCK)
     if HAS_SPARSE:
         # 2. the positives: gather their logits from the CSR indices
         p0 = tl.load(OFFS + row)
         p1 = tl.load(OFFS + row + 1)
-        for j0 in range(p0, p1, BLOCK_P):
-            pj, pm, idx, xg, v = _load_positives(x_row, IDX, VALS, j0, p1, HAS_VALUES, BLOCK_P)
-            if HAS_WEIGHT:
-                vw = v * tl.load(W + idx, mask=pm, other=0.0).to(tl.float32)
-            else:
-                vw = v
-            mass += tl.sum(v, 0)
-            wmass += tl.sum(vw, 0)
-            dot += tl.sum(vw * xg, 0)
+        mass, wmass, dot = _sparse_stats(x_row, IDX, VALS, W, p0, p1, HAS_VALUES, HAS_WEIGHT, BLOCK_P)
 
     # 3. the row's loss: c * lse - sum_k T_k x_k, zero on empty rows
     m_fin = tl.where(m == float("-inf"), 0.0, m)
@@ -131,46 +208,16 @@ def _msl_fwd_kernel(
         a = coef * rs  # scale of the softmax
         bt = (1.0 - eps) * inv_mass * rs  # scale of the target weights
         bs = tl.where(nonempty, eps / K * rs, 0.0)  # the smoothing mass
+        g_row = G + row * stride_g
         if HAS_SPARSE:
             # 4. target entries in fp32, before pass 2 may overwrite the logits (inplace)
-            for j0 in range(p0, p1, BLOCK_P):
-                pj, pm, idx, xg, v = _load_positives(x_row, IDX, VALS, j0, p1, HAS_VALUES, BLOCK_P)
-                val = tl.exp2((xg - lse) * LOG2E) * a
-                if HAS_WEIGHT:
-                    wg = tl.load(W + idx, mask=pm, other=0.0).to(tl.float32)
-                    val = val - v * wg * bt
-                    if HAS_SMOOTH:
-                        val = val - bs * wg
-                else:
-                    val = val - v * bt
-                    if HAS_SMOOTH:
-                        val = val - bs
-                tl.store(SCRATCH + pj, val, mask=pm)
-        # 5. second pass: the gradient, each entry in fp32 and rounded once
-        g_row = G + row * stride_g
-        for k0 in range(0, K, BLOCK):
-            offs = k0 + cols
-            mask = offs < K
-            x = tl.load(x_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
-            g = tl.exp2((x - lse) * LOG2E) * a
-            if HAS_WEIGHT:
-                w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_DENSE:
-                t = tl.load(T + row * stride_t + offs, mask=mask, other=0).to(tl.float32)
-                tw = t * w if HAS_WEIGHT else t
-                g = g - tw * bt
-            if HAS_SMOOTH:
-                g = g - (bs * w if HAS_WEIGHT else bs)
-            tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
+            _target_entries(x_row, IDX, VALS, W, SCRATCH, p0, p1, 0, K, lse, a, bt, bs, HAS_VALUES, HAS_WEIGHT,
+                            HAS_SMOOTH, BLOCK_P)
+        # 5. second pass: the gradient, re-reading the row from L2 where it fits
+        _grad_pass(x_row, g_row, t_row, W, 0, K, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH, BLOCK)
         if HAS_SPARSE:
-            # 6. after every thread's pass-2 stores: the exact target entries
-            tl.debug_barrier()
-            for j0 in range(p0, p1, BLOCK_P):
-                pj = j0 + tl.arange(0, BLOCK_P)
-                pm = pj < p1
-                idx = tl.load(IDX + pj, mask=pm, other=0)
-                val = tl.load(SCRATCH + pj, mask=pm, other=0.0)
-                tl.store(g_row + idx, val.to(G.dtype.element_ty), mask=pm)
+            # 6. the exact target entries, over pass 2's
+            _write_target_entries(g_row, IDX, SCRATCH, p0, p1, 0, K, BLOCK_P)
 
 
 @triton.jit
@@ -187,45 +234,16 @@ def _msl_split_stats_kernel(
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     x_row = X + row * stride_x
-    cols = tl.arange(0, BLOCK)
     lo = split * SPAN
     hi = tl.minimum(lo + SPAN, K)
     # 1. one streaming pass over this program's slice of the row
-    m = float("-inf")
-    s = 0.0
-    mass = 0.0
-    wmass = 0.0
-    dot = 0.0
-    sx = 0.0
-    for k0 in range(lo, hi, BLOCK):
-        offs = k0 + cols
-        mask = offs < hi
-        x = tl.load(x_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp2((m - m_safe) * LOG2E) + tl.sum(tl.exp2((x - m_safe) * LOG2E), 0)
-        m = m_new
-        if HAS_WEIGHT:
-            w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_DENSE:
-            t = tl.load(T + row * stride_t + offs, mask=mask, other=0).to(tl.float32)
-            tw = t * w if HAS_WEIGHT else t
-            mass += tl.sum(t, 0)
-            wmass += tl.sum(tw, 0)
-            dot += tl.sum(tl.where(t != 0, x, 0.0) * tw, 0)
-        if HAS_SMOOTH:
-            xs = tl.where(mask, x, 0.0)
-            sx += tl.sum(xs * w, 0) if HAS_WEIGHT else tl.sum(xs, 0)
+    m, s, mass, wmass, dot, sx, _ = _stream_stats(x_row, T + row * stride_t, W, lo, hi, HAS_DENSE, HAS_WEIGHT,
+                                                  HAS_SMOOTH, BLOCK)
     if HAS_SPARSE:
         # 2. the positives, once per row (by its first slice)
         if split == 0:
-            p1 = tl.load(OFFS + row + 1)
-            for j0 in range(tl.load(OFFS + row), p1, BLOCK_P):
-                pj, pm, idx, xg, v = _load_positives(x_row, IDX, VALS, j0, p1, HAS_VALUES, BLOCK_P)
-                vw = v * tl.load(W + idx, mask=pm, other=0.0).to(tl.float32) if HAS_WEIGHT else v
-                mass += tl.sum(v, 0)
-                wmass += tl.sum(vw, 0)
-                dot += tl.sum(vw * xg, 0)
+            mass, wmass, dot = _sparse_stats(x_row, IDX, VALS, W, tl.load(OFFS + row), tl.load(OFFS + row + 1),
+                                             HAS_VALUES, HAS_WEIGHT, BLOCK_P)
     # 3. the slice's partial statistics, combined across slices by the launcher
     out = STATS + (row * S + split) * 6
     tl.store(out + 0, m)
@@ -254,7 +272,6 @@ def _msl_split_grad_kernel(
     a = tl.load(COEF + row * 4 + 1)
     bt = tl.load(COEF + row * 4 + 2)
     bs = tl.load(COEF + row * 4 + 3)
-    cols = tl.arange(0, BLOCK)
     lo = split * SPAN
     hi = tl.minimum(lo + SPAN, K)
     x_row = X + row * stride_x
@@ -263,44 +280,14 @@ def _msl_split_grad_kernel(
         # 1. exact target entries of this slice's positives, before the pass may overwrite the logits
         p0 = tl.load(OFFS + row)
         p1 = tl.load(OFFS + row + 1)
-        for j0 in range(p0, p1, BLOCK_P):
-            pj, pm, idx, xg, v = _load_positives(x_row, IDX, VALS, j0, p1, HAS_VALUES, BLOCK_P)
-            mine = pm & (idx >= lo) & (idx < hi)
-            val = tl.exp2((xg - lse) * LOG2E) * a
-            if HAS_WEIGHT:
-                wg = tl.load(W + idx, mask=pm, other=0.0).to(tl.float32)
-                val = val - v * wg * bt
-                if HAS_SMOOTH:
-                    val = val - bs * wg
-            else:
-                val = val - v * bt
-                if HAS_SMOOTH:
-                    val = val - bs
-            tl.store(SCRATCH + pj, val, mask=mine)
-    # 2. this slice of the gradient, each entry in fp32 and rounded once
-    for k0 in range(lo, hi, BLOCK):
-        offs = k0 + cols
-        mask = offs < hi
-        x = tl.load(x_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_first")
-        g = tl.exp2((x.to(tl.float32) - lse) * LOG2E) * a
-        if HAS_WEIGHT:
-            w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_DENSE:
-            t = tl.load(T + row * stride_t + offs, mask=mask, other=0).to(tl.float32)
-            g = g - (t * w if HAS_WEIGHT else t) * bt
-        if HAS_SMOOTH:
-            g = g - (bs * w if HAS_WEIGHT else bs)
-        tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
+        _target_entries(x_row, IDX, VALS, W, SCRATCH, p0, p1, lo, hi, lse, a, bt, bs, HAS_VALUES, HAS_WEIGHT,
+                        HAS_SMOOTH, BLOCK_P)
+    # 2. this slice of the gradient
+    _grad_pass(x_row, g_row, T + row * stride_t, W, lo, hi, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH,
+               BLOCK)
     if HAS_SPARSE:
-        # 3. after every thread's stores: this slice's exact target entries
-        tl.debug_barrier()
-        for j0 in range(p0, p1, BLOCK_P):
-            pj = j0 + tl.arange(0, BLOCK_P)
-            pm = pj < p1
-            idx = tl.load(IDX + pj, mask=pm, other=0)
-            mine = pm & (idx >= lo) & (idx < hi)
-            val = tl.load(SCRATCH + pj, mask=mine, other=0.0)
-            tl.store(g_row + idx, val.to(G.dtype.element_ty), mask=mine)
+        # 3. this slice's exact target entries, over the pass's
+        _write_target_entries(g_row, IDX, SCRATCH, p0, p1, lo, hi, BLOCK_P)
 
 
 @triton.jit
