@@ -19,17 +19,14 @@ F.cross_entropy with a probability target), ``ours`` (impl=auto, default chunk),
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import statistics
 import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from _common import DTYPES, median_seconds, reset_peak_rss, rss_kb
 
 
 def make_inputs(b, d, k, npos, dtype, device, seed=0):
@@ -82,26 +79,7 @@ def run_once(fn, h, w):
 
 
 def time_case(fn, h, w, reps, cuda):
-    for _ in range(2):
-        run_once(fn, h, w)
-    ts = []
-    for _ in range(reps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run_once(fn, h, w)
-        if cuda:
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def _rss_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
+    return median_seconds(lambda: run_once(fn, h, w), reps, cuda)
 
 
 def memory_child(args):
@@ -111,14 +89,11 @@ def memory_child(args):
     hs, ws, ps = make_inputs(4, args.D, 64, args.npos, dtype, "cpu", seed=1)  # warm up one-time initialisation
     run_once(case_fn(args.child, hs, ws, ps, 64), hs, ws)
     fn = case_fn(args.child, h, w, pos, args.K)  # the dense target of "naive" counts as an input
-    ctypes.CDLL(None).malloc_trim(0)  # hand freed heap pages back, so the base RSS holds only live data
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
-        f.write("5")
-    base = _rss_kb("VmRSS")
+    base = reset_peak_rss()  # only live data in the base; the peak restarts from it
     t0 = time.perf_counter()
     gh, gw = run_once(fn, h, w)
     secs = time.perf_counter() - t0
-    peak = _rss_kb("VmHWM")
+    peak = rss_kb("VmHWM")
     grads_mb = (gh.numel() + gw.numel()) * gh.element_size() / 2**20
     print(json.dumps({"case": args.child, "peak_mb": (peak - base) / 1024 - grads_mb, "grads_mb": grads_mb,
                       "s": secs}))

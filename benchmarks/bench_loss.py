@@ -19,18 +19,14 @@ torch.compile), ``liger`` (Liger-Kernel cross-entropy, one positive, if installe
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from _common import DTYPES, median_seconds, reset_peak_rss, rss_kb
 
 
 def make_inputs(b, k, npos, dtype, device, seed=0):
@@ -73,44 +69,14 @@ def time_case(fn, x, reps, device):
         z = x.detach().requires_grad_()
         fn(z).backward()
 
-    for _ in range(2):
-        once()
-    ts = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        once()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return median_seconds(once, reps, device == "cuda")
 
 
 def copy_bandwidth(nbytes, device, reps=10):
     """Bytes read + written per second by a large device copy."""
     a = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     b = torch.empty_like(a)
-    for _ in range(2):
-        b.copy_(a)
-    ts = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        b.copy_(a)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return 2 * a.numel() * 4 / statistics.median(ts)
-
-
-def _rss_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
+    return 2 * a.numel() * 4 / median_seconds(lambda: b.copy_(a), reps, device == "cuda")
 
 
 def memory_child(args):
@@ -118,18 +84,17 @@ def memory_child(args):
     torch.set_num_threads(args.threads or torch.get_num_threads())
     x, pos = make_inputs(args.B, args.K, args.npos, DTYPES[args.dtype[0]], "cpu")
     # Warm up on a small input first, so that one-time initialisation (thread
-    # pools, dispatch tables) is not counted against the case.
-    xs, ps = make_inputs(4, args.K, args.npos, DTYPES[args.dtype[0]], "cpu", seed=1)
+    # pools, dispatch tables, the compiled kernel) is not counted against the case:
+    # 2^20 logits, so that impl="auto" picks the same path as for the real input.
+    rows = min(args.B, max(4, -(-(1 << 20) // args.K)))
+    xs, ps = make_inputs(rows, args.K, args.npos, DTYPES[args.dtype[0]], "cpu", seed=1)
     case_fn(args.child, xs, ps, args.K)(xs.detach().requires_grad_()).backward()
     del xs, ps
     fn = case_fn(args.child, x, pos, args.K)
     z = x.detach().requires_grad_()
-    ctypes.CDLL(None).malloc_trim(0)  # hand freed heap pages back, so the base RSS holds only live data
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
-        f.write("5")
-    base = _rss_kb("VmRSS")
+    base = reset_peak_rss()  # only live data in the base; the peak restarts from it
     fn(z).backward()
-    peak = _rss_kb("VmHWM")
+    peak = rss_kb("VmHWM")
     grad_mb = z.grad.numel() * z.grad.element_size() / 2**20
     print(json.dumps({"case": args.child, "peak_extra_mb": (peak - base) / 1024, "grad_mb": grad_mb}))
 

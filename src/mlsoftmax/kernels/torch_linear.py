@@ -132,7 +132,6 @@ def backward(
 
     ``num_classes`` is the total ``K`` when ``w`` holds one shard of the classes.
     """
-    b = h.shape[0]
     k = w.shape[0] if num_classes is None else num_classes
     acc = h.dtype
     eps = float(label_smoothing)

@@ -1,0 +1,44 @@
+"""Timing and memory helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+import time
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def median_seconds(step, reps: int, cuda: bool, warmup: int = 2) -> float:
+    """Median wall time of ``step()`` over ``reps`` runs after ``warmup`` runs (synchronised on CUDA)."""
+    for _ in range(warmup):
+        step()
+    ts = []
+    for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def rss_kb(field: str) -> int:
+    """A ``/proc/self/status`` field in kB (``VmRSS``, ``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss() -> int:
+    """Hand freed heap pages back (``malloc_trim``), reset the peak (VmHWM) to the current RSS; returns it in kB."""
+    ctypes.CDLL(None).malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_kb("VmRSS")
