@@ -17,6 +17,9 @@ Every rank then holds the exact single-process loss. The backward of
 the gradient of its own columns); :func:`sharded_linear_multilabel_softmax_loss`
 all-reduces ``dX`` ``[B, D]`` once and keeps ``dW`` local. Finding the default
 ``class_start`` costs one all-gather of one integer per rank.
+
+Selecting this shard's positives from a ``Positives`` target is one host sync
+per call (a boolean mask); a dense target needs none.
 """
 
 from __future__ import annotations
