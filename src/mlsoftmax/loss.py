@@ -29,8 +29,7 @@ EMPTY_MODES = ("ignore", "error")
 
 
 # --------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("mlsoftmax::msl_forward", mutates_args=())
-def _msl_forward(
+def _msl_forward_impl(
     logits: Tensor,
     dense: Optional[Tensor],
     indices: Optional[Tensor],
@@ -43,6 +42,9 @@ def _msl_forward(
     return torch_chunked.row_stats(logits, dense, indices, row_ids, values, weight, label_smoothing)
 
 
+_msl_forward = torch.library.custom_op("mlsoftmax::msl_forward", _msl_forward_impl, mutates_args=())
+
+
 @_msl_forward.register_fake
 def _(logits, dense, indices, row_ids, values, weight, label_smoothing):
     acc = torch_chunked.acc_dtype(logits.dtype)
@@ -50,8 +52,7 @@ def _(logits, dense, indices, row_ids, values, weight, label_smoothing):
     return tuple(logits.new_empty(b, dtype=acc) for _ in range(5))
 
 
-@torch.library.custom_op("mlsoftmax::msl_backward", mutates_args=())
-def _msl_backward(
+def _msl_backward_impl(
     grad_rows: Tensor,
     logits: Tensor,
     lse: Tensor,
@@ -68,6 +69,9 @@ def _msl_backward(
     return torch_chunked.backward(
         grad_rows, logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, label_smoothing
     )
+
+
+_msl_backward = torch.library.custom_op("mlsoftmax::msl_backward", _msl_backward_impl, mutates_args=())
 
 
 @_msl_backward.register_fake
@@ -132,8 +136,7 @@ def _(grad, grad_out):
     return None
 
 
-@torch.library.custom_op("mlsoftmax::msl_compiled_forward", mutates_args=())
-def _msl_compiled_forward(
+def _msl_compiled_forward_impl(
     logits: Tensor,
     dense: Optional[Tensor],
     indices: Optional[Tensor],
@@ -151,17 +154,23 @@ def _msl_compiled_forward(
                                  compute_grad)
 
 
+_msl_compiled_forward = torch.library.custom_op("mlsoftmax::msl_compiled_forward", _msl_compiled_forward_impl,
+                                                mutates_args=())
+
+
 @_msl_compiled_forward.register_fake
 def _(logits, dense, indices, row_ids, values, weight, row_scale, label_smoothing, compute_grad):
     g = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0, 0))
     return logits.new_empty(logits.shape[0], dtype=torch_chunked.acc_dtype(logits.dtype)), g
 
 
-@torch.library.custom_op("mlsoftmax::msl_scale_rows_", mutates_args=("grad",))
-def _msl_scale_rows_(grad: Tensor, grad_rows: Tensor) -> None:
+def _msl_scale_rows_impl(grad: Tensor, grad_rows: Tensor) -> None:
     from .kernels import compiled_loss
 
     compiled_loss.scale_rows_(grad, grad_rows)
+
+
+_msl_scale_rows_ = torch.library.custom_op("mlsoftmax::msl_scale_rows_", _msl_scale_rows_impl, mutates_args=("grad",))
 
 
 @_msl_scale_rows_.register_fake
@@ -202,16 +211,17 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
                 )
             ctx.save_for_backward(grad)
             return rows
+        # The CPU ops are called through the dispatcher only under torch.compile, where they must be
+        # opaque and fakeable; in eager mode their bodies run directly (the op layer costs ~0.1 ms a call).
+        eager = not torch.compiler.is_compiling()
         if impl == "compile":
-            rows, grad = torch.ops.mlsoftmax.msl_compiled_forward(
-                logits, dense, indices, row_ids, values, weight, row_scale, label_smoothing,
-                bool(ctx.needs_input_grad[0]),
-            )
+            fwd = _msl_compiled_forward_impl if eager else torch.ops.mlsoftmax.msl_compiled_forward
+            rows, grad = fwd(logits, dense, indices, row_ids, values, weight, row_scale, label_smoothing,
+                             bool(ctx.needs_input_grad[0]))
             ctx.save_for_backward(grad)
             return rows
-        loss, lse, coef, inv_mass, _mass = torch.ops.mlsoftmax.msl_forward(
-            logits, dense, indices, row_ids, values, weight, label_smoothing
-        )
+        fwd = _msl_forward_impl if eager else torch.ops.mlsoftmax.msl_forward
+        loss, lse, coef, inv_mass, _mass = fwd(logits, dense, indices, row_ids, values, weight, label_smoothing)
         ctx.save_for_backward(logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, row_scale)
         return loss * row_scale
 
@@ -224,10 +234,12 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
             torch.ops.mlsoftmax.msl_triton_scale_(grad, grad_rows)
         elif ctx.impl == "compile":
             (grad,) = ctx.saved_tensors
-            torch.ops.mlsoftmax.msl_scale_rows_(grad, grad_rows.contiguous())
+            scale = _msl_scale_rows_impl if not torch.compiler.is_compiling() else torch.ops.mlsoftmax.msl_scale_rows_
+            scale(grad, grad_rows.contiguous())
         else:
             logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, row_scale = ctx.saved_tensors
-            grad = torch.ops.mlsoftmax.msl_backward(
+            bwd = _msl_backward_impl if not torch.compiler.is_compiling() else torch.ops.mlsoftmax.msl_backward
+            grad = bwd(
                 (grad_rows * row_scale).contiguous(), logits, lse, coef, inv_mass, dense, indices, row_ids, values,
                 weight, ctx.label_smoothing,
             )
