@@ -266,3 +266,35 @@ def test_dead_rank_fails_the_others_with_a_clear_error(tmp_path):
     procs[1].wait()
     ck = torch.load(tmp_path / "last.pt", weights_only=False)
     assert ck["epoch"] >= 1 and len(ck["rng"]) == 2  # every rank's RNG state, saved by rank 0
+
+
+def test_two_process_resume_restores_every_rank(tmp_path):
+    """DDP with dropout (per-rank RNG): resuming from an intermediate last.pt reaches the uninterrupted weights."""
+    import shutil
+    import time
+
+    import torch
+
+    args = ["train", "--model", "mlp", "--hidden", "256", "--dropout", "0.5", "--epochs", "8", "--seed", "5"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    proc = subprocess.Popen(_torchrun(2, *args, "--out", str(full)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    last, deadline, copied = full / "last.pt", time.time() + 240, None
+    while time.time() < deadline and proc.poll() is None and copied is None:
+        if last.exists():
+            ck = torch.load(last, weights_only=False)  # written atomically: always a whole file
+            if 1 <= ck["epoch"] < 8:
+                part.mkdir()
+                torch.save(ck, part / "last.pt")
+                copied = ck["epoch"]
+        time.sleep(0.005)
+    err = proc.communicate(timeout=240)[1]
+    assert proc.returncode == 0, err[-2000:]
+    assert copied is not None, "no intermediate checkpoint was seen"
+    r = subprocess.run(_torchrun(2, *args, "--out", str(part), "--resume", str(part)), capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _assert_same_weights(_weights(full / "last.pt"), _weights(part / "last.pt"), atol=0)
+    assert json.loads((part / "metrics.json").read_text())["history"] == \
+        json.loads((full / "metrics.json").read_text())["history"]
+    shutil.rmtree(tmp_path)
