@@ -148,3 +148,46 @@ def test_bad_inputs():
         M.average_precision([[0.1]], np.zeros((1, 1)))
     with pytest.raises(ValueError, match=r"Expected `scores` to have shape \[N, K\]"):
         M.ranking_loss(np.zeros(3), np.zeros(3))
+
+
+def _sync_worker(rank, world, store, out):
+    import torch.distributed as dist
+
+    from mlsoftmax.decode import Decoder
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    s, y = _data(np.random.default_rng(0), n=57, k=11, ties=True, empty=True)
+    ev = M.MultilabelEvaluator(ks=(1, 3), annotation_k=3, decoder=Decoder("top_k", 2), label_ap=False)
+    mine = np.arange(rank, 57, world)  # uneven: 19 rows each for 3 ranks, 29/28 for 2
+    ev.update(torch.from_numpy(s[mine]), torch.from_numpy(y[mine]))
+    ev.sync()
+    torch.save(ev.compute(), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_evaluator_sync_all_reduces_to_the_single_process_metrics(world, tmp_path):
+    """Each rank scores its rows; after sync every rank holds sklearn's metrics of all the rows."""
+    import torch.multiprocessing as mp
+
+    from mlsoftmax.decode import Decoder
+
+    mp.start_processes(_sync_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world,
+                       start_method="spawn", join=True)
+    s, y = _data(np.random.default_rng(0), n=57, k=11, ties=True, empty=True)
+    for rank in range(world):
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert out["average_precision"] == pytest.approx(skm.label_ranking_average_precision_score(y, s), abs=1e-12)
+        assert out["ranking_loss"] == pytest.approx(skm.label_ranking_loss(y, s), abs=1e-12)
+        # MULAN coverage (sklearn's - 1 on each row that has a label; an empty row counts 0 in both)
+        n_pos = (y.sum(1) > 0).sum()
+        assert out["coverage"] == pytest.approx((skm.coverage_error(y, s) * len(y) - n_pos) / len(y), abs=1e-12)
+        top2 = Decoder("top_k", 2)(torch.from_numpy(s)).numpy()  # the decoder's sets (it breaks ties its own way)
+        assert out["micro_f1"] == pytest.approx(skm.f1_score(y, top2, average="micro"), abs=1e-12)
+        assert out["macro_f1"] == pytest.approx(skm.f1_score(y, top2, average="macro", zero_division=0), abs=1e-12)
+        assert "mean_average_precision" not in out
+
+
+def test_evaluator_sync_refuses_label_ap():
+    with pytest.raises(ValueError, match="label_ap=False"):
+        M.MultilabelEvaluator().sync()
