@@ -11,8 +11,10 @@ Commands:
 
 Cases: ``gemms`` (the three GEMMs alone), ``naive`` (explicit logits +
 F.cross_entropy with a probability target), ``ours`` (impl=auto, default chunk),
-``ours-fast`` / ``ours-lean`` (CUDA: 2048 / 256-row chunks), ``ours-torch``
-(impl="torch"), ``cce`` (Apple's Cut Cross-Entropy, first positive only) and
+``ours-fast`` (the Triton route with 2048-row chunks: one [2048, K] logits
+buffer and an fp32 dW accumulator), ``ours-lean`` / ``ours-torch`` (impl="torch":
+label chunks from the memory budget, GEMMs in the input dtype, no dW
+accumulator), ``cce`` (Apple's Cut Cross-Entropy, first positive only) and
 ``liger`` (Liger's fused linear cross-entropy, first positive only) when installed.
 """
 
@@ -50,8 +52,8 @@ def case_fn(name, h, w, pos, k):
             return (z * torch.ones((), dtype=z.dtype, device=z.device)).sum()
         return gemms
     if name.startswith("ours"):
-        impl = "torch" if name == "ours-torch" else "auto"
-        chunk = {"ours-fast": 2048, "ours-lean": 256}.get(name)
+        impl = "torch" if name in ("ours-torch", "ours-lean") else "auto"
+        chunk = 2048 if name == "ours-fast" else None  # ours-fast: 2048-row chunks of the Triton route
         return lambda hh, ww: linear_multilabel_softmax_loss(hh, ww, pos, impl=impl, chunk_size=chunk, validate=False)
     if name == "naive-ours":
         return lambda hh, ww: multilabel_softmax_loss(hh @ ww.T, pos, validate=False)

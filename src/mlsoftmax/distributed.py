@@ -212,8 +212,7 @@ class _ShardedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, bias, dense, idx, rows, vals, w_local, wsum, row_scale, k, eps, chunk, group):
         smooth = eps > 0
-        ha = h.to(torch_chunked.acc_dtype(h.dtype))
-        parts = torch_linear.partial_sums(ha, w, bias, None, dense, idx, rows, vals, w_local, smooth, chunk)
+        parts = torch_linear.partial_sums(h, w, bias, None, dense, idx, rows, vals, w_local, smooth, chunk)
         loss, lse, coef, inv_mass, _ = _global_stats(parts, smooth, k, wsum, eps, group)
         ctx.save_for_backward(h, w, bias, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale)
         ctx.k, ctx.eps, ctx.chunk, ctx.group = k, eps, chunk, group
@@ -223,7 +222,7 @@ class _ShardedLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_rows):
         h, w, bias, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale = ctx.saved_tensors
         dx, dw, db, _ = torch_linear.backward(
-            grad_rows * row_scale, h.to(lse.dtype), w, bias, None, lse, coef, inv_mass, dense, idx, rows, vals,
+            grad_rows * row_scale, h, w, bias, None, lse, coef, inv_mass, dense, idx, rows, vals,
             w_local, ctx.eps, ctx.chunk, need_w=ctx.needs_input_grad[1], num_classes=ctx.k,
         )
         # the only collective of the backward: every shard's part of dX

@@ -86,9 +86,8 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
                 ctx.save_for_backward(hidden, weight, bias, scale, dense, indices, offsets, values, class_weight,
                                       row_scale)
         else:
-            h = hidden.to(torch_chunked.acc_dtype(hidden.dtype))
             loss, lse, coef, inv_mass, _ = torch_linear.forward(
-                h, weight, bias, scale, dense, indices, row_ids, values, class_weight, label_smoothing, chunk
+                hidden, weight, bias, scale, dense, indices, row_ids, values, class_weight, label_smoothing, chunk
             )
             loss = loss * row_scale
             ctx.save_for_backward(hidden, weight, bias, scale, lse, coef, inv_mass, dense, indices, row_ids, values,
@@ -114,7 +113,7 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
             )
             g = row_scale * (grad.expand_as(row_scale) if ctx.reduce else grad)
             grads = torch_linear.backward(
-                g, hidden.to(lse.dtype), weight, bias, scale, lse, coef, inv_mass, dense, indices, row_ids, values,
+                g, hidden, weight, bias, scale, lse, coef, inv_mass, dense, indices, row_ids, values,
                 cw, ctx.label_smoothing, ctx.chunk, need_w=needs[1],
             )
         out = [g.to(dt) if (need and g is not None) else None for g, dt, need in zip(grads, ctx.dtypes, needs)]

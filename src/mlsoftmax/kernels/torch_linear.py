@@ -3,15 +3,18 @@
 The logits ``z = s * hidden @ weight.T + bias`` (``[B, K]``) are never built.
 The forward walks the classes in chunks of ``C`` columns with an online
 log-sum-exp and keeps per-row statistics only; the positives' logits are
-indexed dot products ``s * <hidden_i, weight_k> + bias_k``. The backward
-recomputes each chunk's logits, forms the chunk's gradient
-``G = c * softmax - T`` (``[B, C]``) and accumulates
+indexed dot products ``s * <hidden_i, weight_k> + bias_k`` in the accumulation
+dtype. The backward recomputes each chunk's logits, forms the chunk's gradient
+``G = c * softmax - T`` (``[B, C]``) in the accumulation dtype (fp32; fp64 for
+fp64), the sparse target entries included (scattered into the chunk, so they
+are exact before any rounding), and computes
 
     dX += s * G @ W_c,    dW_c = s * G^T @ X,    db_c = sum_i G_i,    ds += <X, G @ W_c>
 
-in the accumulation dtype (fp32, fp64 for fp64). The sparse target's part of
-``G`` is applied exactly by ``index_add`` (no ``[B, K]`` scatter). Peak extra
-memory is ``O(B * C + K * D)``.
+The GEMMs run in the input dtype (tensor cores for bf16/fp16, which accumulate
+in fp32 inside), ``dX`` is accumulated in fp32 across chunks, and each chunk's
+``dW_c`` is one GEMM over all rows, so ``dW`` needs no accumulator across
+chunks. Peak extra memory is ``O(B * C + B * D)`` beyond the gradients.
 
 Per-row quantities (``loss, lse, coef, inv_mass``) follow
 :mod:`.torch_chunked`.
@@ -28,30 +31,32 @@ from . import torch_chunked
 
 
 def _logits(h: Tensor, w: Tensor, bias: Optional[Tensor], scale: Optional[Tensor], c0: int, c1: int) -> Tensor:
-    """Chunk ``[B, C]`` of ``s * h @ w.T + b`` in ``h``'s (accumulation) dtype."""
-    z = h @ w[c0:c1].to(h.dtype).T  # [B, C]
+    """Chunk ``[B, C]`` of ``s * h @ w.T + b``: the GEMM in the input dtype, the result in the accumulation dtype."""
+    acc = torch_chunked.acc_dtype(h.dtype)
+    z = (h @ w[c0:c1].T).to(acc)  # [B, C]
     if scale is not None:
         z.mul_(scale)
     if bias is not None:
-        z.add_(bias[c0:c1].to(h.dtype))
+        z.add_(bias[c0:c1].to(acc))
     return z
 
 
 def _gather_logits(h, w, bias, scale, indices, row_ids, step: int) -> Tensor:
-    """Logits of the positives ``[nnz]``: ``s * <h[row], w[idx]> + b[idx]``, in blocks of ``step``."""
-    out = h.new_empty(indices.numel())  # [nnz]
+    """Logits of the positives ``[nnz]``: ``s * <h[row], w[idx]> + b[idx]`` in the accumulation dtype."""
+    acc = torch_chunked.acc_dtype(h.dtype)
+    out = torch.empty(indices.numel(), dtype=acc, device=h.device)  # [nnz]
     for j0 in range(0, indices.numel(), step):
         j1 = min(indices.numel(), j0 + step)
-        out[j0:j1] = (h[row_ids[j0:j1]] * w[indices[j0:j1]].to(h.dtype)).sum(-1)  # [n]
+        out[j0:j1] = (h[row_ids[j0:j1]].to(acc) * w[indices[j0:j1]].to(acc)).sum(-1)  # [n]
     if scale is not None:
         out.mul_(scale)
     if bias is not None:
-        out.add_(bias[indices].to(h.dtype))
+        out.add_(bias[indices].to(acc))
     return out
 
 
 def forward(
-    h: Tensor,  # [B, D] in the accumulation dtype
+    h: Tensor,  # [B, D], the dtype of w
     w: Tensor,  # [K, D]
     bias: Optional[Tensor],  # [K]
     scale: Optional[Tensor],  # [] logit scale s
@@ -66,19 +71,19 @@ def forward(
     """Per-row ``(loss, lse, coef, inv_mass, mass)`` of the logits ``s * h @ w.T + b``."""
     k, eps = w.shape[0], float(label_smoothing)
     parts = partial_sums(h, w, bias, scale, dense, indices, row_ids, values, class_weight, eps > 0, chunk)
-    wsum = float(k) if class_weight is None else class_weight.to(h.dtype).sum()
+    wsum = float(k) if class_weight is None else class_weight.to(parts[0].dtype).sum()
     return torch_chunked.combine(*parts, k, wsum, eps)
 
 
 def partial_sums(h, w, bias, scale, dense, indices, row_ids, values, class_weight, smooth: bool, chunk: int):
     """Per-row ``(lse, dot, mass, wmass, sx)`` over the classes of ``w`` (see ``torch_chunked.combine``)."""
     b, k = h.shape[0], w.shape[0]
-    acc = h.dtype
+    acc = torch_chunked.acc_dtype(h.dtype)
     cw = None if class_weight is None else class_weight.to(acc)
-    m = h.new_full((b,), float("-inf"))  # [B] running max
-    s = h.new_zeros(b)  # [B] running sum of exp(z - m)
-    dot, mass, wmass = h.new_zeros(b), h.new_zeros(b), h.new_zeros(b)  # [B]
-    sx = h.new_zeros(b) if smooth else None  # [B]
+    m = h.new_full((b,), float("-inf"), dtype=acc)  # [B] running max
+    s = h.new_zeros(b, dtype=acc)  # [B] running sum of exp(z - m)
+    dot, mass, wmass = (h.new_zeros(b, dtype=acc) for _ in range(3))  # [B]
+    sx = h.new_zeros(b, dtype=acc) if smooth else None  # [B]
     for c0 in range(0, k, chunk):
         c1 = min(k, c0 + chunk)
         z = _logits(h, w, bias, scale, c0, c1)  # [B, C]
@@ -111,7 +116,7 @@ def partial_sums(h, w, bias, scale, dense, indices, row_ids, values, class_weigh
 
 def backward(
     grad_rows: Tensor,  # [B] d(total)/d(loss_i), row scale included
-    h: Tensor,  # [B, D] accumulation dtype
+    h: Tensor,  # [B, D], the dtype of w
     w: Tensor,  # [K, D]
     bias: Optional[Tensor],
     scale: Optional[Tensor],
@@ -128,49 +133,50 @@ def backward(
     need_w: bool = True,
     num_classes: Optional[int] = None,
 ):
-    """``(dX [B, D], dW [K, D] | None, db [K], ds [])`` in the accumulation dtype.
+    """``(dX [B, D], db [K], ds [])`` in the accumulation dtype and ``dW [K, D] | None`` in ``w``'s dtype.
 
     ``num_classes`` is the total ``K`` when ``w`` holds one shard of the classes.
     """
     k = w.shape[0] if num_classes is None else num_classes
-    acc = h.dtype
+    acc = torch_chunked.acc_dtype(h.dtype)
     eps = float(label_smoothing)
     cw = None if class_weight is None else class_weight.to(acc)
     g = grad_rows.to(acc)
     scale_p = (coef * g)[:, None]  # [B, 1]
     scale_t = (1.0 - eps) * inv_mass * g  # [B]
     scale_s = ((eps / k) * g * (inv_mass > 0))[:, None] if eps else None  # [B, 1]
-    gw = h.new_zeros(h.shape)  # [B, D] G @ W, before the logit scale
-    dw = h.new_empty(w.shape) if need_w else None  # [K, D] G^T @ X, before the logit scale
-    db = h.new_empty(w.shape[0])  # [K]
+    gw = h.new_zeros(h.shape, dtype=acc)  # [B, D] G @ W, before the logit scale
+    dw = torch.empty_like(w) if need_w else None  # [K, D] G^T @ X, before the logit scale
+    db = h.new_empty(w.shape[0], dtype=acc)  # [K]
+    if indices is not None:
+        # the sparse target weights a_j = v_j w_k (1 - eps) / m_i * grad_i of the positives
+        v = torch.ones(indices.numel(), dtype=acc, device=h.device) if values is None else values.to(acc)
+        a = v * scale_t[row_ids] if cw is None else v * cw[indices] * scale_t[row_ids]  # [nnz]
     for c0 in range(0, w.shape[0], chunk):
         c1 = min(w.shape[0], c0 + chunk)
-        # 1. recompute the chunk's logits, then G = c softmax - T (times grad)
+        # 1. recompute the chunk's logits, then G = c softmax - T (times grad), exactly, before any rounding
         gc = (_logits(h, w, bias, scale, c0, c1) - lse[:, None]).exp_().mul_(scale_p)  # [B, C]
         if dense is not None:
             t = dense[:, c0:c1].to(acc) * scale_t[:, None]  # [B, C]
             gc.sub_(t if cw is None else t * cw[c0:c1])
         if scale_s is not None:
             gc.sub_(scale_s if cw is None else scale_s * cw[c0:c1])
-        # 2. the three products of the chunk
-        gw.addmm_(gc, w[c0:c1].to(acc))
+        if indices is not None:
+            # positives of this chunk get -a_j; the others add 0 to a clamped column (no host sync)
+            local = indices - c0
+            inside = (local >= 0) & (local < c1 - c0)
+            gc.index_put_((row_ids, local.clamp(0, c1 - c0 - 1)), torch.where(inside, -a, 0.0), accumulate=True)
+        # 2. the three products of the chunk, the GEMMs in the input dtype
+        gq = gc.to(h.dtype)
+        if gq.dtype == acc:
+            gw.addmm_(gq, w[c0:c1])
+        else:
+            gw.add_(gq @ w[c0:c1])
         if dw is not None:
-            torch.mm(gc.T, h, out=dw[c0:c1])
+            torch.mm(gq.T, h, out=dw[c0:c1])
         db[c0:c1] = gc.sum(0)
-    if indices is not None:
-        # 3. sparse target part of G: -a_j at (row_j, idx_j), applied by index_add
-        v = torch.ones(indices.numel(), dtype=acc, device=h.device) if values is None else values.to(acc)
-        a = v * scale_t[row_ids] if cw is None else v * cw[indices] * scale_t[row_ids]  # [nnz]
-        step = _gather_step(h)
-        for j0 in range(0, indices.numel(), step):
-            j1 = min(indices.numel(), j0 + step)
-            aj, rj, ij = a[j0:j1, None], row_ids[j0:j1], indices[j0:j1]
-            gw.index_add_(0, rj, w[ij].to(acc) * aj, alpha=-1)
-            if dw is not None:
-                dw.index_add_(0, ij, h[rj] * aj, alpha=-1)
-        db.index_add_(0, indices, a, alpha=-1)
-    # 4. the logit scale: dX = s G W, dW = s G^T X, ds = <X, G W>
-    ds = (h * gw).sum()
+    # 3. the logit scale: dX = s G W, dW = s G^T X, ds = <X, G W>
+    ds = (h.to(acc) * gw).sum()
     if scale is not None:
         gw.mul_(scale)
         if dw is not None:
