@@ -138,6 +138,26 @@ def test_gpu_triton_matches_torch_path(dtype, sparse):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gpu_split_rows_match_one_program_per_row(sparse):
+    """Few long rows (split-row kernels on the GPU) give the one-program-per-row result."""
+    from mlsoftmax.kernels import triton_loss
+
+    g = torch.Generator().manual_seed(0)
+    b, k = 3, 1 << 20
+    x = torch.randn(b, k, generator=g).to("cuda", torch.bfloat16)
+    pos = Positives.from_padded(torch.randint(0, k, (b, 8), generator=g).cuda())
+    dense = None if sparse else pos.to_dense(k)
+    idx, offs = (pos.indices, pos.offsets) if sparse else (None, None)
+    rs = torch.ones(b, device="cuda")
+    assert triton_loss.num_splits(b, k, triton_loss._block(k), x.device) > 1
+    one = triton_loss.forward(x, dense, idx, offs, None, None, rs, 0.1, True, splits=1)
+    split = triton_loss.forward(x, dense, idx, offs, None, None, rs, 0.1, True)
+    torch.testing.assert_close(split[0], one[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split[1].float(), one[1].float(), rtol=1e-2, atol=1e-8)
+
+
+@pytest.mark.gpu
 def test_gpu_int64_offsets_large_tensor():
     """B * K > 2**31: the row offsets must be int64 inside the kernel."""
     b, k = 2**15 + 3, 2**16 + 1
