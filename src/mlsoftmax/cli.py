@@ -195,12 +195,6 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
-    def barrier(self):
-        if self.on:
-            import torch.distributed as dist
-
-            dist.barrier()
-
     def close(self, ok=True):
         """Leave the group; after a clean run, first wait for every rank (so that no rank tears down its
         connections while a peer is still finishing the last collective: gloo aborts on that)."""

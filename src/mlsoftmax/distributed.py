@@ -69,7 +69,10 @@ def _layout(k_local: int, class_start: Optional[int], target, device, group) -> 
 
 
 def _local_target(target, b: int, k: int, start: int, stop: int, device, validate: bool):
-    """Global target -> ``(mass [B] of the whole row, local dense | None, local CSR (idx, rows, vals))``."""
+    """Global target -> ``(local dense | None, local CSR (idx, rows, vals), global (dense, idx, rows, vals))``.
+
+    The global part gives each row's whole target mass without communication.
+    """
     if isinstance(target, Positives):
         if target.batch_size != b:
             raise ValueError(f"Expected `target` to have {b} rows like `logits`, but got {target.batch_size}")
@@ -81,15 +84,15 @@ def _local_target(target, b: int, k: int, start: int, stop: int, device, validat
 
             _validate_positives(target, k)
         rows = target.row_ids()
-        keep = ((target.indices >= start) & (target.indices < stop)).nonzero().flatten()  # [nnz_r]
+        keep = ((target.indices >= start) & (target.indices < stop)).nonzero().flatten()  # [nnz_r]; one host sync
         vals = None if target.values is None else target.values[keep]
-        return None, (target.indices[keep] - start, rows[keep], vals), (target.indices, rows, target.values)
+        return None, (target.indices[keep] - start, rows[keep], vals), (None, target.indices, rows, target.values)
     if isinstance(target, Tensor):
         if target.dim() != 2 or target.shape != (b, k):
             raise ValueError(f"Expected `target` to have shape {(b, k)} (global classes), but got {tuple(target.shape)}")
         if validate:
             V.check_nonnegative_finite("target", target)
-        return target[:, start:stop], (None, None, None), (target, None, None)
+        return target[:, start:stop], (None, None, None), (target, None, None, None)
     raise TypeError(f"Expected `target` to be a dense tensor [B, K] or mlsoftmax.Positives, but got {type(target).__name__}")
 
 
@@ -126,11 +129,10 @@ def _prepare(b, k_local, dtype, device, target, weight, sample_weight, class_sta
             raise ValueError(f"Expected `sample_weight` to have shape ({b},), but got {tuple(sample_weight.shape)}")
     dense, local, full = _local_target(target, b, k, start, start + k_local, device, validate)
     # the row mass and reduction weights come from the global target: no communication
-    fd, fi, fv = (full[0], None, None) if dense is not None else (None, full[0], full[2])
-    row_scale = _row_scale(fd, fi, full[1], fv, b, acc, device, sample_weight, reduction, empty)
+    row_scale = _row_scale(*full, b, acc, device, sample_weight, reduction, empty)
     w_local = None if weight is None else weight[start:start + k_local]
     wsum = float(k) if weight is None else weight.to(acc).sum()
-    return start, k, acc, dense, local, w_local, wsum, row_scale
+    return k, dense, local, w_local, wsum, row_scale
 
 
 class _ShardedLoss(torch.autograd.Function):
@@ -199,7 +201,7 @@ def sharded_multilabel_softmax_loss(
     if local_logits.dim() != 2:
         raise ValueError(f"Expected `local_logits` to have shape [B, K_r], but got {tuple(local_logits.shape)}")
     b, k_local = local_logits.shape
-    start, k, acc, dense, (idx, rows, vals), w_local, wsum, row_scale = _prepare(
+    k, dense, (idx, rows, vals), w_local, wsum, row_scale = _prepare(
         b, k_local, local_logits.dtype, local_logits.device, target, weight, sample_weight, class_start, reduction,
         empty, label_smoothing, group, validate,
     )
@@ -281,7 +283,7 @@ def sharded_linear_multilabel_softmax_loss(
     if hidden.dim() != 2:
         raise ValueError(f"Expected `hidden` to have shape [B, D], but got {tuple(hidden.shape)}")
     b, k_local = hidden.shape[0], local_weight.shape[0]
-    start, k, acc, dense, (idx, rows, vals), w_local, wsum, row_scale = _prepare(
+    k, dense, (idx, rows, vals), w_local, wsum, row_scale = _prepare(
         b, k_local, hidden.dtype, hidden.device, target, weight, sample_weight, class_start, reduction, empty,
         label_smoothing, group, validate,
     )
