@@ -7,14 +7,22 @@ import torch.nn.functional as F
 
 from mlsoftmax import LinearMultiLabelSoftmaxLoss, Positives, linear_multilabel_softmax_loss, multilabel_softmax_loss
 from mlsoftmax import reference as R
-from mlsoftmax.linear import default_chunk
+from mlsoftmax.linear import default_chunk, plan
 
 from conftest import IMPLS as LOSS_IMPLS
 from conftest import random_multihot
 from test_loss import _positives_from_dense
 
 
-IMPLS = [i for i in LOSS_IMPLS if i in ("torch", "triton")]  # the fused linear loss's implementations
+# the fused linear loss's routes: torch, and Triton's rows (fast) and labels (lean) routes, forced by the budget
+ROUTES = ["torch"] + (["triton_rows", "triton_labels"] if "triton" in LOSS_IMPLS else [])
+
+
+def _route(route, chunk):
+    """Keyword arguments that run ``route`` with ``chunk`` (rows for triton_rows, classes otherwise)."""
+    if route == "torch":
+        return {"impl": "torch", "chunk_size": chunk}
+    return {"impl": "triton", "chunk_size": chunk, "memory_budget": 1 << 50 if route == "triton_rows" else 1}
 
 
 def _oracle(h, w, b, s, soft, *, cw=None, eps=0.0, sw=None, reduction="mean", upstream=None):
@@ -30,15 +38,15 @@ def _oracle(h, w, b, s, soft, *, cw=None, eps=0.0, sw=None, reduction="mean", up
     return out, (s * g @ w, s * g.T @ h, g.sum(0), (g * (h @ w.T)).sum())
 
 
-def _exact_dtype(impl):
-    return torch.float64 if impl == "torch" else torch.float32
+def _exact_dtype(route):
+    return torch.float64 if route == "torch" else torch.float32
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("options", ["plain", "all"])
-def test_matches_oracle(impl, reduction, sparse, options, rng):
+def test_matches_oracle(route, reduction, sparse, options, rng):
     """D=19, K=1031, with empty rows; "all" adds bias, logit scale, class and sample weights, smoothing."""
     b, d, k = 6, 19, 1031
     h, w = rng.normal(size=(b, d)), rng.normal(size=(k, d)) / 3
@@ -52,7 +60,7 @@ def test_matches_oracle(impl, reduction, sparse, options, rng):
     eps = 0.1 if allopts else 0.0
     upstream = rng.normal(size=b) if reduction == "none" else None
 
-    dt = _exact_dtype(impl)
+    dt = _exact_dtype(route)
     tol = 1e-9 if dt == torch.float64 else 2e-4
     th = torch.tensor(h, dtype=dt, requires_grad=True)
     tw = torch.tensor(w, dtype=dt, requires_grad=True)
@@ -64,7 +72,7 @@ def test_matches_oracle(impl, reduction, sparse, options, rng):
     out = linear_multilabel_softmax_loss(
         th, tw, tgt, bias=tb, weight_scale=ts, class_weight=None if cw is None else torch.tensor(cw, dtype=dt),
         sample_weight=None if sw is None else torch.tensor(sw, dtype=dt), label_smoothing=eps,
-        reduction=reduction, chunk_size=100 if impl == "torch" else 4, impl=impl,
+        reduction=reduction, **_route(route, 4 if route == "triton_rows" else 100),
     )
     exp_out, (dx, dw, db, ds) = _oracle(h, w, bias, scale, soft, cw=cw, eps=eps, sw=sw, reduction=reduction,
                                         upstream=upstream)
@@ -77,19 +85,19 @@ def test_matches_oracle(impl, reduction, sparse, options, rng):
         np.testing.assert_allclose(ts.grad.numpy(), ds, rtol=tol * 10, atol=tol)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("b,k", [(3, 423), (25, 507), (1, 1)])
-def test_odd_shapes_and_chunks_match_explicit_logits(impl, b, k, rng):
+def test_odd_shapes_and_chunks_match_explicit_logits(route, b, k, rng):
     """Every chunk size gives the explicit composition's value and gradients (torch autograd on h @ w.T)."""
-    dt = _exact_dtype(impl)
+    dt = _exact_dtype(route)
     h0, w0 = torch.tensor(rng.normal(size=(b, 7)), dtype=dt), torch.tensor(rng.normal(size=(k, 7)), dtype=dt)
     y = torch.from_numpy(random_multihot(rng, b, k, p=0.05))
     h1, w1 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
     ref = F.cross_entropy(h1 @ w1.T, y.to(dt) / y.sum(1, keepdim=True))  # PyTorch's own soft-target loss
     ref.backward()
-    for chunk in (1, 3, 64, 10_000):
+    for chunk in (1, 3, 64, 10_000) if route != "triton_labels" else (7, 64, 10_000):  # the interpreter is slow
         h2, w2 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-        out = linear_multilabel_softmax_loss(h2, w2, y, chunk_size=chunk, impl=impl)
+        out = linear_multilabel_softmax_loss(h2, w2, y, **_route(route, chunk))
         out.backward()
         tol = 1e-10 if dt == torch.float64 else 1e-5
         torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
@@ -97,13 +105,13 @@ def test_odd_shapes_and_chunks_match_explicit_logits(impl, b, k, rng):
         torch.testing.assert_close(w2.grad, w1.grad, rtol=tol * 10, atol=tol)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_batch_dims_and_only_some_grads(impl, rng):
-    dt = _exact_dtype(impl)
+@pytest.mark.parametrize("route", ROUTES)
+def test_batch_dims_and_only_some_grads(route, rng):
+    dt = _exact_dtype(route)
     h = torch.tensor(rng.normal(size=(2, 3, 5)), dtype=dt)
     w = torch.tensor(rng.normal(size=(40, 5)), dtype=dt, requires_grad=True)
     y = torch.from_numpy(random_multihot(rng, 6, 40, p=0.1).reshape(2, 3, 40))
-    out = linear_multilabel_softmax_loss(h, w, y, reduction="none", impl=impl, chunk_size=16 if impl == "torch" else 2)
+    out = linear_multilabel_softmax_loss(h, w, y, reduction="none", **_route(route, 2 if route == "triton_rows" else 16))
     assert out.shape == (2, 3)
     expected = R.loss(h.reshape(6, 5).numpy() @ w.detach().numpy().T, y.reshape(6, 40).numpy())
     np.testing.assert_allclose(out.detach().numpy().ravel(), expected, rtol=1e-6)
@@ -111,9 +119,9 @@ def test_batch_dims_and_only_some_grads(impl, rng):
     assert w.grad is not None and h.grad is None
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_no_worse_than_naive(impl, dtype, rng):
+def test_low_precision_no_worse_than_naive(route, dtype, rng):
     """bf16/fp16 inputs: loss and dW errors (vs fp64) within 2x of the naive path in the same dtype."""
     b, d, k = 16, 32, 700
     h64, w64 = torch.tensor(rng.normal(size=(b, d))), torch.tensor(rng.normal(size=(k, d)) / 4)
@@ -124,7 +132,7 @@ def test_low_precision_no_worse_than_naive(impl, dtype, rng):
         dt = torch.float64 if name == "fp64" else dtype
         h, w = h64.to(dt, copy=True).requires_grad_(), w64.to(dt, copy=True).requires_grad_()
         if name == "ours":
-            out = linear_multilabel_softmax_loss(h, w, tgt, impl=impl, chunk_size=128 if impl == "torch" else 4)
+            out = linear_multilabel_softmax_loss(h, w, tgt, **_route(route, 4 if route == "triton_rows" else 128))
         else:
             out = multilabel_softmax_loss(h @ w.T, tgt, impl="torch")
         out.backward()
@@ -168,12 +176,23 @@ def test_module_init_like_linear_and_trains():
 
 
 def test_default_chunk_follows_memory_budget():
-    assert default_chunk("torch", 2048, 200_000, torch.float32, device="cuda") == 16384
-    assert default_chunk("torch", 2048, 200_000, torch.float32) == 2048  # CPU: 16 MB temporaries
-    assert default_chunk("torch", 2048, 200_000, torch.float32, budget=64 << 20) == 4096
-    assert default_chunk("torch", 4, 100, torch.float32) == 100
-    assert default_chunk("triton", 8192, 262_144, torch.bfloat16, budget=1 << 30) == 2048
-    assert default_chunk("triton", 8192, 262_144, torch.bfloat16, device="cuda") == 512
+    assert default_chunk(2048, 200_000, torch.float32, device="cuda") == 16384
+    assert default_chunk(2048, 200_000, torch.float32) == 2048  # CPU: 16 MB temporaries
+    assert default_chunk(2048, 200_000, torch.float32, budget=64 << 20) == 4096
+    assert default_chunk(4, 100, torch.float32) == 100
+
+
+def test_plan_picks_the_route_from_the_budget():
+    bf16 = torch.bfloat16
+    # the issue's H100 point: 2 GB holds the 1 GB fp32 dW accumulator and 2048 rows of logits; 256 MB does not
+    assert plan("triton", 8192, 1024, 262_144, bf16, budget=2 << 30) == ("triton_rows", 2048)
+    assert plan("triton", 8192, 1024, 262_144, bf16, device="cuda") == ("triton_labels", 12288)
+    # fp32 weights need no accumulator; small problems fit whole
+    assert plan("triton", 8192, 1024, 262_144, torch.float32, budget=2 << 30) == ("triton_rows", 2048)
+    assert plan("triton", 300, 128, 50_000, bf16, device="cuda") == ("triton_rows", 300)
+    # a tiny budget still gets a useful chunk; torch always chunks the labels
+    assert plan("triton", 64, 16, 1000, bf16, budget=1) == ("triton_labels", 128)
+    assert plan("torch", 2048, 128, 200_000, torch.float32) == ("torch", 2048)
 
 
 @pytest.mark.parametrize(
@@ -185,6 +204,7 @@ def test_default_chunk_follows_memory_budget():
         ({"weight_scale": torch.ones(2)}, ValueError, "weight_scale"),
         ({"weight_scale": "2"}, TypeError, "weight_scale"),
         ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"memory_budget": 1.5}, ValueError, "Expected `memory_budget` to be a positive int"),
         ({"impl": "cuda"}, ValueError, "impl"),
         ({"impl": "compile"}, ValueError, "Expected `impl` to be one of \\('auto', 'torch', 'triton'\\)"),
         ({"target": torch.ones(2, 4)}, ValueError, "shape of `logits`"),
@@ -207,9 +227,10 @@ def test_empty_error_mode():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("route,chunk", [("triton_rows", 64), ("triton_labels", 4096)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_triton_route_matches_fp32_torch_route(dtype):
-    """CUDA: the row-chunked cuBLAS + fused-kernel route against the label-chunked torch route in fp32."""
+def test_gpu_triton_route_matches_fp32_torch_route(route, chunk, dtype):
+    """CUDA: the Triton routes (cuBLAS + fused kernels) against the label-chunked torch route in fp32."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(300, 128, generator=g)
     w = torch.randn(50_000, 128, generator=g) / 12
@@ -218,7 +239,7 @@ def test_gpu_triton_route_matches_fp32_torch_route(dtype):
     ref = linear_multilabel_softmax_loss(ref_h, ref_w, y.to("cuda"), impl="torch")
     ref.backward()
     hh, ww = h.to("cuda", dtype).requires_grad_(), w.to("cuda", dtype).requires_grad_()
-    out = linear_multilabel_softmax_loss(hh, ww, y.to("cuda"), impl="triton", chunk_size=64)
+    out = linear_multilabel_softmax_loss(hh, ww, y.to("cuda"), **_route(route, chunk))
     out.backward()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)

@@ -287,7 +287,7 @@ def sharded_linear_multilabel_softmax_loss(
         b, k_local, hidden.dtype, hidden.device, target, weight, sample_weight, class_start, reduction, empty,
         label_smoothing, group, validate,
     )
-    chunk = chunk_size or default_chunk("torch", b, k_local, hidden.dtype, device=hidden.device)
+    chunk = chunk_size or default_chunk(b, k_local, hidden.dtype, device=hidden.device)
     out = _ShardedLinearLoss.apply(hidden, local_weight, bias, dense, idx, rows, vals, w_local, wsum, row_scale, k,
                                    float(label_smoothing), chunk, group)
     return out.to(hidden.dtype) if reduction == "none" else out.sum().to(hidden.dtype)

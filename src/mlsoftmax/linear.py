@@ -28,42 +28,75 @@ from .targets import Positives
 __all__ = ["linear_multilabel_softmax_loss", "LinearMultiLabelSoftmaxLoss", "LinearMultiLabelSoftmaxFunction"]
 
 LINEAR_IMPLS = ("auto", "torch", "triton")
-MEMORY_BUDGET = 256 << 20  # bytes of [B, chunk] temporaries that the default chunk size aims for (GPU)
+MEMORY_BUDGET = 256 << 20  # bytes of temporaries beyond the inputs and their gradients (GPU default)
 CPU_BUDGET = 32 << 20  # CPU: two 16 MB temporaries, reused by malloc instead of mmap'd per chunk
+FAST_MIN_ROWS = 1024  # the Triton rows route needs chunks this tall (or the whole batch) to pay for its dW accumulator
+MIN_LABEL_CHUNK = 128  # never fewer classes per chunk, whatever the budget
 
 
-def default_chunk(impl: str, b: int, k: int, dtype: torch.dtype, budget: Optional[int] = None,
+def _budget(budget: Optional[int], device) -> int:
+    if budget is not None:
+        return budget
+    return MEMORY_BUDGET if torch.device(device).type == "cuda" else CPU_BUDGET
+
+
+def default_chunk(b: int, k: int, dtype: torch.dtype, budget: Optional[int] = None,
                   device: Union[str, torch.device] = "cpu") -> int:
-    """Chunk size from a memory budget: classes per chunk (``"torch"``) or rows per chunk (``"triton"``).
+    """Classes per chunk of the label-chunked torch route, from a memory budget.
 
-    The budget (bytes of ``[B, chunk]`` temporaries) defaults to
-    ``MEMORY_BUDGET`` on GPUs and to ``CPU_BUDGET`` on the CPU, where each
-    temporary then stays below glibc's largest mmap threshold (32 MB): larger
-    ones are mapped and unmapped on every chunk, and their first-touch page
-    faults cost more than the GEMMs (measured in BENCHMARKS.md).
+    The budget (bytes of the two ``[B, chunk]`` temporaries in the accumulation
+    dtype) defaults to ``MEMORY_BUDGET`` on GPUs and to ``CPU_BUDGET`` on the
+    CPU, where each temporary then stays below glibc's largest mmap threshold
+    (32 MB): larger ones are mapped and unmapped on every chunk, and their
+    first-touch page faults cost more than the GEMMs (measured in BENCHMARKS.md).
 
     Example:
-        >>> default_chunk("torch", 2048, 200_000, torch.float32)
+        >>> default_chunk(2048, 200_000, torch.float32)
         2048
-        >>> default_chunk("torch", 2048, 200_000, torch.float32, device="cuda")
+        >>> default_chunk(2048, 200_000, torch.float32, device="cuda")
         16384
     """
-    if budget is None:
-        budget = MEMORY_BUDGET if torch.device(device).type == "cuda" else CPU_BUDGET
-    if impl == "triton":
-        return max(1, min(max(b, 1), budget // max(k * torch.finfo(dtype).bits // 8, 1)))
     acc_bytes = torch.finfo(torch_chunked.acc_dtype(dtype)).bits // 8
-    return max(1, min(max(k, 1), budget // (2 * acc_bytes * max(b, 1))))  # two [B, C] temporaries
+    return max(1, min(max(k, 1), _budget(budget, device) // (2 * acc_bytes * max(b, 1))))
+
+
+def plan(impl: str, b: int, d: int, k: int, dtype: torch.dtype, *, budget: Optional[int] = None,
+         device: Union[str, torch.device] = "cpu") -> tuple[str, int]:
+    """The route and its chunk for a concrete ``impl`` (``"torch"`` or ``"triton"``) under a memory budget.
+
+    * ``("torch", C)``: label chunks of ``C`` classes (:func:`default_chunk`).
+    * ``("triton_rows", R)``, the fast route: three GEMMs, chunks of ``R`` rows;
+      needs ``R K`` logits plus, for bf16/fp16, a ``4 K D``-byte fp32 ``dW``
+      accumulator. Chosen when ``R >= min(B, FAST_MIN_ROWS)`` fits the budget.
+    * ``("triton_labels", C)``, the lean route: four GEMMs, chunks of ``C``
+      classes; needs ``B C`` logits plus two ``[B, D]`` fp32 buffers.
+
+    Example:
+        >>> plan("triton", 8192, 1024, 262_144, torch.bfloat16, budget=2 << 30)
+        ('triton_rows', 2048)
+        >>> plan("triton", 8192, 1024, 262_144, torch.bfloat16, budget=256 << 20)
+        ('triton_labels', 12288)
+    """
+    budget = _budget(budget, device)
+    if impl != "triton":
+        return "torch", default_chunk(b, k, dtype, budget)
+    elt = torch.finfo(dtype).bits // 8
+    acc = 0 if dtype == torch.float32 else 4 * k * d  # the fp32 dW accumulator
+    rows = min(max(b, 1), max(0, budget - acc) // max(k * elt, 1))
+    if rows >= min(max(b, 1), FAST_MIN_ROWS):
+        return "triton_rows", rows
+    cols = max(0, budget - 8 * b * d) // max(b * elt, 1)  # less the fp32 dX accumulator and one product
+    return "triton_labels", max(1, min(max(k, 1), max(cols, MIN_LABEL_CHUNK)))
 
 
 class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
     """``row_scale * loss`` (``[B]``, or its sum when ``reduce``) of ``s * hidden @ weight.T + bias``.
 
-    ``impl="torch"`` saves the inputs and per-row statistics and recomputes each
-    label chunk's logits in the backward. ``impl="triton"`` computes the
-    gradients in the forward when the output is reduced (the backward scales
-    them by ``grad_out``), and recomputes them in the backward for
-    ``reduction="none"``.
+    ``impl`` is a route of :func:`plan`. ``"torch"`` and ``"triton_labels"``
+    save the inputs and per-row statistics and recompute each label chunk's
+    logits in the backward. ``"triton_rows"`` computes the gradients in the
+    forward when the output is reduced (the backward scales them by
+    ``grad_out``), and recomputes them in the backward for ``reduction="none"``.
     """
 
     @staticmethod
@@ -72,7 +105,7 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[:4]
         ctx.impl, ctx.reduce, ctx.chunk, ctx.label_smoothing = impl, reduce, chunk, label_smoothing
         ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias, scale)]
-        if impl == "triton":
+        if impl == "triton_rows":
             from .kernels import triton_linear
 
             ctx.eager = reduce and any(needs)
@@ -86,20 +119,31 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
                 ctx.save_for_backward(hidden, weight, bias, scale, dense, indices, offsets, values, class_weight,
                                       row_scale)
         else:
-            loss, lse, coef, inv_mass, _ = torch_linear.forward(
-                hidden, weight, bias, scale, dense, indices, row_ids, values, class_weight, label_smoothing, chunk
-            )
+            xg = None
+            if impl == "triton_labels":
+                from .kernels import triton_linear
+
+                loss, lse, coef, inv_mass, xg = triton_linear.labels_forward(
+                    hidden, weight, bias, scale, dense, indices, row_ids, values, class_weight, label_smoothing, chunk
+                )
+            else:
+                loss, lse, coef, inv_mass, _ = torch_linear.forward(
+                    hidden, weight, bias, scale, dense, indices, row_ids, values, class_weight, label_smoothing, chunk
+                )
             loss = loss * row_scale
             ctx.save_for_backward(hidden, weight, bias, scale, lse, coef, inv_mass, dense, indices, row_ids, values,
-                                  class_weight, row_scale)
+                                  class_weight, row_scale, xg)
         return loss.sum() if reduce else loss
 
     @staticmethod
     def backward(ctx, grad):
         needs = ctx.needs_input_grad[:4]
-        if ctx.impl == "triton" and ctx.eager:
-            grads = [None if t is None else t * grad for t in ctx.saved_tensors]
-        elif ctx.impl == "triton":
+        if ctx.impl == "triton_rows" and ctx.eager:
+            # scaled and cast in one op: the fp32 dW accumulator gets no fp32 copy
+            out = [torch.mul(t, grad, out=torch.empty(t.shape, dtype=dt, device=t.device)) if need else None
+                   for t, dt, need in zip(ctx.saved_tensors, ctx.dtypes, needs)]
+            return tuple(out) + (None,) * 11
+        if ctx.impl == "triton_rows":
             from .kernels import triton_linear
 
             hidden, weight, bias, scale, dense, indices, offsets, values, cw, row_scale = ctx.saved_tensors
@@ -108,14 +152,22 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
                 ctx.label_smoothing, ctx.chunk, need_grad=True,
             )
         else:
-            hidden, weight, bias, scale, lse, coef, inv_mass, dense, indices, row_ids, values, cw, row_scale = (
+            hidden, weight, bias, scale, lse, coef, inv_mass, dense, indices, row_ids, values, cw, row_scale, xg = (
                 ctx.saved_tensors
             )
             g = row_scale * (grad.expand_as(row_scale) if ctx.reduce else grad)
-            grads = torch_linear.backward(
-                g, hidden, weight, bias, scale, lse, coef, inv_mass, dense, indices, row_ids, values,
-                cw, ctx.label_smoothing, ctx.chunk, need_w=needs[1],
-            )
+            if ctx.impl == "triton_labels":
+                from .kernels import triton_linear
+
+                grads = triton_linear.labels_backward(
+                    g, hidden, weight, bias, scale, lse, coef, inv_mass, xg, dense, indices, row_ids, values, cw,
+                    ctx.label_smoothing, ctx.chunk, need_w=needs[1],
+                )
+            else:
+                grads = torch_linear.backward(
+                    g, hidden, weight, bias, scale, lse, coef, inv_mass, dense, indices, row_ids, values,
+                    cw, ctx.label_smoothing, ctx.chunk, need_w=needs[1],
+                )
         out = [g.to(dt) if (need and g is not None) else None for g, dt, need in zip(grads, ctx.dtypes, needs)]
         return tuple(out) + (None,) * 11
 
@@ -163,6 +215,7 @@ def linear_multilabel_softmax_loss(
     label_smoothing: float = 0.0,
     sample_weight: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
     impl: str = "auto",
     validate: bool = True,
 ) -> Tensor:
@@ -187,11 +240,15 @@ def linear_multilabel_softmax_loss(
             :func:`~mlsoftmax.multilabel_softmax_loss`).
         reduction, empty, label_smoothing, sample_weight, validate: as in
             :func:`~mlsoftmax.multilabel_softmax_loss`.
-        chunk_size: classes per chunk (``impl="torch"``) or rows per chunk
-            (``impl="triton"``). Default: from a memory budget for the
-            ``[B, chunk]`` temporaries, 256 MB on GPUs and 32 MB on the CPU
-            (:func:`default_chunk`).
-        impl: ``"auto"`` (Triton route on CUDA, else torch), ``"torch"`` or ``"triton"``.
+        chunk_size: overrides the chunk of the route that :func:`plan` picks:
+            classes per chunk (``impl="torch"``, and the lean Triton route) or
+            rows per chunk (the fast Triton route).
+        memory_budget: bytes of temporaries beyond the inputs and their
+            gradients (default 256 MB on GPUs, 32 MB on the CPU). It sizes the
+            chunks, and with ``impl="triton"`` picks the route: the fast one
+            (three GEMMs, needs ``4 K D`` bytes for an fp32 ``dW`` accumulator
+            in bf16/fp16) when it fits, else the lean one (four GEMMs).
+        impl: ``"auto"`` (Triton routes on CUDA, else torch), ``"torch"`` or ``"triton"``.
 
     Returns:
         A scalar, or ``[...]`` for ``reduction="none"``.
@@ -207,8 +264,9 @@ def linear_multilabel_softmax_loss(
     """
     _check_linear(hidden, weight, bias, weight_scale)
     _check_options(reduction, empty, label_smoothing, impl)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"Expected `chunk_size` to be a positive int, but got {chunk_size!r}")
+    for name, val in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+            raise ValueError(f"Expected `{name}` to be a positive int, but got {val!r}")
     d, k = hidden.shape[-1], weight.shape[0]
     shape = hidden.shape[:-1] + (k,)  # the logits' shape
     _check_weights(class_weight, sample_weight, hidden, validate, shape=shape)
@@ -227,11 +285,12 @@ def linear_multilabel_softmax_loss(
         scale = scale.to(device=h.device, dtype=acc).reshape(())
     if bias is not None and chosen == "triton":
         bias = bias.to(h.dtype)
-    chunk = chunk_size or default_chunk(chosen, h.shape[0], k, h.dtype, device=h.device)
+    route, chunk = plan(chosen, h.shape[0], d, k, h.dtype, budget=memory_budget, device=h.device)
+    chunk = chunk_size or chunk
     offsets = target.offsets if isinstance(target, Positives) else None
     out = LinearMultiLabelSoftmaxFunction.apply(
         h, weight, bias, scale, dense, indices, offsets, row_ids, values, class_weight, row_scale,
-        float(label_smoothing), chosen, chunk, reduction != "none",
+        float(label_smoothing), route, chunk, reduction != "none",
     )
     if reduction == "none":
         return out.reshape(shape[:-1]).to(hidden.dtype)
@@ -270,6 +329,7 @@ class LinearMultiLabelSoftmaxLoss(nn.Module):
         empty: str = "ignore",
         label_smoothing: float = 0.0,
         chunk_size: Optional[int] = None,
+        memory_budget: Optional[int] = None,
         impl: str = "auto",
         validate: bool = True,
         device=None,
@@ -284,7 +344,7 @@ class LinearMultiLabelSoftmaxLoss(nn.Module):
         self.register_buffer("class_weight", class_weight)
         self.weight_scale = weight_scale
         self.reduction, self.empty, self.label_smoothing = reduction, empty, label_smoothing
-        self.chunk_size, self.impl, self.validate = chunk_size, impl, validate
+        self.chunk_size, self.memory_budget, self.impl, self.validate = chunk_size, memory_budget, impl, validate
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -299,7 +359,7 @@ class LinearMultiLabelSoftmaxLoss(nn.Module):
             hidden, self.weight, target, bias=self.bias, weight_scale=self.weight_scale,
             class_weight=self.class_weight, reduction=self.reduction, empty=self.empty,
             label_smoothing=self.label_smoothing, sample_weight=sample_weight, chunk_size=self.chunk_size,
-            impl=self.impl, validate=self.validate,
+            memory_budget=self.memory_budget, impl=self.impl, validate=self.validate,
         )
 
     def _chunk_logits(self, h: Tensor, c0: int, c1: int) -> Tensor:
@@ -321,7 +381,7 @@ class LinearMultiLabelSoftmaxLoss(nn.Module):
         if not 1 <= k <= self.num_classes:
             raise ValueError(f"Expected `k` in [1, {self.num_classes}], but got {k}")
         h = hidden.reshape(-1, self.in_features)  # [B, D]
-        chunk = chunk_size or default_chunk("torch", h.shape[0], self.num_classes, h.dtype, device=h.device)
+        chunk = chunk_size or default_chunk(h.shape[0], self.num_classes, h.dtype, device=h.device)
         chunk = max(chunk, k)
         best_v = h.new_empty(h.shape[0], 0)  # [B, <=k]
         best_i = torch.empty(h.shape[0], 0, dtype=torch.long, device=h.device)

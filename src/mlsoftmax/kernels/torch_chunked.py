@@ -175,10 +175,30 @@ def backward(
     if indices is not None:
         # 3. sparse targets: recompute the target entries exactly, then round once
         xg = x[row_ids, indices].to(acc)  # [nnz]
-        v = torch.ones_like(xg) if values is None else values.to(acc)
-        val = (xg - lse[row_ids]).exp_().mul_(scale_p[row_ids])
-        val = val - (v if w is None else v * w[indices]) * scale_t[row_ids]
-        if scale_s is not None:
-            val = val - (scale_s[row_ids] if w is None else scale_s[row_ids] * w[indices])
+        val = target_entries(xg, lse, scale_p, scale_t, scale_s, indices, row_ids, values, w)
         out.index_put_((row_ids, indices), val.to(out.dtype))
     return out
+
+
+def target_entries(xg, lse, scale_p, scale_t, scale_s, indices, row_ids, values, weight) -> Tensor:
+    """The gradient at the positives ``[nnz]``, exact in the accumulation dtype of ``xg`` (their logits).
+
+    ``scale_p * softmax - w (scale_t v + scale_s)`` with the per-row scales of the
+    softmax, of the target and of the smoothing mass (``scale_s`` may be None).
+    """
+    v = torch.ones_like(xg) if values is None else values.to(xg.dtype)  # [nnz]
+    val = (xg - lse[row_ids]).exp_().mul_(scale_p[row_ids])
+    val = val - (v if weight is None else v * weight[indices]) * scale_t[row_ids]
+    if scale_s is not None:
+        val = val - (scale_s[row_ids] if weight is None else scale_s[row_ids] * weight[indices])
+    return val
+
+
+def lse_parts(m: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge partial log-sum-exps ``[B, S]`` (maxima, sum-exps relative to them) into ``[B]`` ones.
+
+    A row whose parts are all empty (max ``-inf``) keeps max ``-inf`` and sum 0.
+    """
+    mx = m.amax(1)  # [B]
+    safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    return mx, (s * (m - safe[:, None]).exp()).sum(1)

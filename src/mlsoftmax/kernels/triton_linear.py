@@ -1,6 +1,8 @@
-"""Fused linear + loss on the GPU: GEMMs per chunk of rows, the fused loss kernel in place.
+"""Fused linear + loss on the GPU: cuBLAS GEMMs per chunk, the fused loss kernels in place.
 
-For each chunk of ``R`` rows:
+Two routes, chosen by the memory budget (:func:`mlsoftmax.linear.plan`):
+
+**Rows** (:func:`run`, the fast route). For each chunk of ``R`` rows:
 
 1. ``z = s * h_r @ W.T + b`` with cuBLAS, in the input dtype (``[R, K]``);
 2. the fused Triton kernel (:mod:`.triton_loss`) overwrites ``z`` with the
@@ -9,11 +11,25 @@ For each chunk of ``R`` rows:
 3. ``dX_r = s * G @ W`` and ``dW += s * G^T @ h_r``, with ``dW`` accumulated in
    fp32 across chunks, ``db += sum_r G`` and ``ds += <h_r, G @ W>``.
 
-The gradients are therefore ready at the end of the forward; the backward only
-scales them by ``grad_out``. Extra memory is the ``[R, K]`` chunk plus the
-fp32 ``dW`` accumulator (for bf16/fp16 weights). Sparse targets are passed to
-the kernel through a slice of the CSR offsets (the kernel reads absolute
-positions), so no host sync is needed to cut the positives per chunk.
+Three GEMMs in all, and the gradients are ready at the end of the forward (the
+backward only scales them by ``grad_out``). Extra memory is the ``[R, K]``
+chunk plus the fp32 ``dW`` accumulator (``4 K D`` bytes for bf16/fp16 weights).
+Sparse targets reach the kernel through a slice of the CSR offsets (the kernel
+reads absolute positions), so no host sync is needed to cut the positives.
+
+**Labels** (:func:`labels_forward`, :func:`labels_backward`, the lean route).
+Like :mod:`.torch_linear`, chunks of ``C`` classes with an online log-sum-exp,
+but each chunk's elementwise work is one Triton pass over the cuBLAS logits:
+
+1. forward: ``z_c = s * h @ W_c.T + b_c`` (``[B, C]``), then one read of ``z_c``
+   for its partial max / sum-exp (:func:`.triton_loss.slab_stats`); the
+   positives' logits are fp32 dot products (:func:`positive_logits`);
+2. backward: recompute ``z_c``, overwrite it with ``G_c`` in one pass
+   (:func:`.triton_loss.slab_grad_`), write the positives' exact fp32 entries
+   (:func:`write_entries_`), then ``dX += G_c @ W_c`` (fp32 accumulator) and
+   ``dW_c = G_c^T @ h`` (one GEMM over all rows, rounded once: no accumulator).
+
+Four GEMMs, and extra memory ``B C`` elements plus two ``[B, D]`` fp32 buffers.
 """
 
 from __future__ import annotations
@@ -21,18 +37,115 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
-from . import triton_loss
+from . import torch_chunked, triton_interpreting, triton_loss
+
+# --------------------------------------------------------------------------- constants
+BLOCK_N = 64  # positives per program
+BLOCK_D = 128  # features per step of the positives' dot products
+INTERPRET_BLOCK_D = 16  # small under the interpreter, so tests cover the loop over D
 
 
-def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` accumulated and returned in fp32 (cuBLAS ``out_dtype`` for bf16/fp16 on CUDA)."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _positive_logits_kernel(
+    H, stride_h,  # [B, D] hidden
+    Wt, stride_w,  # [K, D] classifier weight
+    IDX, ROWS,  # [nnz] class and row of each positive
+    OUT,  # [nnz] fp32 out: <h_row, w_class>
+    NNZ, D,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # 1. this program's positives
+    j = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    jm = j < NNZ
+    rows = tl.load(ROWS + j, mask=jm, other=0).to(tl.int64)  # [BLOCK_N]
+    idx = tl.load(IDX + j, mask=jm, other=0).to(tl.int64)  # [BLOCK_N]
+    # 2. their dot products over D, in fp32
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+        m2 = jm[:, None] & (d < D)[None, :]
+        h = tl.load(H + rows[:, None] * stride_h + d[None, :], mask=m2, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
+        w = tl.load(Wt + idx[:, None] * stride_w + d[None, :], mask=m2, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
+        acc += tl.sum(h * w, 1)
+    tl.store(OUT + j, acc, mask=jm)
+
+
+@triton.jit
+def _write_entries_kernel(
+    G, stride_g,  # [B, C] gradient of the classes [c0, c0 + C)
+    IDX, ROWS, VALS,  # [nnz] class, row and fp32 gradient of each positive
+    NNZ, c0, C,
+    BLOCK_N: tl.constexpr,
+):
+    # 1. this program's positives that fall in the chunk
+    j = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    jm = j < NNZ
+    idx = tl.load(IDX + j, mask=jm, other=0).to(tl.int64) - c0  # [BLOCK_N] column in the chunk
+    mine = jm & (idx >= 0) & (idx < C)
+    rows = tl.load(ROWS + j, mask=mine, other=0).to(tl.int64)
+    # 2. their exact entries, rounded once
+    v = tl.load(VALS + j, mask=mine, other=0.0)
+    tl.store(G + rows * stride_g + idx, v.to(G.dtype.element_ty), mask=mine)
+
+
+# --------------------------------------------------------------------------- launchers
+def positive_logits(h: Tensor, w: Tensor, indices: Tensor, row_ids: Tensor) -> Tensor:
+    """``<h[row_ids[j]], w[indices[j]]>`` for every positive ``j``, ``[nnz]`` fp32 (inputs contiguous in D)."""
+    nnz, d = indices.numel(), h.shape[1]
+    h, w = (t if t.stride(1) == 1 else t.contiguous() for t in (h, w))
+    out = torch.empty(nnz, dtype=torch.float32, device=h.device)  # [nnz]
+    if nnz:
+        block_d = INTERPRET_BLOCK_D if triton_interpreting() else BLOCK_D
+        _positive_logits_kernel[(triton.cdiv(nnz, BLOCK_N),)](
+            h, h.stride(0), w, w.stride(0), indices, row_ids, out, nnz, d, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+        )
+    return out
+
+
+def write_entries_(g: Tensor, indices: Tensor, row_ids: Tensor, vals: Tensor, c0: int) -> Tensor:
+    """``g[row, k - c0] = vals`` for the positives ``(row, k)`` with ``k`` in ``[c0, c0 + C)``; no host sync."""
+    nnz = indices.numel()
+    if nnz:
+        _write_entries_kernel[(triton.cdiv(nnz, BLOCK_N),)](
+            g, g.stride(0), indices, row_ids, vals, nnz, c0, g.shape[1], BLOCK_N=BLOCK_N,
+        )
+    return g
+
+
+_FUSED_ADDMM = [True]  # cuBLAS addmm with an fp32 out for bf16/fp16 inputs (newer PyTorch); off once it fails
+
+
+def addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``acc += a @ b`` with ``acc`` fp32: in the GEMM's epilogue when PyTorch can, else via an fp32 product.
+
+    The fused form (``addmm`` with ``out_dtype=float32, out=acc``, as Liger-Kernel's
+    fused linear cross-entropy also accumulates its weight gradient) needs no
+    ``[M, N]`` fp32 temporary; PyTorch versions without it raise, and the
+    fallback is used from then on.
+    """
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    if a.is_cuda and _FUSED_ADDMM[0]:
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except (RuntimeError, TypeError):
+            _FUSED_ADDMM[0] = False
+    return acc.add_(torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float())
+
+
+def _logits(h: Tensor, w: Tensor, bias: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
+    """``s * h @ w.T + b`` (``[R, C]``) in the input dtype: the GEMM, then scale and bias in place."""
+    z = h @ w.T  # [R, C]
+    if scale is not None:
+        z.mul_(scale.to(z.dtype))
+    if bias is not None:
+        z.add_(bias)
+    return z
 
 
 def run(
@@ -50,25 +163,21 @@ def run(
     rows: int,
     need_grad: bool,
 ):
-    """``(row_scale * loss [B] fp32, dX [B, D], dW [K, D] fp32, db [K] fp32, ds [] fp32)``.
+    """The rows route: ``(row_scale * loss [B] fp32, dX [B, D], dW [K, D] fp32, db [K] fp32 | None, ds [] fp32)``.
 
-    The gradients are ``None`` when ``need_grad`` is false.
+    The gradients are ``None`` when ``need_grad`` is false (``db`` also without a bias).
     """
     b, k = h.shape[0], w.shape[0]
     loss = torch.empty(b, dtype=torch.float32, device=h.device)  # [B]
     dx = torch.empty_like(h) if need_grad else None  # [B, D]
     dw = torch.zeros(w.shape, dtype=torch.float32, device=h.device) if need_grad else None  # [K, D]
-    db = torch.zeros(k, dtype=torch.float32, device=h.device) if need_grad else None  # [K]
+    db = torch.zeros(k, dtype=torch.float32, device=h.device) if need_grad and bias is not None else None  # [K]
     ds = torch.zeros((), dtype=torch.float32, device=h.device) if need_grad else None
     for r0 in range(0, b, rows):
         r1 = min(b, r0 + rows)
         hr = h[r0:r1]  # [R, D]
         # 1. the chunk's logits
-        z = hr @ w.T  # [R, K]
-        if scale is not None:
-            z.mul_(scale.to(z.dtype))
-        if bias is not None:
-            z.add_(bias)
+        z = _logits(hr, w, bias, scale)  # [R, K]
         # 2. loss and row-scaled gradient, written over z
         loss[r0:r1] = triton_loss.forward(
             z, None if dense is None else dense[r0:r1], indices, None if offsets is None else offsets[r0:r1 + 1],
@@ -78,10 +187,121 @@ def run(
             continue
         # 3. the products; G @ W is shared by dX and ds
         gw = z @ w  # [R, D]
-        ds += (hr.float() * gw.float()).sum()
+        if scale is not None:
+            ds += (hr.float() * gw.float()).sum()
         dx[r0:r1] = gw if scale is None else gw * scale.to(gw.dtype)
-        dw += _mm_fp32(z.T, hr)
-        db += z.sum(0, dtype=torch.float32)
+        addmm_fp32_(dw, z.T, hr)
+        if db is not None:
+            db += z.sum(0, dtype=torch.float32)
     if need_grad and scale is not None:
         dw.mul_(scale)
     return loss, dx, dw, db, ds
+
+
+def labels_forward(
+    h: Tensor,  # [B, D]
+    w: Tensor,  # [K, D]
+    bias: Optional[Tensor],  # [K]
+    scale: Optional[Tensor],  # [] fp32
+    dense: Optional[Tensor],  # [B, K]
+    indices: Optional[Tensor],  # [nnz]
+    row_ids: Optional[Tensor],  # [nnz]
+    values: Optional[Tensor],  # [nnz]
+    class_weight: Optional[Tensor],  # [K]
+    label_smoothing: float,
+    chunk: int,
+):
+    """The labels route's forward: per-row ``(loss, lse, coef, inv_mass)`` fp32 and the positives' logits ``[nnz]``."""
+    b, k = h.shape[0], w.shape[0]
+    eps = float(label_smoothing)
+    m = h.new_full((b,), float("-inf"), dtype=torch.float32)  # [B] running max
+    s = h.new_zeros(b, dtype=torch.float32)  # [B] running sum of exp(z - m)
+    mass, wmass, dot, sx = (h.new_zeros(b, dtype=torch.float32) for _ in range(4))  # [B]
+    for c0 in range(0, k, chunk):
+        c1 = min(k, c0 + chunk)
+        # 1. the chunk's logits, then one pass for its partial statistics
+        z = _logits(h, w[c0:c1], None if bias is None else bias[c0:c1], scale)  # [B, C]
+        st = triton_loss.slab_stats(z, None if dense is None else dense[:, c0:c1],
+                                    None if class_weight is None else class_weight[c0:c1], eps > 0)  # [B, S, 6]
+        # 2. merge into the running log-sum-exp and sums
+        m, s = torch_chunked.lse_parts(torch.cat([m[:, None], st[..., 0]], 1), torch.cat([s[:, None], st[..., 1]], 1))
+        if dense is not None:
+            mass += st[..., 2].sum(1)
+            wmass += st[..., 3].sum(1)
+            dot += st[..., 4].sum(1)
+        if eps > 0:
+            sx += st[..., 5].sum(1)
+    lse = s.log() + torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # [B]
+    xg = None
+    if indices is not None:
+        # 3. the positives' logits as fp32 dot products, then their sums per row
+        xg = positive_logits(h, w, indices, row_ids)  # [nnz]
+        if scale is not None:
+            xg = xg * scale
+        if bias is not None:
+            xg = xg + bias[indices].float()
+        v = torch.ones_like(xg) if values is None else values.float()
+        vw = v if class_weight is None else v * class_weight[indices].float()
+        mass.index_add_(0, row_ids, v)
+        wmass.index_add_(0, row_ids, vw)
+        dot.index_add_(0, row_ids, vw * xg)
+    wsum = float(k) if class_weight is None else class_weight.float().sum()
+    loss, lse, coef, inv_mass, _ = torch_chunked.combine(lse, dot, mass, wmass, sx if eps > 0 else None, k, wsum, eps)
+    return loss, lse, coef, inv_mass, xg
+
+
+def labels_backward(
+    grad_rows: Tensor,  # [B] d(total)/d(loss_i), row scale included
+    h: Tensor,  # [B, D]
+    w: Tensor,  # [K, D]
+    bias: Optional[Tensor],
+    scale: Optional[Tensor],
+    lse: Tensor,  # [B]
+    coef: Tensor,  # [B]
+    inv_mass: Tensor,  # [B]
+    xg: Optional[Tensor],  # [nnz] the positives' logits, from the forward
+    dense: Optional[Tensor],
+    indices: Optional[Tensor],
+    row_ids: Optional[Tensor],
+    values: Optional[Tensor],
+    class_weight: Optional[Tensor],
+    label_smoothing: float,
+    chunk: int,
+    need_w: bool = True,
+):
+    """The labels route's backward: ``(dX [B, D] fp32, dW [K, D] | None, db [K] fp32 | None, ds [] fp32)``."""
+    k = w.shape[0]
+    eps = float(label_smoothing)
+    cw = None if class_weight is None else class_weight.float()
+    g = grad_rows.float()
+    a, bt = coef * g, (1.0 - eps) * inv_mass * g  # [B] scales of the softmax and of the target
+    bs = (eps / k) * g * (inv_mass > 0)  # [B] the smoothing mass
+    coefs = torch.stack([lse, a, bt, bs], 1).contiguous()  # [B, 4]
+    ent = None
+    if indices is not None:
+        # the positives' gradient entries, exact in fp32 (written over each chunk's pass)
+        ent = torch_chunked.target_entries(xg, lse, a, bt, bs if eps else None, indices, row_ids, values, cw)  # [nnz]
+    dx = h.new_zeros(h.shape, dtype=torch.float32)  # [B, D] G @ W, before the logit scale
+    dw = torch.empty_like(w) if need_w else None  # [K, D]
+    db = h.new_empty(k, dtype=torch.float32) if bias is not None else None  # [K]
+    for c0 in range(0, k, chunk):
+        c1 = min(k, c0 + chunk)
+        # 1. recompute the chunk's logits and overwrite them with G in one pass, then the exact positives
+        z = _logits(h, w[c0:c1], None if bias is None else bias[c0:c1], scale)  # [B, C]
+        triton_loss.slab_grad_(z, coefs, None if dense is None else dense[:, c0:c1],
+                               None if cw is None else cw[c0:c1], eps > 0)
+        if ent is not None:
+            write_entries_(z, indices, row_ids, ent, c0)
+        # 2. the products: dX accumulated in fp32, dW_c in one GEMM over all rows
+        addmm_fp32_(dx, z, w[c0:c1])
+        if dw is not None:
+            torch.mm(z.T, h, out=dw[c0:c1])
+        if db is not None:
+            db[c0:c1] = z.sum(0, dtype=torch.float32)
+    # 3. the logit scale: dX = s G W, dW = s G^T X, ds = <X, G W>
+    ds = (h.float() * dx).sum() if scale is not None else None
+    if scale is not None:
+        dx.mul_(scale)
+        if dw is not None:
+            dw.mul_(scale)
+    return dx, dw, db, ds

@@ -391,25 +391,11 @@ def num_splits(b: int, k: int, block: int, device: torch.device) -> int:
 def _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch, eps, compute_grad,
                    splits, block):
     """Split-row path: per-slice statistics, a small combine in torch (O(B·S)), then per-slice gradients."""
-    b, k = x.shape
-    span = triton.cdiv(triton.cdiv(k, splits), block) * block  # columns per program, a multiple of BLOCK
-    splits = triton.cdiv(k, span)
-    sparse = indices is not None
-    dummy = loss
-    flags = dict(HAS_DENSE=dense is not None, HAS_SPARSE=sparse, HAS_VALUES=values is not None,
-                 HAS_WEIGHT=weight is not None, HAS_SMOOTH=eps > 0, BLOCK=block, BLOCK_P=BLOCK_P,
-                 num_warps=_num_warps(block))
-    stats = torch.empty(b, splits, 6, dtype=torch.float32, device=x.device)  # [B, S, 6]
-    _msl_split_stats_kernel[(b, splits)](
-        x, x.stride(0), dense if dense is not None else dummy, dense.stride(0) if dense is not None else 0,
-        indices if sparse else dummy, offsets if sparse else dummy, values if values is not None else dummy,
-        weight if weight is not None else dummy, stats, k, span, splits, **flags,
-    )
+    k = x.shape[1]
+    stats, span = _split_stats(x, dense, indices, offsets, values, weight, eps > 0, splits, block)  # [B, S, 6]
     # 1. combine the slices: log-sum-exp of the partial sums, plain sums of the rest
-    m = stats[..., 0]  # [B, S]
-    mx = m.amax(1)
-    mx = torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)
-    lse = (stats[..., 1] * torch.exp(m - mx[:, None])).sum(1).log() + mx  # [B]
+    mx, tot = torch_chunked.lse_parts(stats[..., 0], stats[..., 1])  # [B] each
+    lse = tot.log() + torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)  # [B]
     mass, wmass, dot, sx = stats[..., 2:].sum(1).unbind(-1)  # [B] each
     wsum = float(k) if weight is None else weight.float().sum()
     loss_rows, lse, coef, inv_mass, _ = torch_chunked.combine(lse, dot, mass, wmass, sx if eps else None, k, wsum,
@@ -420,12 +406,77 @@ def _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_s
         return
     # 2. the per-row scales, then every slice's gradient
     coefs = torch.stack([lse, coef * rs, (1.0 - eps) * inv_mass * rs, (eps / k) * rs * (inv_mass > 0)], 1)  # [B, 4]
-    _msl_split_grad_kernel[(b, splits)](
-        x, x.stride(0), grad, grad.stride(0), dense if dense is not None else dummy,
-        dense.stride(0) if dense is not None else 0, indices if sparse else dummy, offsets if sparse else dummy,
-        values if values is not None else dummy, scratch, weight if weight is not None else dummy,
-        coefs.contiguous(), k, span, **flags,
+    _split_grad(x, grad, coefs, dense, indices, offsets, values, scratch, weight, eps > 0, span, block)
+
+
+def _split_flags(dense, indices, values, weight, smooth, block):
+    return dict(HAS_DENSE=dense is not None, HAS_SPARSE=indices is not None, HAS_VALUES=values is not None,
+                HAS_WEIGHT=weight is not None, HAS_SMOOTH=smooth, BLOCK=block, BLOCK_P=BLOCK_P,
+                num_warps=_num_warps(block))
+
+
+def _split_stats(x, dense, indices, offsets, values, weight, smooth, splits, block):
+    """``(stats [B, S, 6] fp32, span)``: the statistics of ``S`` slices of ``span`` columns of every row."""
+    b, k = x.shape
+    span = triton.cdiv(triton.cdiv(k, splits), block) * block  # columns per program, a multiple of BLOCK
+    splits = triton.cdiv(k, span)
+    stats = torch.empty(b, splits, 6, dtype=torch.float32, device=x.device)  # [B, S, 6]
+    dummy = stats
+    _msl_split_stats_kernel[(b, splits)](
+        x, x.stride(0), dense if dense is not None else dummy, dense.stride(0) if dense is not None else 0,
+        indices if indices is not None else dummy, offsets if offsets is not None else dummy,
+        values if values is not None else dummy, weight if weight is not None else dummy, stats, k, span, splits,
+        **_split_flags(dense, indices, values, weight, smooth, block),
     )
+    return stats, span
+
+
+def _split_grad(x, grad, coefs, dense, indices, offsets, values, scratch, weight, smooth, span, block):
+    """Every slice's gradient into ``grad`` (may alias ``x``), from the per-row ``coefs`` ``[B, 4]``."""
+    b, k = x.shape
+    dummy = coefs
+    _msl_split_grad_kernel[(b, triton.cdiv(k, span))](
+        x, x.stride(0), grad, grad.stride(0), dense if dense is not None else dummy,
+        dense.stride(0) if dense is not None else 0, indices if indices is not None else dummy,
+        offsets if offsets is not None else dummy, values if values is not None else dummy,
+        scratch if scratch is not None else dummy, weight if weight is not None else dummy,
+        coefs.contiguous(), k, span, **_split_flags(dense, indices, values, weight, smooth, block),
+    )
+
+
+def _slab_target(x, dense):
+    if x.stride(-1) != 1:
+        raise ValueError("Expected a slab contiguous in its last dim")
+    if dense is not None and dense.stride(-1) != 1:
+        dense = dense.contiguous()
+    return dense.view(torch.uint8) if dense is not None and dense.dtype == torch.bool else dense
+
+
+def slab_stats(x: Tensor, dense: Optional[Tensor], weight: Optional[Tensor], smooth: bool) -> Tensor:
+    """Partial statistics ``[B, S, 6]`` of a slab of columns ``x`` ``[B, C]`` (no sparse target).
+
+    Per row and slice: max, sum-exp relative to it, the dense target's mass,
+    weighted mass and ``sum w t x``, and ``sum w x`` (for smoothing). The fused
+    linear route (:mod:`.triton_linear`) calls it on each chunk of classes.
+    """
+    b, k = x.shape
+    block = _block(k)
+    return _split_stats(x, _slab_target(x, dense), None, None, None, weight, smooth, num_splits(b, k, block, x.device),
+                        block)[0]
+
+
+def slab_grad_(x: Tensor, coefs: Tensor, dense: Optional[Tensor], weight: Optional[Tensor], smooth: bool) -> Tensor:
+    """Overwrite a slab ``x`` ``[B, C]`` with ``a softmax - w (bt t + bs)``, ``coefs = [lse, a, bt, bs]`` ``[B, 4]``.
+
+    Each entry is formed in fp32 and rounded once; positives of a sparse target
+    are left to the caller (they get ``a softmax - w bs`` here).
+    """
+    b, k = x.shape
+    block = _block(k)
+    splits = num_splits(b, k, block, x.device)
+    span = triton.cdiv(triton.cdiv(k, splits), block) * block
+    _split_grad(x, x, coefs, _slab_target(x, dense), None, None, None, None, weight, smooth, span, block)
+    return x
 
 
 def scale_rows_(grad: Tensor, grad_out: Tensor) -> Tensor:
