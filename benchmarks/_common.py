@@ -42,3 +42,19 @@ def reset_peak_rss() -> int:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return rss_kb("VmRSS")
+
+
+def profile_table(step, cuda: bool, reps: int = 3, rows: int = 15) -> str:
+    """``torch.profiler`` table of ``reps`` runs of ``step()`` after one warm-up, top ``rows`` ops by self device
+    time (CPU time on the CPU): which kernels run, how often, and for how long."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(reps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)

@@ -8,6 +8,8 @@ Commands:
     python benchmarks/bench_linear.py --device cpu --B 2048 --D 128 --K 200000            # CPU time
     python benchmarks/bench_linear.py --device cpu --memory --B 2048 --D 128 --K 200000   # CPU peak RSS
     python benchmarks/bench_linear.py --device cuda --dtype bf16 --B 8192 --D 1024 --K 262144
+    python benchmarks/bench_linear.py --device cuda --dtype bf16 --B 8192 --D 1024 --K 262144 --profile \
+        --cases ours-fast ours-lean                                    # where the time goes, kernel by kernel
 
 Cases: ``gemms`` (the three GEMMs alone), ``naive`` (explicit logits +
 F.cross_entropy with a probability target), ``ours`` (impl=auto, default
@@ -30,7 +32,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import DTYPES, median_seconds, reset_peak_rss, rss_kb
+from _common import DTYPES, median_seconds, profile_table, reset_peak_rss, rss_kb
 
 
 def make_inputs(b, d, k, npos, dtype, device, seed=0):
@@ -119,6 +121,15 @@ def run_memory(args, cases):
         print(f"{r['case']:<12}{r['peak_mb']:>15.0f}{base / max(r['peak_mb'], 1e-9):>14.1f}{r['s']:>12.2f}")
 
 
+def run_profile(args, cases):
+    """One profiler table per case: the GEMMs against our kernels and the elementwise rest."""
+    h, w, pos = make_inputs(args.B, args.D, args.K, args.npos, DTYPES[args.dtype], args.device)
+    for c in cases:
+        fn = case_fn(c, h, w, pos, args.K)
+        print(f"\n== profile: {c}, B={args.B} D={args.D} K={args.K} {args.dtype}, forward + backward x3")
+        print(profile_table(lambda fn=fn: run_once(fn, h, w), args.device == "cuda"))
+
+
 def dw_error(fn, h, w, ref_dw):
     _, gw = run_once(fn, h, w)
     return ((gw.float() - ref_dw).norm() / ref_dw.norm()).item()
@@ -166,6 +177,7 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--cases", nargs="+", default=None)
     p.add_argument("--memory", action="store_true", help="CPU peak RSS, one subprocess per case")
+    p.add_argument("--profile", action="store_true", help="a torch.profiler table per case instead of timings")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -174,6 +186,8 @@ def main():
     cases = args.cases or (gpu if args.device == "cuda" else ["gemms", "naive", "naive-ours", "ours"])
     if args.memory:
         return run_memory(args, [c for c in cases if c != "gemms"])
+    if args.profile:
+        return run_profile(args, cases)
     run_time(args, cases)
 
 

@@ -10,6 +10,7 @@ Commands:
     python benchmarks/bench_loss.py --device cuda --dtype bf16 fp32 --B 4096 --K 131072
     python benchmarks/bench_loss.py --device cuda --sweep                       # K 1k..1M, B 1..16k, 1 and 8 positives
     python benchmarks/bench_loss.py --device cpu --sweep --cases torch ours     # the same, up to B*K = 2^26
+    python benchmarks/bench_loss.py --device cuda --dtype bf16 --B 4096 --K 131072 --profile --cases ours
 
 Cases: ``ours`` (impl=auto, sparse Positives), ``ours-dense`` (dense target),
 ``torch`` (F.cross_entropy(x, probs) eager), ``compile`` (the same under
@@ -26,7 +27,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import DTYPES, median_seconds, reset_peak_rss, rss_kb
+from _common import DTYPES, median_seconds, profile_table, reset_peak_rss, rss_kb
 
 
 def make_inputs(b, k, npos, dtype, device, seed=0):
@@ -70,6 +71,16 @@ def time_case(fn, x, reps, device):
         fn(z).backward()
 
     return median_seconds(once, reps, device == "cuda")
+
+
+def run_profile(args, cases):
+    """One profiler table per case at the first dtype and the given shape (kernel names, counts, times)."""
+    x, pos = make_inputs(args.B, args.K, args.npos, DTYPES[args.dtype[0]], args.device)
+    for c in cases:
+        fn = case_fn(c, x, pos, args.K)
+        print(f"\n== profile: {c}, B={args.B} K={args.K} {args.dtype[0]}, {args.npos} positives/row, "
+              f"forward + backward x3")
+        print(profile_table(lambda fn=fn: fn(x.detach().requires_grad_()).backward(), args.device == "cuda"))
 
 
 def copy_bandwidth(nbytes, device, reps=10):
@@ -170,6 +181,7 @@ def main():
     p.add_argument("--max-elems", type=int, default=0,
                    help="largest B*K in the sweep (default 2^31 on CUDA, 2^26 on the CPU)")
     p.add_argument("--memory", action="store_true", help="CPU peak RSS, one subprocess per case")
+    p.add_argument("--profile", action="store_true", help="a torch.profiler table per case instead of timings")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -180,6 +192,8 @@ def main():
     cases = args.cases or default
     if args.memory:
         return run_memory(args, cases)
+    if args.profile:
+        return run_profile(args, cases)
     run_time(args, cases)
 
 

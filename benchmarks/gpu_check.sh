@@ -16,5 +16,8 @@ python3 benchmarks/bench_loss.py --device cuda --dtype bf16 fp32 --B 4096 --K 13
 python3 benchmarks/bench_loss.py --device cuda --dtype bf16 --B 4096 --K 131072 --npos 1 2>&1 | tee -a "$OUT/bench_point.txt"
 # 3. The fused linear + loss at the point: B=8192, D=1024, K=262144 bf16, against the GEMMs, naive, CCE, Liger
 python3 benchmarks/bench_linear.py --device cuda --dtype bf16 --B 8192 --D 1024 --K 262144 --reps 5 2>&1 | tee "$OUT/bench_linear.txt"
-# 4. The sweep (K 1k..1M, B 1..16k, 1 and 8 positives), ours and eager only to fit the budget
+# 4. Where the time goes (torch.profiler): the loss kernel at the point, the two linear routes
+python3 benchmarks/bench_loss.py --device cuda --dtype bf16 --B 4096 --K 131072 --npos 8 --profile --cases ours 2>&1 | tee "$OUT/profile.txt"
+python3 benchmarks/bench_linear.py --device cuda --dtype bf16 --B 8192 --D 1024 --K 262144 --profile --cases ours-fast ours-lean 2>&1 | tee -a "$OUT/profile.txt"
+# 5. The sweep (K 1k..1M, B 1..16k, 1 and 8 positives), ours and eager only to fit the budget
 python3 benchmarks/bench_loss.py --device cuda --dtype bf16 --sweep --reps 5 --cases torch ours 2>&1 | tee "$OUT/bench_sweep.txt"
