@@ -31,8 +31,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _validation as V
-from .kernels import torch_chunked, torch_linear
-from .linear import _check_linear, default_chunk
+from .kernels import resolve_impl, torch_chunked, torch_linear
+from .linear import LINEAR_IMPLS, _check_linear, default_chunk, labels_chunk
 from .loss import _check_options, _row_scale
 from .targets import Positives
 
@@ -135,22 +135,38 @@ def _prepare(b, k_local, dtype, device, target, weight, sample_weight, class_sta
     return k, dense, local, w_local, wsum, row_scale
 
 
+def _use_triton(impl: str, x: Tensor) -> bool:
+    """``impl`` ("auto", "torch" or "triton") resolved for ``x``: whether the Triton kernels run."""
+    V.check_choice("impl", impl, LINEAR_IMPLS)
+    return resolve_impl(impl, x) == "triton"
+
+
 class _ShardedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dense, idx, rows, vals, w_local, wsum, row_scale, k, eps, group):
+    def forward(ctx, x, dense, idx, rows, vals, w_local, wsum, row_scale, k, eps, group, triton):
         smooth = eps > 0
-        parts = torch_chunked.partial_sums(x, dense, idx, rows, vals, w_local, smooth)
+        kern = _kernels(triton)
+        parts = kern.partial_sums(x, dense, idx, rows, vals, w_local, smooth)
         loss, lse, coef, inv_mass, _ = _global_stats(parts, smooth, k, wsum, eps, group)
         ctx.save_for_backward(x, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale)
-        ctx.k, ctx.eps = k, eps
+        ctx.k, ctx.eps, ctx.triton = k, eps, triton
         return loss * row_scale
 
     @staticmethod
     def backward(ctx, grad_rows):
         x, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale = ctx.saved_tensors
-        g = torch_chunked.backward((grad_rows * row_scale).contiguous(), x, lse, coef, inv_mass, dense, idx, rows,
-                                   vals, w_local, ctx.eps, num_classes=ctx.k)
-        return (g,) + (None,) * 10
+        g = _kernels(ctx.triton).backward((grad_rows * row_scale).contiguous(), x, lse, coef, inv_mass, dense, idx,
+                                          rows, vals, w_local, ctx.eps, num_classes=ctx.k)
+        return (g,) + (None,) * 11
+
+
+def _kernels(triton: bool):
+    """The module with ``partial_sums`` and ``backward`` for a shard: Triton's one-pass kernels, or pure torch."""
+    if triton:
+        from .kernels import triton_loss
+
+        return triton_loss
+    return torch_chunked
 
 
 def sharded_multilabel_softmax_loss(
@@ -164,6 +180,7 @@ def sharded_multilabel_softmax_loss(
     weight: Optional[Tensor] = None,
     sample_weight: Optional[Tensor] = None,
     label_smoothing: float = 0.0,
+    impl: str = "auto",
     validate: bool = True,
 ) -> Tensor:
     r"""The multi-label softmax loss of logits whose classes are split across the ranks of ``group``.
@@ -182,6 +199,8 @@ def sharded_multilabel_softmax_loss(
         reduction, empty, sample_weight, label_smoothing, validate: as in
             :func:`~mlsoftmax.multilabel_softmax_loss`.
         weight: ``[K]`` per-class weights over all classes.
+        impl: ``"auto"`` (the Triton kernels on CUDA, else torch), ``"torch"`` or
+            ``"triton"``: the local statistics and gradient in one fused pass each.
 
     Returns:
         The single-process loss (identical on every rank); the gradient of
@@ -205,32 +224,45 @@ def sharded_multilabel_softmax_loss(
         b, k_local, local_logits.dtype, local_logits.device, target, weight, sample_weight, class_start, reduction,
         empty, label_smoothing, group, validate,
     )
+    triton = _use_triton(impl, local_logits)
     out = _ShardedLoss.apply(local_logits, dense, idx, rows, vals, w_local, wsum, row_scale, k,
-                             float(label_smoothing), group)
+                             float(label_smoothing), group, triton)
     return out.to(local_logits.dtype) if reduction == "none" else out.sum().to(local_logits.dtype)
 
 
 class _ShardedLinearLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, bias, dense, idx, rows, vals, w_local, wsum, row_scale, k, eps, chunk, group):
+    def forward(ctx, h, w, bias, dense, idx, rows, vals, w_local, wsum, row_scale, k, eps, chunk, group, triton):
         smooth = eps > 0
-        parts = torch_linear.partial_sums(h, w, bias, None, dense, idx, rows, vals, w_local, smooth, chunk)
+        xg = None
+        if triton:
+            from .kernels import triton_linear
+
+            *parts, xg = triton_linear.labels_partial_sums(h, w, bias, None, dense, idx, rows, vals, w_local, smooth,
+                                                           chunk)
+        else:
+            parts = torch_linear.partial_sums(h, w, bias, None, dense, idx, rows, vals, w_local, smooth, chunk)
         loss, lse, coef, inv_mass, _ = _global_stats(parts, smooth, k, wsum, eps, group)
-        ctx.save_for_backward(h, w, bias, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale)
-        ctx.k, ctx.eps, ctx.chunk, ctx.group = k, eps, chunk, group
+        ctx.save_for_backward(h, w, bias, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale, xg)
+        ctx.k, ctx.eps, ctx.chunk, ctx.group, ctx.triton = k, eps, chunk, group, triton
         return loss * row_scale
 
     @staticmethod
     def backward(ctx, grad_rows):
-        h, w, bias, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale = ctx.saved_tensors
-        dx, dw, db, _ = torch_linear.backward(
-            grad_rows * row_scale, h, w, bias, None, lse, coef, inv_mass, dense, idx, rows, vals,
-            w_local, ctx.eps, ctx.chunk, need_w=ctx.needs_input_grad[1], num_classes=ctx.k,
-        )
+        h, w, bias, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale, xg = ctx.saved_tensors
+        args = (grad_rows * row_scale, h, w, bias, None, lse, coef, inv_mass)
+        opts = dict(need_w=ctx.needs_input_grad[1], num_classes=ctx.k)
+        if ctx.triton:
+            from .kernels import triton_linear
+
+            dx, dw, db, _ = triton_linear.labels_backward(*args, xg, dense, idx, rows, vals, w_local, ctx.eps,
+                                                          ctx.chunk, **opts)
+        else:
+            dx, dw, db, _ = torch_linear.backward(*args, dense, idx, rows, vals, w_local, ctx.eps, ctx.chunk, **opts)
         # the only collective of the backward: every shard's part of dX
         dist.all_reduce(dx, group=ctx.group)
         return (dx.to(h.dtype), None if dw is None else dw.to(w.dtype),
-                None if bias is None else db.to(bias.dtype)) + (None,) * 11
+                None if bias is None else db.to(bias.dtype)) + (None,) * 12
 
 
 def sharded_linear_multilabel_softmax_loss(
@@ -247,6 +279,7 @@ def sharded_linear_multilabel_softmax_loss(
     sample_weight: Optional[Tensor] = None,
     label_smoothing: float = 0.0,
     chunk_size: Optional[int] = None,
+    impl: str = "auto",
     validate: bool = True,
 ) -> Tensor:
     r"""The fused linear + loss with the classifier's rows split across the ranks of ``group``.
@@ -263,6 +296,9 @@ def sharded_linear_multilabel_softmax_loss(
         bias: ``[K_r]`` this rank's bias.
         weight: ``[K]`` per-class weights over all classes.
         chunk_size: classes per chunk of the local label loop (default from a memory budget).
+        impl: ``"auto"`` (on CUDA the Triton labels route of
+            :func:`~mlsoftmax.linear_multilabel_softmax_loss`, else torch),
+            ``"torch"`` or ``"triton"``.
         group, class_start, reduction, empty, sample_weight, label_smoothing, validate:
             as in :func:`sharded_multilabel_softmax_loss`.
 
@@ -287,7 +323,11 @@ def sharded_linear_multilabel_softmax_loss(
         b, k_local, hidden.dtype, hidden.device, target, weight, sample_weight, class_start, reduction, empty,
         label_smoothing, group, validate,
     )
-    chunk = chunk_size or default_chunk(b, k_local, hidden.dtype, device=hidden.device)
+    triton = _use_triton(impl, hidden)
+    if triton:
+        chunk = chunk_size or labels_chunk(b, hidden.shape[1], k_local, hidden.dtype, device=hidden.device)
+    else:
+        chunk = chunk_size or default_chunk(b, k_local, hidden.dtype, device=hidden.device)
     out = _ShardedLinearLoss.apply(hidden, local_weight, bias, dense, idx, rows, vals, w_local, wsum, row_scale, k,
-                                   float(label_smoothing), chunk, group)
+                                   float(label_smoothing), chunk, group, triton)
     return out.to(hidden.dtype) if reduction == "none" else out.sum().to(hidden.dtype)

@@ -85,8 +85,20 @@ def plan(impl: str, b: int, d: int, k: int, dtype: torch.dtype, *, budget: Optio
     rows = min(max(b, 1), max(0, budget - acc) // max(k * elt, 1))
     if rows >= min(max(b, 1), FAST_MIN_ROWS):
         return "triton_rows", rows
-    cols = max(0, budget - 8 * b * d) // max(b * elt, 1)  # less the fp32 dX accumulator and one product
-    return "triton_labels", max(1, min(max(k, 1), max(cols, MIN_LABEL_CHUNK)))
+    return "triton_labels", labels_chunk(b, d, k, dtype, budget)
+
+
+def labels_chunk(b: int, d: int, k: int, dtype: torch.dtype, budget: Optional[int] = None,
+                 device: Union[str, torch.device] = "cpu") -> int:
+    """Classes per chunk of the Triton labels route: ``B C`` logits plus two ``[B, D]`` fp32 buffers in the budget.
+
+    Example:
+        >>> labels_chunk(8192, 1024, 262_144, torch.bfloat16, 256 << 20)
+        12288
+    """
+    elt = torch.finfo(dtype).bits // 8
+    cols = max(0, _budget(budget, device) - 8 * b * d) // max(b * elt, 1)  # less the fp32 dX accumulator and a product
+    return max(1, min(max(k, 1), max(cols, MIN_LABEL_CHUNK)))
 
 
 class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):

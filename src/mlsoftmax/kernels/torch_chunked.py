@@ -102,13 +102,20 @@ def partial_sums(
             sx[r0:r1] = xc.sum(1) if w is None else xc @ w
     if indices is not None:
         # 4. sparse target terms: gather the positives' logits, segment-sum per row
-        xg = x[row_ids, indices].to(acc)  # [nnz]
-        v = torch.ones_like(xg) if values is None else values.to(acc)  # [nnz]
-        vw = v if w is None else v * w[indices]  # [nnz]
-        mass.index_add_(0, row_ids, v)
-        wmass.index_add_(0, row_ids, vw)
-        dot.index_add_(0, row_ids, vw * xg)
+        add_sparse_sums(x[row_ids, indices].to(acc), indices, row_ids, values, w, mass, wmass, dot)
     return lse, dot, mass, wmass, sx
+
+
+def add_sparse_sums(xg, indices, row_ids, values, weight, mass, wmass, dot) -> None:
+    """Add a sparse target's terms to the per-row sums, in place: ``mass += v``, ``wmass += w v``, ``dot += w v x``.
+
+    ``xg`` ``[nnz]`` are the positives' logits in the accumulation dtype.
+    """
+    v = torch.ones_like(xg) if values is None else values.to(xg.dtype)  # [nnz]
+    vw = v if weight is None else v * weight[indices].to(xg.dtype)  # [nnz]
+    mass.index_add_(0, row_ids, v)
+    wmass.index_add_(0, row_ids, vw)
+    dot.index_add_(0, row_ids, vw * xg)
 
 
 def combine(lse, dot, mass, wmass, sx, k: int, wsum, eps: float):

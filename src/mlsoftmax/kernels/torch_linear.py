@@ -106,11 +106,7 @@ def partial_sums(h, w, bias, scale, dense, indices, row_ids, values, class_weigh
     if indices is not None:
         # 4. sparse target terms from the positives' logits
         xg = _gather_logits(h, w, bias, scale, indices, row_ids, _gather_step(h))  # [nnz]
-        v = torch.ones_like(xg) if values is None else values.to(acc)
-        vw = v if cw is None else v * cw[indices]
-        mass.index_add_(0, row_ids, v)
-        wmass.index_add_(0, row_ids, vw)
-        dot.index_add_(0, row_ids, vw * xg)
+        torch_chunked.add_sparse_sums(xg, indices, row_ids, values, cw, mass, wmass, dot)
     return lse, dot, mass, wmass, sx
 
 

@@ -22,10 +22,10 @@ Like :mod:`.torch_linear`, chunks of ``C`` classes with an online log-sum-exp,
 but each chunk's elementwise work is one Triton pass over the cuBLAS logits:
 
 1. forward: ``z_c = s * h @ W_c.T + b_c`` (``[B, C]``), then one read of ``z_c``
-   for its partial max / sum-exp (:func:`.triton_loss.slab_stats`); the
+   for its partial max / sum-exp (:func:`.triton_loss.partial_sums`); the
    positives' logits are fp32 dot products (:func:`positive_logits`);
 2. backward: recompute ``z_c``, overwrite it with ``G_c`` in one pass
-   (:func:`.triton_loss.slab_grad_`), write the positives' exact fp32 entries
+   (:func:`.triton_loss.slab_grad`), write the positives' exact fp32 entries
    (:func:`write_entries_`), then ``dX += G_c @ W_c`` (fp32 accumulator) and
    ``dW_c = G_c^T @ h`` (one GEMM over all rows, rounded once: no accumulator).
 
@@ -198,7 +198,7 @@ def run(
     return loss, dx, dw, db, ds
 
 
-def labels_forward(
+def labels_partial_sums(
     h: Tensor,  # [B, D]
     w: Tensor,  # [K, D]
     bias: Optional[Tensor],  # [K]
@@ -208,30 +208,34 @@ def labels_forward(
     row_ids: Optional[Tensor],  # [nnz]
     values: Optional[Tensor],  # [nnz]
     class_weight: Optional[Tensor],  # [K]
-    label_smoothing: float,
+    smooth: bool,
     chunk: int,
 ):
-    """The labels route's forward: per-row ``(loss, lse, coef, inv_mass)`` fp32 and the positives' logits ``[nnz]``."""
+    """Per-row fp32 ``(lse, dot, mass, wmass, sx)`` over the classes of ``w``, and the positives' logits ``[nnz]``.
+
+    The sums follow :func:`.torch_chunked.combine` (a label-sharded caller
+    combines them across shards first).
+    """
     b, k = h.shape[0], w.shape[0]
-    eps = float(label_smoothing)
-    m = h.new_full((b,), float("-inf"), dtype=torch.float32)  # [B] running max
-    s = h.new_zeros(b, dtype=torch.float32)  # [B] running sum of exp(z - m)
-    mass, wmass, dot, sx = (h.new_zeros(b, dtype=torch.float32) for _ in range(4))  # [B]
+    lse = h.new_full((b,), float("-inf"), dtype=torch.float32)  # [B] running log-sum-exp
+    dot, mass, wmass = (h.new_zeros(b, dtype=torch.float32) for _ in range(3))  # [B]
+    sx = h.new_zeros(b, dtype=torch.float32) if smooth else None  # [B]
     for c0 in range(0, k, chunk):
         c1 = min(k, c0 + chunk)
-        # 1. the chunk's logits, then one pass for its partial statistics
+        # 1. the chunk's logits, then one Triton pass for its statistics
         z = _logits(h, w[c0:c1], None if bias is None else bias[c0:c1], scale)  # [B, C]
-        st = triton_loss.slab_stats(z, None if dense is None else dense[:, c0:c1],
-                                    None if class_weight is None else class_weight[c0:c1], eps > 0)  # [B, S, 6]
-        # 2. merge into the running log-sum-exp and sums
-        m, s = torch_chunked.lse_parts(torch.cat([m[:, None], st[..., 0]], 1), torch.cat([s[:, None], st[..., 1]], 1))
+        lse_c, dot_c, mass_c, wmass_c, sx_c = triton_loss.partial_sums(
+            z, None if dense is None else dense[:, c0:c1], None, None, None,
+            None if class_weight is None else class_weight[c0:c1], smooth,
+        )
+        # 2. merged into the running log-sum-exp and sums
+        lse = torch.logaddexp(lse, lse_c)
         if dense is not None:
-            mass += st[..., 2].sum(1)
-            wmass += st[..., 3].sum(1)
-            dot += st[..., 4].sum(1)
-        if eps > 0:
-            sx += st[..., 5].sum(1)
-    lse = s.log() + torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # [B]
+            dot += dot_c
+            mass += mass_c
+            wmass += wmass_c
+        if smooth:
+            sx += sx_c
     xg = None
     if indices is not None:
         # 3. the positives' logits as fp32 dot products, then their sums per row
@@ -240,13 +244,18 @@ def labels_forward(
             xg = xg * scale
         if bias is not None:
             xg = xg + bias[indices].float()
-        v = torch.ones_like(xg) if values is None else values.float()
-        vw = v if class_weight is None else v * class_weight[indices].float()
-        mass.index_add_(0, row_ids, v)
-        wmass.index_add_(0, row_ids, vw)
-        dot.index_add_(0, row_ids, vw * xg)
+        cw = None if class_weight is None else class_weight.float()
+        torch_chunked.add_sparse_sums(xg, indices, row_ids, values, cw, mass, wmass, dot)
+    return lse, dot, mass, wmass, sx, xg
+
+
+def labels_forward(h, w, bias, scale, dense, indices, row_ids, values, class_weight, label_smoothing: float,
+                   chunk: int):
+    """The labels route's forward: per-row fp32 ``(loss, lse, coef, inv_mass)`` and the positives' logits."""
+    k, eps = w.shape[0], float(label_smoothing)
+    *parts, xg = labels_partial_sums(h, w, bias, scale, dense, indices, row_ids, values, class_weight, eps > 0, chunk)
     wsum = float(k) if class_weight is None else class_weight.float().sum()
-    loss, lse, coef, inv_mass, _ = torch_chunked.combine(lse, dot, mass, wmass, sx if eps > 0 else None, k, wsum, eps)
+    loss, lse, coef, inv_mass, _ = torch_chunked.combine(*parts, k, wsum, eps)
     return loss, lse, coef, inv_mass, xg
 
 
@@ -268,9 +277,13 @@ def labels_backward(
     label_smoothing: float,
     chunk: int,
     need_w: bool = True,
+    num_classes: Optional[int] = None,
 ):
-    """The labels route's backward: ``(dX [B, D] fp32, dW [K, D] | None, db [K] fp32 | None, ds [] fp32)``."""
-    k = w.shape[0]
+    """The labels route's backward: ``(dX [B, D] fp32, dW [K, D] | None, db [K] fp32 | None, ds [] fp32)``.
+
+    ``num_classes`` is the total ``K`` when ``w`` holds one shard of the classes.
+    """
+    k = w.shape[0] if num_classes is None else num_classes
     eps = float(label_smoothing)
     cw = None if class_weight is None else class_weight.float()
     g = grad_rows.float()
@@ -283,13 +296,13 @@ def labels_backward(
         ent = torch_chunked.target_entries(xg, lse, a, bt, bs if eps else None, indices, row_ids, values, cw)  # [nnz]
     dx = h.new_zeros(h.shape, dtype=torch.float32)  # [B, D] G @ W, before the logit scale
     dw = torch.empty_like(w) if need_w else None  # [K, D]
-    db = h.new_empty(k, dtype=torch.float32) if bias is not None else None  # [K]
-    for c0 in range(0, k, chunk):
-        c1 = min(k, c0 + chunk)
+    db = h.new_empty(w.shape[0], dtype=torch.float32) if bias is not None else None  # [K]
+    for c0 in range(0, w.shape[0], chunk):
+        c1 = min(w.shape[0], c0 + chunk)
         # 1. recompute the chunk's logits and overwrite them with G in one pass, then the exact positives
         z = _logits(h, w[c0:c1], None if bias is None else bias[c0:c1], scale)  # [B, C]
-        triton_loss.slab_grad_(z, coefs, None if dense is None else dense[:, c0:c1],
-                               None if cw is None else cw[c0:c1], eps > 0)
+        triton_loss.slab_grad(z, coefs, None if dense is None else dense[:, c0:c1],
+                              None if cw is None else cw[c0:c1], eps > 0)
         if ent is not None:
             write_entries_(z, indices, row_ids, ent, c0)
         # 2. the products: dX accumulated in fp32, dW_c in one GEMM over all rows

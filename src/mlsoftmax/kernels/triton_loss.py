@@ -456,8 +456,7 @@ def slab_stats(x: Tensor, dense: Optional[Tensor], weight: Optional[Tensor], smo
     """Partial statistics ``[B, S, 6]`` of a slab of columns ``x`` ``[B, C]`` (no sparse target).
 
     Per row and slice: max, sum-exp relative to it, the dense target's mass,
-    weighted mass and ``sum w t x``, and ``sum w x`` (for smoothing). The fused
-    linear route (:mod:`.triton_linear`) calls it on each chunk of classes.
+    weighted mass and ``sum w t x``, and ``sum w x`` (for smoothing).
     """
     b, k = x.shape
     block = _block(k)
@@ -465,18 +464,59 @@ def slab_stats(x: Tensor, dense: Optional[Tensor], weight: Optional[Tensor], smo
                         block)[0]
 
 
-def slab_grad_(x: Tensor, coefs: Tensor, dense: Optional[Tensor], weight: Optional[Tensor], smooth: bool) -> Tensor:
-    """Overwrite a slab ``x`` ``[B, C]`` with ``a softmax - w (bt t + bs)``, ``coefs = [lse, a, bt, bs]`` ``[B, 4]``.
+def slab_grad(x: Tensor, coefs: Tensor, dense: Optional[Tensor], weight: Optional[Tensor], smooth: bool,
+              out: Optional[Tensor] = None) -> Tensor:
+    """``a softmax - w (bt t + bs)`` of a slab ``x`` ``[B, C]``, ``coefs = [lse, a, bt, bs]`` ``[B, 4]``, into ``out``.
 
-    Each entry is formed in fp32 and rounded once; positives of a sparse target
-    are left to the caller (they get ``a softmax - w bs`` here).
+    ``out`` defaults to ``x`` itself (in place). Each entry is formed in fp32 and
+    rounded once; positives of a sparse target are left to the caller (they get
+    ``a softmax - w bs`` here).
     """
     b, k = x.shape
     block = _block(k)
     splits = num_splits(b, k, block, x.device)
     span = triton.cdiv(triton.cdiv(k, splits), block) * block
-    _split_grad(x, x, coefs, _slab_target(x, dense), None, None, None, None, weight, smooth, span, block)
-    return x
+    out = x if out is None else out
+    _split_grad(x, out, coefs, _slab_target(x, dense), None, None, None, None, weight, smooth, span, block)
+    return out
+
+
+def partial_sums(x, dense, indices, row_ids, values, weight, smooth: bool):
+    """:func:`.torch_chunked.partial_sums` with one Triton pass over ``x`` ``[B, K]`` (a shard or chunk of classes).
+
+    Returns fp32 ``(lse, dot, mass, wmass, sx)``; the positives' logits of a
+    sparse target are gathered in torch.
+    """
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w = None if weight is None else weight.float()
+    st = slab_stats(x, dense, w, smooth)  # [B, S, 6]
+    m, s = torch_chunked.lse_parts(st[..., 0], st[..., 1])  # [B] each
+    lse = s.log() + torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    mass, wmass, dot, sx = (st[..., i].sum(1) for i in range(2, 6))  # [B] each
+    if indices is not None:
+        torch_chunked.add_sparse_sums(x[row_ids, indices].float(), indices, row_ids, values, w, mass, wmass, dot)
+    return lse, dot, mass, wmass, (sx if smooth else None)
+
+
+def backward(grad_rows, x, lse, coef, inv_mass, dense, indices, row_ids, values, weight, label_smoothing: float,
+             out: Optional[Tensor] = None, num_classes: Optional[int] = None) -> Tensor:
+    """:func:`.torch_chunked.backward` with one Triton pass: ``grad_rows[:, None] * (c softmax(x) - T)`` into ``out``.
+
+    The positives' entries of a sparse target are formed in fp32 and written afterwards.
+    """
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    k = x.shape[1] if num_classes is None else num_classes
+    eps = float(label_smoothing)
+    w = None if weight is None else weight.float()
+    g = grad_rows.float()
+    a, bt, bs = coef * g, (1.0 - eps) * inv_mass * g, (eps / k) * g * (inv_mass > 0)  # [B] each
+    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out  # [B, K]
+    slab_grad(x, torch.stack([lse, a, bt, bs], 1), dense, w, eps > 0, out=out)
+    if indices is not None:
+        ent = torch_chunked.target_entries(x[row_ids, indices].float(), lse, a, bt, bs if eps else None, indices,
+                                           row_ids, values, w)  # [nnz]
+        out.index_put_((row_ids, indices), ent.to(out.dtype))
+    return out
 
 
 def scale_rows_(grad: Tensor, grad_out: Tensor) -> Tensor:
