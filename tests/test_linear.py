@@ -145,6 +145,20 @@ def test_low_precision_no_worse_than_naive(route, dtype, rng):
     assert ours_l <= 2 * naive_l + 1e-3
 
 
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch_gives_zero_loss_and_gradients(route, reduction):
+    dt = _exact_dtype(route)
+    h = torch.zeros(0, 4, dtype=dt, requires_grad=True)
+    w = torch.randn(10, 4, dtype=dt, requires_grad=True)
+    b = torch.randn(10, dtype=dt, requires_grad=True)
+    out = linear_multilabel_softmax_loss(h, w, Positives.from_lists([], 10), bias=b, reduction=reduction,
+                                         **_route(route, 4))
+    out.sum().backward()
+    assert out.shape == ((0,) if reduction == "none" else ())
+    assert float(out.sum()) == 0.0 and torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
 def test_chunked_top_k_and_logits_match_full(rng):
     head = LinearMultiLabelSoftmaxLoss(9, 1000, weight_scale=2.0)
     h = torch.tensor(rng.normal(size=(4, 9)), dtype=torch.float32)

@@ -120,22 +120,24 @@ def write_entries_(g: Tensor, indices: Tensor, row_ids: Tensor, vals: Tensor, c0
 _FUSED_ADDMM = [True]  # cuBLAS addmm with an fp32 out for bf16/fp16 inputs (newer PyTorch); off once it fails
 
 
-def addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``acc += a @ b`` with ``acc`` fp32: in the GEMM's epilogue when PyTorch can, else via an fp32 product.
+def addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor, beta: float = 1.0) -> Tensor:
+    """``acc = beta * acc + a @ b`` with ``acc`` fp32: in the GEMM's epilogue when PyTorch can, else via a product.
 
     The fused form (``addmm`` with ``out_dtype=float32, out=acc``, as Liger-Kernel's
     fused linear cross-entropy also accumulates its weight gradient) needs no
     ``[M, N]`` fp32 temporary; PyTorch versions without it raise, and the
-    fallback is used from then on.
+    fallback is used from then on. With ``beta=0`` the old content of ``acc`` is
+    ignored (it may be uninitialised).
     """
     if a.dtype == acc.dtype:
-        return acc.addmm_(a, b)
+        return acc.addmm_(a, b, beta=beta)
     if a.is_cuda and _FUSED_ADDMM[0]:
         try:
-            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
         except (RuntimeError, TypeError):
             _FUSED_ADDMM[0] = False
-    return acc.add_(torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float())
+    prod = torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float()
+    return acc.copy_(prod) if beta == 0 else acc.add_(prod)
 
 
 def _logits(h: Tensor, w: Tensor, bias: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
@@ -170,7 +172,7 @@ def run(
     b, k = h.shape[0], w.shape[0]
     loss = torch.empty(b, dtype=torch.float32, device=h.device)  # [B]
     dx = torch.empty_like(h) if need_grad else None  # [B, D]
-    dw = torch.zeros(w.shape, dtype=torch.float32, device=h.device) if need_grad else None  # [K, D]
+    dw = (torch.empty if b else torch.zeros)(w.shape, dtype=torch.float32, device=h.device) if need_grad else None
     db = torch.zeros(k, dtype=torch.float32, device=h.device) if need_grad and bias is not None else None  # [K]
     ds = torch.zeros((), dtype=torch.float32, device=h.device) if need_grad else None
     for r0 in range(0, b, rows):
@@ -190,7 +192,7 @@ def run(
         if scale is not None:
             ds += (hr.float() * gw.float()).sum()
         dx[r0:r1] = gw if scale is None else gw * scale.to(gw.dtype)
-        addmm_fp32_(dw, z.T, hr)
+        addmm_fp32_(dw, z.T, hr, beta=0.0 if r0 == 0 else 1.0)  # the first chunk overwrites
         if db is not None:
             db += z.sum(0, dtype=torch.float32)
     if need_grad and scale is not None:
@@ -294,7 +296,7 @@ def labels_backward(
     if indices is not None:
         # the positives' gradient entries, exact in fp32 (written over each chunk's pass)
         ent = torch_chunked.target_entries(xg, lse, a, bt, bs if eps else None, indices, row_ids, values, cw)  # [nnz]
-    dx = h.new_zeros(h.shape, dtype=torch.float32)  # [B, D] G @ W, before the logit scale
+    dx = h.new_empty(h.shape, dtype=torch.float32)  # [B, D] G @ W, before the logit scale
     dw = torch.empty_like(w) if need_w else None  # [K, D]
     db = h.new_empty(w.shape[0], dtype=torch.float32) if bias is not None else None  # [K]
     for c0 in range(0, w.shape[0], chunk):
@@ -306,7 +308,7 @@ def labels_backward(
         if ent is not None:
             write_entries_(z, indices, row_ids, ent, c0)
         # 2. the products: dX accumulated in fp32, dW_c in one GEMM over all rows
-        addmm_fp32_(dx, z, w[c0:c1])
+        addmm_fp32_(dx, z, w[c0:c1], beta=0.0 if c0 == 0 else 1.0)
         if dw is not None:
             torch.mm(z.T, h, out=dw[c0:c1])
         if db is not None:
