@@ -9,7 +9,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 # 1. GPU tests (the compiled kernel, not the interpreter)
-TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_linear.py 2>&1 | tee "$OUT/tests.txt"
+TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_linear.py tests/test_distributed.py 2>&1 | tee "$OUT/tests.txt"
 TRITON_INTERPRET=0 python3 -m pytest -q -x tests/test_loss.py -k "triton and not compile" -p no:cacheprovider 2>&1 | tail -3 | tee -a "$OUT/tests.txt"
 # 2. The point: B=4096, K=131072, bf16 and fp32, against eager, compile and Liger when installed
 python3 benchmarks/bench_loss.py --device cuda --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 2>&1 | tee "$OUT/bench_point.txt"

@@ -158,5 +158,37 @@ def test_bad_input_single_rank(tmp_path):
             sharded_multilabel_softmax_loss(torch.zeros(4), Positives.from_lists([[0]], 4))
         with pytest.raises(TypeError, match="Expected `target`"):
             sharded_multilabel_softmax_loss(x, [[0], [1]])
+        with pytest.raises(ValueError, match="Expected `impl` to be one of"):
+            sharded_multilabel_softmax_loss(x, Positives.from_lists([[0], [1]], 4), impl="compile")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_sharded_triton_matches_single_process(dtype, tmp_path):
+    """CUDA, one NCCL rank holding the classes [0, K): the Triton routes against the fp32 single-process torch path."""
+    from mlsoftmax import linear_multilabel_softmax_loss, multilabel_softmax_loss
+    from mlsoftmax.distributed import sharded_linear_multilabel_softmax_loss, sharded_multilabel_softmax_loss
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(64, 32, generator=g), torch.randn(5000, 32, generator=g) / 4
+    y = Positives.from_padded(torch.randint(0, 5000, (64, 8), generator=g)).to("cuda")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        for sharded, single in ((sharded_multilabel_softmax_loss, multilabel_softmax_loss),
+                                (sharded_linear_multilabel_softmax_loss, linear_multilabel_softmax_loss)):
+            linear = sharded is sharded_linear_multilabel_softmax_loss
+            ins = (h, w) if linear else (h @ w.T,)
+            ref_in = [t.cuda().requires_grad_() for t in ins]
+            ref = single(*ref_in, y, impl="torch")
+            ref.backward()
+            got_in = [t.to("cuda", dtype).requires_grad_() for t in ins]
+            got = sharded(*got_in, y, label_smoothing=0.0, impl="triton")
+            got.backward()
+            torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
+            for a, b in zip(got_in, ref_in):
+                torch.testing.assert_close(a.grad.float(), b.grad, rtol=tol * 10, atol=tol)
     finally:
         dist.destroy_process_group()

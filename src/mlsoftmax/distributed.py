@@ -220,11 +220,11 @@ def sharded_multilabel_softmax_loss(
     if local_logits.dim() != 2:
         raise ValueError(f"Expected `local_logits` to have shape [B, K_r], but got {tuple(local_logits.shape)}")
     b, k_local = local_logits.shape
+    triton = _use_triton(impl, local_logits)
     k, dense, (idx, rows, vals), w_local, wsum, row_scale = _prepare(
         b, k_local, local_logits.dtype, local_logits.device, target, weight, sample_weight, class_start, reduction,
         empty, label_smoothing, group, validate,
     )
-    triton = _use_triton(impl, local_logits)
     out = _ShardedLoss.apply(local_logits, dense, idx, rows, vals, w_local, wsum, row_scale, k,
                              float(label_smoothing), group, triton)
     return out.to(local_logits.dtype) if reduction == "none" else out.sum().to(local_logits.dtype)
@@ -319,11 +319,11 @@ def sharded_linear_multilabel_softmax_loss(
     if hidden.dim() != 2:
         raise ValueError(f"Expected `hidden` to have shape [B, D], but got {tuple(hidden.shape)}")
     b, k_local = hidden.shape[0], local_weight.shape[0]
+    triton = _use_triton(impl, hidden)
     k, dense, (idx, rows, vals), w_local, wsum, row_scale = _prepare(
         b, k_local, hidden.dtype, hidden.device, target, weight, sample_weight, class_start, reduction, empty,
         label_smoothing, group, validate,
     )
-    triton = _use_triton(impl, hidden)
     if triton:
         chunk = chunk_size or labels_chunk(b, hidden.shape[1], k_local, hidden.dtype, device=hidden.device)
     else:
