@@ -134,6 +134,8 @@ def addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor, beta: float = 1.0) -> Tensor:
     if a.is_cuda and _FUSED_ADDMM[0]:
         try:
             return torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, TypeError):
             _FUSED_ADDMM[0] = False
     prod = torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float()
