@@ -163,9 +163,7 @@ def backward(
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out  # [B, K]
     g = grad_rows.to(acc)  # [B]
     w = None if weight is None else weight.to(acc)
-    scale_p = coef * g  # [B]
-    scale_t = (1.0 - eps) * inv_mass * g  # [B]
-    scale_s = (eps / k) * g * (inv_mass > 0) if eps else None  # [B]
+    scale_p, scale_t, scale_s = grad_scales(coef, inv_mass, g, eps, k)  # [B] each
     step = _row_step(x.shape[1])
     for r0 in range(0, b, step):
         r1 = min(b, r0 + step)
@@ -185,6 +183,14 @@ def backward(
         val = target_entries(xg, lse, scale_p, scale_t, scale_s, indices, row_ids, values, w)
         out.index_put_((row_ids, indices), val.to(out.dtype))
     return out
+
+
+def grad_scales(coef: Tensor, inv_mass: Tensor, g: Tensor, eps: float, k: int):
+    """Per-row scales ``[B]`` of the gradient ``a softmax - w (bt t + bs)`` for upstream ``g``:
+    ``(a, bt, bs)`` of the softmax, of the (raw) target and of the smoothing mass; ``bs`` is None without smoothing.
+    """
+    bs = (eps / k) * g * (inv_mass > 0) if eps else None
+    return coef * g, (1.0 - eps) * inv_mass * g, bs
 
 
 def target_entries(xg, lse, scale_p, scale_t, scale_s, indices, row_ids, values, weight) -> Tensor:

@@ -138,9 +138,9 @@ def backward(
     eps = float(label_smoothing)
     cw = None if class_weight is None else class_weight.to(acc)
     g = grad_rows.to(acc)
-    scale_p = (coef * g)[:, None]  # [B, 1]
-    scale_t = (1.0 - eps) * inv_mass * g  # [B]
-    scale_s = ((eps / k) * g * (inv_mass > 0))[:, None] if eps else None  # [B, 1]
+    scale_p, scale_t, scale_s = torch_chunked.grad_scales(coef, inv_mass, g, eps, k)  # [B] each
+    scale_p = scale_p[:, None]  # [B, 1]
+    scale_s = None if scale_s is None else scale_s[:, None]  # [B, 1]
     gw = h.new_zeros(h.shape, dtype=acc)  # [B, D] G @ W, before the logit scale
     dw = torch.empty_like(w) if need_w else None  # [K, D] G^T @ X, before the logit scale
     db = h.new_empty(w.shape[0], dtype=acc)  # [K]

@@ -291,13 +291,12 @@ def labels_backward(
     eps = float(label_smoothing)
     cw = None if class_weight is None else class_weight.float()
     g = grad_rows.float()
-    a, bt = coef * g, (1.0 - eps) * inv_mass * g  # [B] scales of the softmax and of the target
-    bs = (eps / k) * g * (inv_mass > 0)  # [B] the smoothing mass
-    coefs = torch.stack([lse, a, bt, bs], 1).contiguous()  # [B, 4]
+    a, bt, bs = torch_chunked.grad_scales(coef, inv_mass, g, eps, k)  # [B] each
+    coefs = triton_loss.pack_coefs(lse, a, bt, bs)  # [B, 4]
     ent = None
     if indices is not None:
         # the positives' gradient entries, exact in fp32 (written over each chunk's pass)
-        ent = torch_chunked.target_entries(xg, lse, a, bt, bs if eps else None, indices, row_ids, values, cw)  # [nnz]
+        ent = torch_chunked.target_entries(xg, lse, a, bt, bs, indices, row_ids, values, cw)  # [nnz]
     dx = h.new_empty(h.shape, dtype=torch.float32)  # [B, D] G @ W, before the logit scale
     dw = torch.empty_like(w) if need_w else None  # [K, D]
     db = h.new_empty(w.shape[0], dtype=torch.float32) if bias is not None else None  # [K]

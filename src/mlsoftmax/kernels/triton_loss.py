@@ -405,7 +405,8 @@ def _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_s
     if not compute_grad:
         return
     # 2. the per-row scales, then every slice's gradient
-    coefs = torch.stack([lse, coef * rs, (1.0 - eps) * inv_mass * rs, (eps / k) * rs * (inv_mass > 0)], 1)  # [B, 4]
+    a, bt, bs = torch_chunked.grad_scales(coef, inv_mass, rs, eps, k)  # [B] each
+    coefs = pack_coefs(lse, a, bt, bs)  # [B, 4]
     _split_grad(x, grad, coefs, dense, indices, offsets, values, scratch, weight, eps > 0, span, block)
 
 
@@ -450,6 +451,11 @@ def _slab_target(x, dense):
     if dense is not None and dense.stride(-1) != 1:
         dense = dense.contiguous()
     return dense.view(torch.uint8) if dense is not None and dense.dtype == torch.bool else dense
+
+
+def pack_coefs(lse: Tensor, a: Tensor, bt: Tensor, bs: Optional[Tensor]) -> Tensor:
+    """The gradient kernels' per-row ``[B, 4]`` fp32 input ``[lse, a, bt, bs]`` (``bs`` None: no smoothing)."""
+    return torch.stack([lse, a, bt, torch.zeros_like(a) if bs is None else bs], 1).float().contiguous()
 
 
 def slab_stats(x: Tensor, dense: Optional[Tensor], weight: Optional[Tensor], smooth: bool) -> Tensor:
@@ -509,12 +515,12 @@ def backward(grad_rows, x, lse, coef, inv_mass, dense, indices, row_ids, values,
     eps = float(label_smoothing)
     w = None if weight is None else weight.float()
     g = grad_rows.float()
-    a, bt, bs = coef * g, (1.0 - eps) * inv_mass * g, (eps / k) * g * (inv_mass > 0)  # [B] each
+    a, bt, bs = torch_chunked.grad_scales(coef, inv_mass, g, eps, k)  # [B] each
     out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out  # [B, K]
-    slab_grad(x, torch.stack([lse, a, bt, bs], 1), dense, w, eps > 0, out=out)
+    slab_grad(x, pack_coefs(lse, a, bt, bs), dense, w, eps > 0, out=out)
     if indices is not None:
-        ent = torch_chunked.target_entries(x[row_ids, indices].float(), lse, a, bt, bs if eps else None, indices,
-                                           row_ids, values, w)  # [nnz]
+        ent = torch_chunked.target_entries(x[row_ids, indices].float(), lse, a, bt, bs, indices, row_ids, values,
+                                           w)  # [nnz]
         out.index_put_((row_ids, indices), ent.to(out.dtype))
     return out
 
