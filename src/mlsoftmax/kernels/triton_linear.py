@@ -138,8 +138,18 @@ def addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor, beta: float = 1.0) -> Tensor:
             raise
         except (RuntimeError, TypeError):
             _FUSED_ADDMM[0] = False
-    prod = torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float()
+    prod = _mm_fp32(a, b)
     return acc.copy_(prod) if beta == 0 else acc.add_(prod)
+
+
+def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in fp32: cuBLAS with an fp32 ``out_dtype`` (PyTorch >= 2.8), else the product in the input dtype."""
+    if not a.is_cuda:
+        return a.float() @ b.float()
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except TypeError:  # no out_dtype: each chunk's product is rounded once, like the naive path's
+        return (a @ b).float()
 
 
 def _logits(h: Tensor, w: Tensor, bias: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
