@@ -13,8 +13,10 @@ Commands:
     python benchmarks/bench_loss.py --device cuda --dtype bf16 --B 4096 --K 131072 --profile --cases ours
 
 Cases: ``ours`` (impl=auto, sparse Positives), ``ours-dense`` (dense target),
-``torch`` (F.cross_entropy(x, probs) eager), ``compile`` (the same under
-torch.compile), ``liger`` (Liger-Kernel cross-entropy, one positive, if installed).
+``ours-p<N>`` (CUDA: the one-row kernel on N programs that loop over the rows,
+capping the rows in flight so that their second read can stay in L2), ``torch``
+(F.cross_entropy(x, probs) eager), ``compile`` (the same under torch.compile),
+``liger`` (Liger-Kernel cross-entropy, one positive, if installed).
 """
 
 from __future__ import annotations
@@ -48,6 +50,16 @@ def case_fn(name, x, pos, k):
     if name in ("ours", "ours-torch"):
         impl = "auto" if name == "ours" else "torch"
         return lambda z: multilabel_softmax_loss(z, pos, impl=impl, validate=False)
+    if name.startswith("ours-p"):  # ours-p<N>: the row kernel on N programs (rows in flight), each looping over rows
+        from mlsoftmax.kernels import triton_loss
+
+        def capped(z, n=int(name[len("ours-p"):])):
+            old, triton_loss.ROW_PROGRAMS = triton_loss.ROW_PROGRAMS, n
+            try:
+                return multilabel_softmax_loss(z, pos, impl="triton", validate=False)  # the kernel runs here
+            finally:
+                triton_loss.ROW_PROGRAMS = old
+        return capped
     dense = pos.to_dense(k, dtype=x.dtype)
     probs = dense / dense.sum(1, keepdim=True).clamp_min(1)
     if name == "ours-dense":

@@ -14,6 +14,8 @@ TRITON_INTERPRET=0 python3 -m pytest -q -x tests/test_loss.py -k "triton and not
 # 2. The issue's point: B=4096, K=131072, bf16 and fp32, against eager, compile and Liger when installed
 python3 benchmarks/bench_loss.py --device cuda --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 2>&1 | tee "$OUT/bench_point.txt"
 python3 benchmarks/bench_loss.py --device cuda --dtype bf16 --B 4096 --K 131072 --npos 1 2>&1 | tee -a "$OUT/bench_point.txt"
+# 2b. Rows in flight: the row kernel on 128..1024 programs (each looping over rows) against one per row
+python3 benchmarks/bench_loss.py --device cuda --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 --cases torch ours ours-p128 ours-p256 ours-p512 ours-p1024 2>&1 | tee -a "$OUT/bench_point.txt"
 # 3. The fused linear + loss at the issue's point: B=8192, D=1024, K=262144 bf16, against the GEMMs, naive, CCE, Liger
 python3 benchmarks/bench_linear.py --device cuda --dtype bf16 --B 8192 --D 1024 --K 262144 --reps 5 2>&1 | tee "$OUT/bench_linear.txt"
 # 4. Where the time goes (torch.profiler): the loss kernel at the issue's point, the two linear routes

@@ -75,11 +75,12 @@ def test_no_gradient_buffer_without_requires_grad(rng):
 
 # ----------------------------------------------------------------------------- GPU only
 @needs_triton
-@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+@pytest.mark.parametrize("splits,programs", [(1, None), (2, None), (3, None), (7, None), (1, 1), (1, 2)])
 @pytest.mark.parametrize("form", ["sparse", "dense"])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_split_row_kernels_match_oracle(splits, form, inplace, rng):
-    """Several programs per row (slices + combine) give the oracle's loss and gradient, for every option."""
+def test_split_row_kernels_match_oracle(splits, programs, form, inplace, rng):
+    """Several programs per row (slices + combine), or fewer programs than rows (each looping over rows), give
+    the oracle's loss and gradient, for every option."""
     from mlsoftmax.kernels import triton_loss
 
     b, k = 3, 1031
@@ -99,7 +100,7 @@ def test_split_row_kernels_match_oracle(splits, form, inplace, rng):
     else:
         args = (t, None, None, None)
     loss, grad = triton_loss.forward(x, *args, torch.tensor(w, dtype=torch.float32), torch.tensor(rs).float(), 0.1,
-                                     True, inplace=inplace, splits=splits)
+                                     True, inplace=inplace, splits=splits, programs=programs)
     np.testing.assert_allclose(loss.numpy(), R.loss(s, soft, weight=w, label_smoothing=0.1) * rs, rtol=1e-5,
                                atol=1e-5)
     expected = R.grad(s, soft, weight=w, label_smoothing=0.1) * rs[:, None]

@@ -32,6 +32,8 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 MAX_BLOCK = 16384  # elements of a row per step on the GPU (see BENCHMARKS.md: 32768 spills)
 INTERPRET_BLOCK = 128  # small blocks under the interpreter, so tests cover the multi-block loop
 BLOCK_P = 32  # positives per step
+ROW_PROGRAMS = None  # programs of the one-program-per-row kernel: None = one per row; a number caps the rows in
+# flight (each program then loops over rows), so that their second read can stay in L2 (a tuning knob, see BENCHMARKS.md)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -173,51 +175,53 @@ def _msl_fwd_kernel(
     W,  # [K] class weights (HAS_WEIGHT)
     RS,  # [B] row scale (reduction and sample weights)
     LOSS,  # [B] fp32 out: row_scale * loss
-    K, eps,
+    B, K, eps,
     HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_VALUES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = X + row * stride_x
-    t_row = T + row * stride_t
+    # 0. a persistent loop: program p takes rows p, p + P, ... (P = B: one row each; fewer caps rows in flight)
+    for row in range(tl.program_id(0).to(tl.int64), B, tl.num_programs(0)):  # int64 rows: B * K may pass 2^31
+        x_row = X + row * stride_x
+        t_row = T + row * stride_t
 
-    # 1. one streaming pass: online max / sum-exp, and the dense target's sums
-    m, s, mass, wmass, dot, sx, wsum = _stream_stats(x_row, t_row, W, 0, K, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH, BLOCK)
-    if HAS_SPARSE:
-        # 2. the positives: gather their logits from the CSR indices
-        p0 = tl.load(OFFS + row)
-        p1 = tl.load(OFFS + row + 1)
-        mass, wmass, dot = _sparse_stats(x_row, IDX, VALS, W, p0, p1, HAS_VALUES, HAS_WEIGHT, BLOCK_P)
-
-    # 3. the row's loss: c * lse - sum_k T_k x_k, zero on empty rows
-    m_fin = tl.where(m == float("-inf"), 0.0, m)
-    lse = m_fin + tl.log2(s) / LOG2E
-    nonempty = mass > 0
-    inv_mass = tl.where(nonempty, 1.0 / tl.where(nonempty, mass, 1.0), 0.0)
-    if not HAS_WEIGHT:
-        wsum = K * 1.0
-    coef = tl.where(nonempty, (1.0 - eps) * wmass * inv_mass + eps / K * wsum, 0.0)
-    loss = coef * lse - (1.0 - eps) * dot * inv_mass
-    if HAS_SMOOTH:
-        loss = loss - eps / K * sx
-    loss = tl.where(nonempty, loss, 0.0)
-    rs = tl.load(RS + row).to(tl.float32)
-    tl.store(LOSS + row, loss * rs)
-
-    if COMPUTE_GRAD:
-        a = coef * rs  # scale of the softmax
-        bt = (1.0 - eps) * inv_mass * rs  # scale of the target weights
-        bs = tl.where(nonempty, eps / K * rs, 0.0)  # the smoothing mass
-        g_row = G + row * stride_g
+        # 1. one streaming pass: online max / sum-exp, and the dense target's sums
+        m, s, mass, wmass, dot, sx, wsum = _stream_stats(x_row, t_row, W, 0, K, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH,
+                                                         BLOCK)
         if HAS_SPARSE:
-            # 4. target entries in fp32, before pass 2 may overwrite the logits (inplace)
-            _target_entries(x_row, IDX, VALS, W, SCRATCH, p0, p1, 0, K, lse, a, bt, bs, HAS_VALUES, HAS_WEIGHT,
-                            HAS_SMOOTH, BLOCK_P)
-        # 5. second pass: the gradient, re-reading the row from L2 where it fits
-        _grad_pass(x_row, g_row, t_row, W, 0, K, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH, BLOCK)
-        if HAS_SPARSE:
-            # 6. the exact target entries, over pass 2's
-            _write_target_entries(g_row, IDX, SCRATCH, p0, p1, 0, K, BLOCK_P)
+            # 2. the positives: gather their logits from the CSR indices
+            p0 = tl.load(OFFS + row)
+            p1 = tl.load(OFFS + row + 1)
+            mass, wmass, dot = _sparse_stats(x_row, IDX, VALS, W, p0, p1, HAS_VALUES, HAS_WEIGHT, BLOCK_P)
+
+        # 3. the row's loss: c * lse - sum_k T_k x_k, zero on empty rows
+        m_fin = tl.where(m == float("-inf"), 0.0, m)
+        lse = m_fin + tl.log2(s) / LOG2E
+        nonempty = mass > 0
+        inv_mass = tl.where(nonempty, 1.0 / tl.where(nonempty, mass, 1.0), 0.0)
+        if not HAS_WEIGHT:
+            wsum = K * 1.0
+        coef = tl.where(nonempty, (1.0 - eps) * wmass * inv_mass + eps / K * wsum, 0.0)
+        loss = coef * lse - (1.0 - eps) * dot * inv_mass
+        if HAS_SMOOTH:
+            loss = loss - eps / K * sx
+        loss = tl.where(nonempty, loss, 0.0)
+        rs = tl.load(RS + row).to(tl.float32)
+        tl.store(LOSS + row, loss * rs)
+
+        if COMPUTE_GRAD:
+            a = coef * rs  # scale of the softmax
+            bt = (1.0 - eps) * inv_mass * rs  # scale of the target weights
+            bs = tl.where(nonempty, eps / K * rs, 0.0)  # the smoothing mass
+            g_row = G + row * stride_g
+            if HAS_SPARSE:
+                # 4. target entries in fp32, before pass 2 may overwrite the logits (inplace)
+                _target_entries(x_row, IDX, VALS, W, SCRATCH, p0, p1, 0, K, lse, a, bt, bs, HAS_VALUES, HAS_WEIGHT,
+                                HAS_SMOOTH, BLOCK_P)
+            # 5. second pass: the gradient, re-reading the row from L2 where it fits
+            _grad_pass(x_row, g_row, t_row, W, 0, K, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH, BLOCK)
+            if HAS_SPARSE:
+                # 6. the exact target entries, over pass 2's
+                _write_target_entries(g_row, IDX, SCRATCH, p0, p1, 0, K, BLOCK_P)
 
 
 @triton.jit
@@ -331,11 +335,14 @@ def forward(
     compute_grad: bool,
     inplace: bool = False,
     splits: Optional[int] = None,
+    programs: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """Launch the fused kernel: returns ``(row_scale * loss [B] fp32, gradient [B, K] or empty)``.
 
     ``splits`` programs share each row (default: :func:`num_splits`); with more
     than one, the split-row kernels run instead of the one-program-per-row kernel.
+    ``programs`` (default ``ROW_PROGRAMS``, else one per row) is the grid of the
+    latter: fewer programs than rows loop over the rows.
     """
     b, k = x.shape
     if x.stride(-1) != 1:
@@ -360,14 +367,15 @@ def forward(
         _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch,
                        float(label_smoothing), compute_grad, splits, block)
     elif b:
-        _msl_fwd_kernel[(b,)](
+        programs = max(1, min(b, programs or ROW_PROGRAMS or b))
+        _msl_fwd_kernel[(programs,)](
             x, x.stride(0),
             grad, grad.stride(0) if compute_grad else 0,
             dense if dense is not None else dummy, dense.stride(0) if dense is not None else 0,
             indices if sparse else dummy, offsets if sparse else dummy,
             values if values is not None else dummy, scratch,
             weight if weight is not None else dummy,
-            row_scale, loss, k, float(label_smoothing),
+            row_scale, loss, b, k, float(label_smoothing),
             HAS_DENSE=dense is not None, HAS_SPARSE=sparse, HAS_VALUES=values is not None,
             HAS_WEIGHT=weight is not None, HAS_SMOOTH=label_smoothing > 0, COMPUTE_GRAD=compute_grad,
             BLOCK=block, BLOCK_P=BLOCK_P, num_warps=_num_warps(block),
