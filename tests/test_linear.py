@@ -106,18 +106,29 @@ def test_odd_shapes_and_chunks_match_explicit_logits(route, b, k, rng):
 
 
 @pytest.mark.parametrize("route", ROUTES)
-def test_batch_dims_and_only_some_grads(route, rng):
+@pytest.mark.parametrize("frozen", ["hidden", "weight", "scale"])
+def test_batch_dims_and_only_some_grads(route, frozen, rng):
+    """[2, 3, D] inputs, "none" reduction, one input without grad: the others' gradients still match the oracle."""
     dt = _exact_dtype(route)
-    h = torch.tensor(rng.normal(size=(2, 3, 5)), dtype=dt)
-    w = torch.tensor(rng.normal(size=(40, 5)), dtype=dt, requires_grad=True)
-    y = torch.from_numpy(random_multihot(rng, 6, 40, p=0.1).reshape(2, 3, 40))
+    h0, w0 = rng.normal(size=(6, 5)), rng.normal(size=(40, 5))
+    y = random_multihot(rng, 6, 40, p=0.1)
+    h = torch.tensor(h0.reshape(2, 3, 5), dtype=dt, requires_grad=frozen != "hidden")
+    w = torch.tensor(w0, dtype=dt, requires_grad=frozen != "weight")
+    s = torch.tensor(1.3, dtype=dt, requires_grad=frozen != "scale")
     chunk = 2 if route == "triton_rows" else 16
-    out = linear_multilabel_softmax_loss(h, w, y, reduction="none", **_route(route, chunk))
+    out = linear_multilabel_softmax_loss(h, w, torch.from_numpy(y.reshape(2, 3, 40)), weight_scale=s,
+                                         reduction="none", **_route(route, chunk))
     assert out.shape == (2, 3)
-    expected = R.loss(h.reshape(6, 5).numpy() @ w.detach().numpy().T, y.reshape(6, 40).numpy())
-    np.testing.assert_allclose(out.detach().numpy().ravel(), expected, rtol=1e-6)
-    out.sum().backward()  # hidden needs no grad
-    assert w.grad is not None and h.grad is None
+    upstream = rng.normal(size=6)
+    exp_out, (dx, dw, _, ds) = _oracle(h0, w0, None, 1.3, y.astype(np.float64), reduction="none", upstream=upstream)
+    tol = 1e-9 if dt == torch.float64 else 1e-5
+    np.testing.assert_allclose(out.detach().numpy().ravel(), exp_out, rtol=tol, atol=tol)
+    (out.ravel() @ torch.tensor(upstream, dtype=dt)).backward()
+    for t, expected, name in ((h, dx.reshape(2, 3, 5), "hidden"), (w, dw, "weight"), (s, ds, "scale")):
+        if name == frozen:
+            assert t.grad is None
+        else:
+            np.testing.assert_allclose(t.grad.numpy(), expected, rtol=tol * 10, atol=tol)
 
 
 @pytest.mark.parametrize("route", ROUTES)

@@ -251,7 +251,7 @@ class _ShardedLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_rows):
         h, w, bias, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale, xg = ctx.saved_tensors
         args = (grad_rows * row_scale, h, w, bias, None, lse, coef, inv_mass)
-        opts = dict(need_w=ctx.needs_input_grad[1], num_classes=ctx.k)
+        opts = dict(need_w=ctx.needs_input_grad[1], need_x=ctx.needs_input_grad[0], num_classes=ctx.k)
         if ctx.triton:
             from .kernels import triton_linear
 
@@ -259,9 +259,10 @@ class _ShardedLinearLoss(torch.autograd.Function):
                                                           ctx.chunk, **opts)
         else:
             dx, dw, db, _ = torch_linear.backward(*args, dense, idx, rows, vals, w_local, ctx.eps, ctx.chunk, **opts)
-        # the only collective of the backward: every shard's part of dX
-        dist.all_reduce(dx, group=ctx.group)
-        return (dx.to(h.dtype), None if dw is None else dw.to(w.dtype),
+        # the only collective of the backward: every shard's part of dX (skipped on every rank for a frozen input)
+        if dx is not None:
+            dist.all_reduce(dx, group=ctx.group)
+        return (None if dx is None else dx.to(h.dtype), None if dw is None else dw.to(w.dtype),
                 None if bias is None else db.to(bias.dtype)) + (None,) * 12
 
 

@@ -115,6 +115,8 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, scale, dense, indices, offsets, row_ids, values, class_weight, row_scale,
                 label_smoothing, impl, chunk, reduce):
         needs = ctx.needs_input_grad[:4]
+        # which products the backward needs: dX (also for the logit scale's gradient) and dW
+        ctx.need = dict(need_x=needs[0] or needs[3], need_w=needs[1])
         ctx.impl, ctx.reduce, ctx.chunk, ctx.label_smoothing = impl, reduce, chunk, label_smoothing
         ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias, scale)]
         if impl == "triton_rows":
@@ -123,7 +125,7 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
             ctx.eager = reduce and any(needs)
             loss, dx, dw, db, ds = triton_linear.run(
                 hidden, weight, bias, scale, dense, indices, offsets, values, class_weight, row_scale,
-                label_smoothing, chunk, need_grad=ctx.eager,
+                label_smoothing, chunk, need_grad=ctx.eager, **ctx.need,
             )
             if ctx.eager:
                 ctx.save_for_backward(dx, dw, db, ds)
@@ -161,7 +163,7 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
             hidden, weight, bias, scale, dense, indices, offsets, values, cw, row_scale = ctx.saved_tensors
             _, *grads = triton_linear.run(
                 hidden, weight, bias, scale, dense, indices, offsets, values, cw, (row_scale * grad).float(),
-                ctx.label_smoothing, ctx.chunk, need_grad=True,
+                ctx.label_smoothing, ctx.chunk, need_grad=True, **ctx.need,
             )
         else:
             hidden, weight, bias, scale, lse, coef, inv_mass, dense, indices, row_ids, values, cw, row_scale, xg = (
@@ -173,12 +175,12 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
 
                 grads = triton_linear.labels_backward(
                     g, hidden, weight, bias, scale, lse, coef, inv_mass, xg, dense, indices, row_ids, values, cw,
-                    ctx.label_smoothing, ctx.chunk, need_w=needs[1],
+                    ctx.label_smoothing, ctx.chunk, **ctx.need,
                 )
             else:
                 grads = torch_linear.backward(
                     g, hidden, weight, bias, scale, lse, coef, inv_mass, dense, indices, row_ids, values,
-                    cw, ctx.label_smoothing, ctx.chunk, need_w=needs[1],
+                    cw, ctx.label_smoothing, ctx.chunk, **ctx.need,
                 )
         out = [g.to(dt) if (need and g is not None) else None for g, dt, need in zip(grads, ctx.dtypes, needs)]
         return tuple(out) + (None,) * 11

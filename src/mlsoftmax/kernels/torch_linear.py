@@ -128,10 +128,14 @@ def backward(
     chunk: int,
     need_w: bool = True,
     num_classes: Optional[int] = None,
+    need_x: bool = True,
 ):
-    """``(dX [B, D], db [K], ds [])`` in the accumulation dtype and ``dW [K, D] | None`` in ``w``'s dtype.
+    """``(dX [B, D], db [K], ds [])`` in the accumulation dtype and ``dW [K, D]`` in ``w``'s dtype.
 
-    ``num_classes`` is the total ``K`` when ``w`` holds one shard of the classes.
+    ``dW`` is None unless ``need_w``; ``dX`` and ``ds`` are None unless
+    ``need_x`` (their GEMM is skipped: a frozen encoder costs three GEMMs, not
+    four); ``db`` is None without a bias. ``num_classes`` is the total ``K``
+    when ``w`` holds one shard of the classes.
     """
     k = w.shape[0] if num_classes is None else num_classes
     acc = torch_chunked.acc_dtype(h.dtype)
@@ -141,9 +145,9 @@ def backward(
     scale_p, scale_t, scale_s = torch_chunked.grad_scales(coef, inv_mass, g, eps, k)  # [B] each
     scale_p = scale_p[:, None]  # [B, 1]
     scale_s = None if scale_s is None else scale_s[:, None]  # [B, 1]
-    gw = h.new_zeros(h.shape, dtype=acc)  # [B, D] G @ W, before the logit scale
+    gw = h.new_zeros(h.shape, dtype=acc) if need_x else None  # [B, D] G @ W, before the logit scale
     dw = torch.empty_like(w) if need_w else None  # [K, D] G^T @ X, before the logit scale
-    db = h.new_empty(w.shape[0], dtype=acc)  # [K]
+    db = h.new_empty(w.shape[0], dtype=acc) if bias is not None else None  # [K]
     if indices is not None:
         # the sparse target weights a_j = v_j w_k (1 - eps) / m_i * grad_i of the positives
         v = torch.ones(indices.numel(), dtype=acc, device=h.device) if values is None else values.to(acc)
@@ -164,17 +168,19 @@ def backward(
             gc.index_put_((row_ids, local.clamp(0, c1 - c0 - 1)), torch.where(inside, -a, 0.0), accumulate=True)
         # 2. the three products of the chunk, the GEMMs in the input dtype
         gq = gc.to(h.dtype)
-        if gq.dtype == acc:
+        if gw is not None and gq.dtype == acc:
             gw.addmm_(gq, w[c0:c1])
-        else:
+        elif gw is not None:
             gw.add_(gq @ w[c0:c1])
         if dw is not None:
             torch.mm(gq.T, h, out=dw[c0:c1])
-        db[c0:c1] = gc.sum(0)
+        if db is not None:
+            db[c0:c1] = gc.sum(0)
     # 3. the logit scale: dX = s G W, dW = s G^T X, ds = <X, G W>
-    ds = (h.to(acc) * gw).sum()
+    ds = None if gw is None else (h.to(acc) * gw).sum()
     if scale is not None:
-        gw.mul_(scale)
+        if gw is not None:
+            gw.mul_(scale)
         if dw is not None:
             dw.mul_(scale)
     return gw, dw, db, ds

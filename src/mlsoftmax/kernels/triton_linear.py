@@ -176,17 +176,21 @@ def run(
     label_smoothing: float,
     rows: int,
     need_grad: bool,
+    need_x: bool = True,
+    need_w: bool = True,
 ):
-    """The rows route: ``(row_scale * loss [B] fp32, dX [B, D], dW [K, D] fp32, db [K] fp32 | None, ds [] fp32)``.
+    """The rows route: ``(row_scale * loss [B] fp32, dX [B, D], dW [K, D] fp32, db [K] fp32, ds [] fp32)``.
 
-    The gradients are ``None`` when ``need_grad`` is false (``db`` also without a bias).
+    The gradients are ``None`` when ``need_grad`` is false; ``dX`` and ``ds``
+    also unless ``need_x``, ``dW`` unless ``need_w``, ``db`` without a bias.
     """
     b, k = h.shape[0], w.shape[0]
     loss = torch.empty(b, dtype=torch.float32, device=h.device)  # [B]
-    dx = torch.empty_like(h) if need_grad else None  # [B, D]
-    dw = (torch.empty if b else torch.zeros)(w.shape, dtype=torch.float32, device=h.device) if need_grad else None
+    need_x, need_w = need_grad and need_x, need_grad and need_w
+    dx = torch.empty_like(h) if need_x else None  # [B, D]
+    dw = (torch.empty if b else torch.zeros)(w.shape, dtype=torch.float32, device=h.device) if need_w else None
     db = torch.zeros(k, dtype=torch.float32, device=h.device) if need_grad and bias is not None else None  # [K]
-    ds = torch.zeros((), dtype=torch.float32, device=h.device) if need_grad else None
+    ds = torch.zeros((), dtype=torch.float32, device=h.device) if need_x else None
     for r0 in range(0, b, rows):
         r1 = min(b, r0 + rows)
         hr = h[r0:r1]  # [R, D]
@@ -200,14 +204,16 @@ def run(
         if not need_grad:
             continue
         # 3. the products; G @ W is shared by dX and ds
-        gw = z @ w  # [R, D]
-        if scale is not None:
-            ds += (hr.float() * gw.float()).sum()
-        dx[r0:r1] = gw if scale is None else gw * scale.to(gw.dtype)
-        addmm_fp32_(dw, z.T, hr, beta=0.0 if r0 == 0 else 1.0)  # the first chunk overwrites
+        if dx is not None:
+            gw = z @ w  # [R, D]
+            if scale is not None:
+                ds += (hr.float() * gw.float()).sum()
+            dx[r0:r1] = gw if scale is None else gw * scale.to(gw.dtype)
+        if dw is not None:
+            addmm_fp32_(dw, z.T, hr, beta=0.0 if r0 == 0 else 1.0)  # the first chunk overwrites
         if db is not None:
             db += z.sum(0, dtype=torch.float32)
-    if need_grad and scale is not None:
+    if dw is not None and scale is not None:
         dw.mul_(scale)
     return loss, dx, dw, db, ds
 
@@ -292,10 +298,13 @@ def labels_backward(
     chunk: int,
     need_w: bool = True,
     num_classes: Optional[int] = None,
+    need_x: bool = True,
 ):
-    """The labels route's backward: ``(dX [B, D] fp32, dW [K, D] | None, db [K] fp32 | None, ds [] fp32)``.
+    """The labels route's backward: ``(dX [B, D] fp32, dW [K, D], db [K] fp32, ds [] fp32)``.
 
-    ``num_classes`` is the total ``K`` when ``w`` holds one shard of the classes.
+    As :func:`.torch_linear.backward`: ``dW`` only if ``need_w``, ``dX`` and
+    ``ds`` only if ``need_x``, ``db`` only with a bias. ``num_classes`` is the
+    total ``K`` when ``w`` holds one shard of the classes.
     """
     k = w.shape[0] if num_classes is None else num_classes
     eps = float(label_smoothing)
@@ -307,7 +316,7 @@ def labels_backward(
     if indices is not None:
         # the positives' gradient entries, exact in fp32 (written over each chunk's pass)
         ent = torch_chunked.target_entries(xg, lse, a, bt, bs, indices, row_ids, values, cw)  # [nnz]
-    dx = h.new_empty(h.shape, dtype=torch.float32)  # [B, D] G @ W, before the logit scale
+    dx = h.new_empty(h.shape, dtype=torch.float32) if need_x else None  # [B, D] G @ W, before the logit scale
     dw = torch.empty_like(w) if need_w else None  # [K, D]
     db = h.new_empty(w.shape[0], dtype=torch.float32) if bias is not None else None  # [K]
     for c0 in range(0, w.shape[0], chunk):
@@ -319,15 +328,17 @@ def labels_backward(
         if ent is not None:
             write_entries_(z, indices, row_ids, ent, c0)
         # 2. the products: dX accumulated in fp32, dW_c in one GEMM over all rows
-        addmm_fp32_(dx, z, w[c0:c1], beta=0.0 if c0 == 0 else 1.0)
+        if dx is not None:
+            addmm_fp32_(dx, z, w[c0:c1], beta=0.0 if c0 == 0 else 1.0)
         if dw is not None:
             torch.mm(z.T, h, out=dw[c0:c1])
         if db is not None:
             db[c0:c1] = z.sum(0, dtype=torch.float32)
     # 3. the logit scale: dX = s G W, dW = s G^T X, ds = <X, G W>
-    ds = (h.float() * dx).sum() if scale is not None else None
+    ds = (h.float() * dx).sum() if scale is not None and dx is not None else None
     if scale is not None:
-        dx.mul_(scale)
+        if dx is not None:
+            dx.mul_(scale)
         if dw is not None:
             dw.mul_(scale)
     return dx, dw, db, ds

@@ -32,8 +32,9 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 MAX_BLOCK = 16384  # elements of a row per step on the GPU (see BENCHMARKS.md: 32768 spills)
 INTERPRET_BLOCK = 128  # small blocks under the interpreter, so tests cover the multi-block loop
 BLOCK_P = 32  # positives per step
-ROW_PROGRAMS = None  # programs of the one-program-per-row kernel: None = one per row; a number caps the rows in
-# flight (each program then loops over rows), so that their second read can stay in L2 (a tuning knob, see BENCHMARKS.md)
+# Programs of the one-row kernel: None = one per row; a number caps the rows in flight (each program then loops
+# over rows), so that their second read can stay in L2. A tuning knob (see BENCHMARKS.md), not yet measured.
+ROW_PROGRAMS = None
 
 
 # --------------------------------------------------------------------------- kernels
