@@ -12,17 +12,27 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def median_seconds(step, reps: int, cuda: bool, warmup: int = 2) -> float:
-    """Median wall time of ``step()`` over ``reps`` runs after ``warmup`` runs (synchronised on CUDA)."""
+    """Median time of ``step()`` over ``reps`` runs after ``warmup`` runs.
+
+    On CUDA each run sits between two CUDA events and the host never waits in
+    between (as ``triton.testing.do_bench`` times): the GPU's time per run, which
+    still includes any gap where the GPU waits for a slow host. On the CPU, wall time.
+    """
     for _ in range(warmup):
         step()
+    if cuda:
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
     ts = []
     for _ in range(reps):
-        if cuda:
-            torch.cuda.synchronize()
         t0 = time.perf_counter()
         step()
-        if cuda:
-            torch.cuda.synchronize()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 

@@ -14,7 +14,8 @@ Commands:
 
 Cases: ``ours`` (impl=auto, sparse Positives), ``ours-dense`` (dense target),
 ``ours-p<N>`` (CUDA: the one-row kernel on N programs that loop over the rows,
-capping the rows in flight so that their second read can stay in L2), ``torch``
+capping the rows in flight so that their second read can stay in L2), ``ours-b<N>``
+(CUDA: the kernel with N elements of a row per step, ``MAX_BLOCK``), ``torch``
 (F.cross_entropy(x, probs) eager), ``compile`` (the same under torch.compile),
 ``liger`` (Liger-Kernel cross-entropy, one positive, if installed).
 """
@@ -36,7 +37,8 @@ def make_inputs(b, k, npos, dtype, device, seed=0):
     from mlsoftmax import Positives
 
     g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(b, k, generator=g).to(device=device, dtype=dtype)
+    gx = torch.Generator(device=device).manual_seed(seed)  # the logits drawn where they live (fast for 2^31)
+    x = torch.randn(b, k, generator=gx, device=device).to(dtype)
     first = torch.randint(0, k, (b, 1), generator=g)
     idx = (first + torch.arange(npos) * 7919) % k  # [b, npos] distinct per row (7919 is prime and odd)
     pos = Positives.from_padded(idx.to(device))
@@ -50,16 +52,19 @@ def case_fn(name, x, pos, k):
     if name in ("ours", "ours-torch"):
         impl = "auto" if name == "ours" else "torch"
         return lambda z: multilabel_softmax_loss(z, pos, impl=impl, validate=False)
-    if name.startswith("ours-p"):  # ours-p<N>: the row kernel on N programs (rows in flight), each looping over rows
+    if name[:6] in ("ours-p", "ours-b"):  # a kernel knob set for the call (the kernel runs inside the forward)
         from mlsoftmax.kernels import triton_loss
 
-        def capped(z, n=int(name[len("ours-p"):])):
-            old, triton_loss.ROW_PROGRAMS = triton_loss.ROW_PROGRAMS, n
+        knob = "ROW_PROGRAMS" if name[5] == "p" else "MAX_BLOCK"  # ours-p<N>: N programs; ours-b<N>: BLOCK N
+
+        def tuned(z, n=int(name[6:])):
+            old = getattr(triton_loss, knob)
+            setattr(triton_loss, knob, n)
             try:
-                return multilabel_softmax_loss(z, pos, impl="triton", validate=False)  # the kernel runs here
+                return multilabel_softmax_loss(z, pos, impl="triton", validate=False)
             finally:
-                triton_loss.ROW_PROGRAMS = old
-        return capped
+                setattr(triton_loss, knob, old)
+        return tuned
     dense = pos.to_dense(k, dtype=x.dtype)
     probs = dense / dense.sum(1, keepdim=True).clamp_min(1)
     if name == "ours-dense":

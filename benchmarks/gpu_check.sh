@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
 # The GPU checks in one go (device tool: one call): the GPU tests, then the benchmarks.
 #   bash benchmarks/gpu_check.sh            # writes to $OUT (or ./gpu_out) as well as stdout
+# Liger-Kernel and Cut Cross-Entropy join the tables when importable (wheels in .whl/ are installed first).
+# Each step has its own time cap, so that one slow step cannot starve the rest; the most wanted come first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-# 1. GPU tests (the compiled kernel, not the interpreter)
-TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_linear.py tests/test_distributed.py 2>&1 | tee "$OUT/tests.txt"
-TRITON_INTERPRET=0 python3 -m pytest -q -x tests/test_loss.py -k "triton and not compile" -p no:cacheprovider 2>&1 | tail -3 | tee -a "$OUT/tests.txt"
-# 2. The issue's point: B=4096, K=131072, bf16 and fp32, against eager, compile and Liger when installed
-python3 benchmarks/bench_loss.py --device cuda --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 2>&1 | tee "$OUT/bench_point.txt"
-python3 benchmarks/bench_loss.py --device cuda --dtype bf16 --B 4096 --K 131072 --npos 1 2>&1 | tee -a "$OUT/bench_point.txt"
-# 2b. Rows in flight: the row kernel on 128..1024 programs (each looping over rows) against one per row
-python3 benchmarks/bench_loss.py --device cuda --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 --cases torch ours ours-p128 ours-p256 ours-p512 ours-p1024 2>&1 | tee -a "$OUT/bench_point.txt"
+L="python3 benchmarks/bench_loss.py --device cuda"
+F="python3 benchmarks/bench_linear.py --device cuda --dtype bf16 --B 8192 --D 1024 --K 262144"
+# 1. GPU tests (the compiled kernels, not the interpreter)
+timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_linear.py \
+  tests/test_distributed.py 2>&1 | tee "$OUT/tests.txt"
+# 2. The issue's point: B=4096, K=131072, bf16 and fp32, against eager, compile and Liger (one positive)
+timeout 150 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 2>&1 | tee "$OUT/bench_point.txt"
+timeout 60 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 1 --cases torch ours liger 2>&1 | tee -a "$OUT/bench_point.txt"
 # 3. The fused linear + loss at the issue's point: B=8192, D=1024, K=262144 bf16, against the GEMMs, naive, CCE, Liger
-python3 benchmarks/bench_linear.py --device cuda --dtype bf16 --B 8192 --D 1024 --K 262144 --reps 5 2>&1 | tee "$OUT/bench_linear.txt"
-# 4. Where the time goes (torch.profiler): the loss kernel at the issue's point, the two linear routes
-python3 benchmarks/bench_loss.py --device cuda --dtype bf16 --B 4096 --K 131072 --npos 8 --profile --cases ours 2>&1 | tee "$OUT/profile.txt"
-python3 benchmarks/bench_linear.py --device cuda --dtype bf16 --B 8192 --D 1024 --K 262144 --profile --cases ours-fast ours-lean 2>&1 | tee -a "$OUT/profile.txt"
-# 5. The sweep (K 1k..1M, B 1..16k, 1 and 8 positives), ours and eager only to fit the budget
-python3 benchmarks/bench_loss.py --device cuda --dtype bf16 --sweep --reps 5 --cases torch ours 2>&1 | tee "$OUT/bench_sweep.txt"
+timeout 120 $F --reps 5 2>&1 | tee "$OUT/bench_linear.txt"
+# 4. Tuning: rows in flight (N programs looping over rows; p4096 = one per row) and the block size, against the
+#    default (row_programs(): rows in flight sized to half the L2)
+timeout 60 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 \
+  --cases ours ours-p132 ours-p264 ours-p528 ours-p4096 ours-b8192 2>&1 | tee "$OUT/bench_tune.txt"
+# 5. Where the time goes (torch.profiler): the loss kernel at the issue's point, the two linear routes
+timeout 60 $L --dtype bf16 --B 4096 --K 131072 --npos 8 --profile --cases ours 2>&1 | tee "$OUT/profile.txt"
+timeout 60 $F --profile --cases ours-fast ours-lean 2>&1 | tee -a "$OUT/profile.txt"
+# 6. The sweep (K 1k..1M, B 1..16k, 1 and 8 positives), ours and eager only to fit the budget
+timeout 150 $L --dtype bf16 --sweep --reps 5 --cases torch ours 2>&1 | tee "$OUT/bench_sweep.txt"

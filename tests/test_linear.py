@@ -58,7 +58,9 @@ def test_matches_oracle(route, reduction, sparse, options, rng):
     cw = rng.uniform(0.3, 2.0, size=k) if allopts else None
     sw = rng.uniform(0.1, 2.0, size=b) if allopts else None
     eps = 0.1 if allopts else 0.0
-    upstream = rng.normal(size=b) if reduction == "none" else None
+    # upstream gradient: per row for "none"; a scalar != 1 for "sum" (the rows route scales its stored gradients
+    # in place), exactly 1 for "mean" (which it skips)
+    upstream = rng.normal(size=b) if reduction == "none" else (np.full(b, 1.7) if reduction == "sum" else None)
 
     dt = _exact_dtype(route)
     tol = 1e-9 if dt == torch.float64 else 2e-4
@@ -77,7 +79,9 @@ def test_matches_oracle(route, reduction, sparse, options, rng):
     exp_out, (dx, dw, db, ds) = _oracle(h, w, bias, scale, soft, cw=cw, eps=eps, sw=sw, reduction=reduction,
                                         upstream=upstream)
     np.testing.assert_allclose(out.detach().numpy(), exp_out, rtol=tol, atol=tol)
-    (out if upstream is None else out @ torch.tensor(upstream, dtype=dt)).backward()
+    if reduction == "none":
+        out = out @ torch.tensor(upstream, dtype=dt)
+    (out * 1.7 if reduction == "sum" else out).backward()
     np.testing.assert_allclose(th.grad.numpy(), dx, rtol=tol * 10, atol=tol)
     np.testing.assert_allclose(tw.grad.numpy(), dw, rtol=tol * 10, atol=tol)
     if allopts:

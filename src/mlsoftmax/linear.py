@@ -127,8 +127,9 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
                 hidden, weight, bias, scale, dense, indices, offsets, values, class_weight, row_scale,
                 label_smoothing, chunk, need_grad=ctx.eager, **ctx.need,
             )
-            if ctx.eager:
-                ctx.save_for_backward(dx, dw, db, ds)
+            if ctx.eager:  # in the parameters' dtypes now (one rounding; the fp32 dW accumulator is freed)
+                ctx.save_for_backward(*(None if t is None else t.to(dt) for t, dt in zip((dx, dw, db, ds),
+                                                                                           ctx.dtypes)))
             else:
                 ctx.save_for_backward(hidden, weight, bias, scale, dense, indices, offsets, values, class_weight,
                                       row_scale)
@@ -153,9 +154,16 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
     def backward(ctx, grad):
         needs = ctx.needs_input_grad[:4]
         if ctx.impl == "triton_rows" and ctx.eager:
-            # scaled and cast in one op: the fp32 dW accumulator gets no fp32 copy
-            out = [torch.mul(t, grad, out=torch.empty(t.shape, dtype=dt, device=t.device)) if need else None
-                   for t, dt, need in zip(ctx.saved_tensors, ctx.dtypes, needs)]
+            from .kernels import triton_loss
+
+            # scaled by grad_out in place, with no host sync: skipped inside the kernel when it is 1
+            out = []
+            for t, need in zip(ctx.saved_tensors, needs):
+                if need and t.dim() == 2:
+                    t = triton_loss.scale_rows_(t, grad.reshape(()))
+                elif need:
+                    t = t * grad.to(t.dtype)
+                out.append(t if need else None)
             return tuple(out) + (None,) * 11
         if ctx.impl == "triton_rows":
             from .kernels import triton_linear

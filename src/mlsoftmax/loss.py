@@ -198,8 +198,16 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
     def forward(ctx, logits, dense, indices, offsets, row_ids, values, weight, row_scale, label_smoothing, impl,
                 inplace):
         ctx.impl, ctx.label_smoothing = impl, label_smoothing
+        # The ops are called through the dispatcher only under torch.compile, where they must be opaque
+        # and fakeable; in eager mode their bodies run directly (the op layer costs ~0.1 ms a call).
+        eager = not torch.compiler.is_compiling()
         if impl == "triton":
-            if inplace:
+            from .kernels import triton_loss
+
+            if eager:
+                rows, grad = triton_loss.forward(logits, dense, indices, offsets, values, weight, row_scale,
+                                                 label_smoothing, bool(ctx.needs_input_grad[0]) or inplace, inplace)
+            elif inplace:
                 rows = torch.ops.mlsoftmax.msl_triton_forward_inplace(
                     logits, dense, indices, offsets, values, weight, row_scale, label_smoothing
                 )
@@ -211,9 +219,6 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
                 )
             ctx.save_for_backward(grad)
             return rows
-        # The CPU ops are called through the dispatcher only under torch.compile, where they must be
-        # opaque and fakeable; in eager mode their bodies run directly (the op layer costs ~0.1 ms a call).
-        eager = not torch.compiler.is_compiling()
         if impl == "compile":
             fwd = _msl_compiled_forward_impl if eager else torch.ops.mlsoftmax.msl_compiled_forward
             rows, grad = fwd(logits, dense, indices, row_ids, values, weight, row_scale, label_smoothing,
@@ -230,8 +235,13 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None,) * 11
         if ctx.impl == "triton":
+            from .kernels import triton_loss
+
             (grad,) = ctx.saved_tensors
-            torch.ops.mlsoftmax.msl_triton_scale_(grad, grad_rows)
+            if torch.compiler.is_compiling():
+                torch.ops.mlsoftmax.msl_triton_scale_(grad, grad_rows)
+            else:
+                triton_loss.scale_rows_(grad, grad_rows)
         elif ctx.impl == "compile":
             (grad,) = ctx.saved_tensors
             scale = _msl_scale_rows_impl if not torch.compiler.is_compiling() else torch.ops.mlsoftmax.msl_scale_rows_

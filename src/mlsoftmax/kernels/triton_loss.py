@@ -1,6 +1,7 @@
 """Fused Triton kernel: log-sum-exp, loss and gradient of each row in one launch.
 
-One program handles one row (or, capped at ``ROW_PROGRAMS``, loops over rows).
+Each program handles one row at a time, looping over rows, with as many programs as rows fit in half the L2
+(:func:`row_programs`; ``ROW_PROGRAMS`` overrides it).
 Pass 1 streams the row once (online max and
 sum-exp, plus the dense target's sums), reading with ``evict_last`` so that the
 row stays in L2; the positives are gathered from their CSR indices. Pass 2
@@ -25,6 +26,7 @@ Tested on the CPU under ``TRITON_INTERPRET=1`` (small blocks, no autotune).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -35,12 +37,12 @@ from torch import Tensor
 from . import torch_chunked, triton_interpreting
 
 # --------------------------------------------------------------------------- constants
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E); constexpr, so jit code can read it
 MAX_BLOCK = 16384  # elements of a row per step on the GPU (see BENCHMARKS.md: 32768 spills)
 INTERPRET_BLOCK = 128  # small blocks under the interpreter, so tests cover the multi-block loop
 BLOCK_P = 32  # positives per step
-# Programs of the one-row kernel: None = one per row; a number caps the rows in flight (each program then loops
-# over rows), so that their second read can stay in L2. A tuning knob (see BENCHMARKS.md), not yet measured.
+# Programs of the one-row kernel (each loops over rows): None = row_programs(), rows in flight sized to half the
+# L2 so that their second read stays there; a number overrides it (see BENCHMARKS.md for the measured choice).
 ROW_PROGRAMS = None
 
 
@@ -306,19 +308,21 @@ def _msl_split_grad_kernel(
 def _scale_rows_kernel(
     G, stride_g,  # [B, K] gradient, scaled in place
     GO, stride_go,  # [B] grad_out per row (stride 0 for a broadcast scalar)
-    K,
+    B, K,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    # 1. a row whose grad_out is exactly 1 needs nothing: no load, no store
-    go = tl.load(GO + row * stride_go).to(tl.float32)
-    if go != 1.0:
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < K
-        ptr = G + row * stride_g + offs
-        g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptr, (g * go).to(G.dtype.element_ty), mask=mask)
+    # 0. a few programs loop over the rows: a broadcast grad_out of 1 costs one load per row, no launch storm
+    for row in range(tl.program_id(0).to(tl.int64), B, tl.num_programs(0)):
+        # 1. a row whose grad_out is exactly 1 needs nothing: no load, no store
+        go = tl.load(GO + row * stride_go).to(tl.float32)
+        if go != 1.0:
+            # 2. otherwise scale the row in place, block by block
+            for k0 in range(0, K, BLOCK):
+                offs = k0 + tl.arange(0, BLOCK)
+                mask = offs < K
+                ptr = G + row * stride_g + offs
+                g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+                tl.store(ptr, (g * go).to(G.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -349,8 +353,8 @@ def forward(
 
     ``splits`` programs share each row (default: :func:`num_splits`); with more
     than one, the split-row kernels run instead of the one-program-per-row kernel.
-    ``programs`` (default ``ROW_PROGRAMS``, else one per row) is the grid of the
-    latter: fewer programs than rows loop over the rows.
+    ``programs`` (default ``ROW_PROGRAMS``, else :func:`row_programs`) is the
+    grid of the latter: fewer programs than rows loop over the rows.
     """
     b, k = x.shape
     if x.stride(-1) != 1:
@@ -375,7 +379,7 @@ def forward(
         _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch,
                        float(label_smoothing), compute_grad, splits, block)
     elif b:
-        programs = max(1, min(b, programs or ROW_PROGRAMS or b))
+        programs = max(1, min(b, programs or ROW_PROGRAMS or row_programs(b, k, x.element_size(), x.device)))
         _msl_fwd_kernel[(programs,)](
             x, x.stride(0),
             grad, grad.stride(0) if compute_grad else 0,
@@ -391,14 +395,37 @@ def forward(
     return loss, grad
 
 
+def row_programs(b: int, k: int, elt: int, device: torch.device) -> int:
+    """Grid of the one-row kernel: rows in flight sized so that their second read can stay in L2.
+
+    As many rows per SM as fit in half the L2 (at least one per SM, at most one
+    program per row); each program loops over rows ``p, p + P, ...``.
+    """
+    sms, l2 = _device_info(device)
+    per_sm = max(1, (l2 // 2) // max(1, sms * k * elt))
+    return max(1, min(b, sms * per_sm))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(device: torch.device) -> tuple[int, int]:
+    """``(SMs, L2 bytes)`` of a CUDA device; under the interpreter, a 2-SM machine with a 64 KB L2."""
+    if device.type != "cuda":
+        return 2, 64 << 10
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, getattr(props, "L2_cache_size", 50 << 20)
+
+
+def _sms(device: torch.device) -> int:
+    return _device_info(device)[0]
+
+
 def num_splits(b: int, k: int, block: int, device: torch.device) -> int:
     """Programs per row: enough to fill the GPU (4 per SM) when the batch alone cannot.
 
     Under the interpreter the machine counts as 2 SMs, so that small test shapes
     exercise both the split-row and the one-program-per-row kernels.
     """
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    target = 4 * sms
+    target = 4 * _sms(device)
     if b >= target or k <= 2 * block:
         return 1
     return max(1, min(triton.cdiv(k, block), triton.cdiv(target, max(b, 1))))
@@ -542,12 +569,13 @@ def backward(grad_rows, x, lse, coef, inv_mass, dense, indices, row_ids, values,
 
 
 def scale_rows_(grad: Tensor, grad_out: Tensor) -> Tensor:
-    """``grad *= grad_out[:, None]`` in place; rows with ``grad_out == 1`` are left untouched."""
+    """``grad *= grad_out[:, None]`` in place; rows with ``grad_out == 1`` are left untouched (no host sync)."""
     b, k = grad.shape
     if b and k:
         block = min(_block(k), 4096)
-        _scale_rows_kernel[(b, triton.cdiv(k, block))](
-            grad, grad.stride(0), grad_out, grad_out.stride(0) if grad_out.dim() else 0, k,
+        programs = min(b, 4 * _sms(grad.device))  # each loops over rows: 1s cost a load, others stream
+        _scale_rows_kernel[(programs,)](
+            grad, grad.stride(0), grad_out, grad_out.stride(0) if grad_out.dim() else 0, b, k,
             BLOCK=block, num_warps=_num_warps(block),
         )
     return grad

@@ -1,0 +1,76 @@
+"""Compile every Triton kernel for an H100 (sm_90) on this machine, without a GPU.
+
+The interpreter (``TRITON_INTERPRET=1``) runs kernels as Python, so it accepts
+code that the compiler rejects (a non-constexpr global, a type that changes in a
+loop). This script lowers each kernel, for the flag combinations the launchers
+use, all the way to a cubin with Triton's own compiler and bundled ptxas. Run by
+``tests/test_kernels.py`` in a subprocess (the interpreter must be off here).
+
+    TRITON_INTERPRET=0 python tests/compile_kernels.py     # prints one line per kernel variant
+"""
+
+import itertools
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from mlsoftmax.kernels import triton_linear as tlin  # noqa: E402
+from mlsoftmax.kernels import triton_loss as tl_  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+FLAGS = ("HAS_DENSE", "HAS_SPARSE", "HAS_VALUES", "HAS_WEIGHT", "HAS_SMOOTH")
+
+
+def build(fn, sig, consts, num_warps=4):
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    triton.compile(ASTSource(fn, sig, constexprs=consts), target=TARGET, options={"num_warps": num_warps})
+
+
+def loss_variants():
+    """Target forms as the launchers pass them: dense xor sparse (values only with sparse), every option.
+
+    Every form in bf16; fp32 and fp16 get the common one (sparse positives, no options)."""
+    for dense, values, weight, smooth in itertools.product((False, True), repeat=4):
+        if dense and values:
+            continue
+        yield dict(HAS_DENSE=dense, HAS_SPARSE=not dense, HAS_VALUES=values, HAS_WEIGHT=weight, HAS_SMOOTH=smooth)
+
+
+def main():
+    n = 0
+    for dt in ("fp32", "bf16", "fp16"):
+        x = f"*{dt}"
+        ptrs = {"T": "*fp32", "IDX": "*i64", "OFFS": "*i64", "VALS": "*fp32", "SCRATCH": "*fp32", "W": "*fp32"}
+        for flags in loss_variants() if dt == "bf16" else [dict(zip(FLAGS, (False, True, False, False, False)))]:
+            blocks = dict(BLOCK=16384, BLOCK_P=tl_.BLOCK_P)
+            sig = dict(X=x, stride_x="i32", G=x, stride_g="i32", T=ptrs["T"], stride_t="i32", IDX="*i64",
+                       OFFS="*i64", VALS="*fp32", SCRATCH="*fp32", W="*fp32", RS="*fp32", LOSS="*fp32", B="i32",
+                       K="i32", eps="fp32")
+            for grad in (False, True):
+                build(tl_._msl_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=grad, **blocks), num_warps=16)
+                n += 1
+            sig = dict(X=x, stride_x="i32", T="*fp32", stride_t="i32", IDX="*i64", OFFS="*i64", VALS="*fp32",
+                       W="*fp32", STATS="*fp32", K="i32", SPAN="i32", S="i32")
+            build(tl_._msl_split_stats_kernel, sig, dict(flags, **blocks), num_warps=16)
+            sig = dict(X=x, stride_x="i32", G=x, stride_g="i32", T="*fp32", stride_t="i32", IDX="*i64",
+                       OFFS="*i64", VALS="*fp32", SCRATCH="*fp32", W="*fp32", COEF="*fp32", K="i32", SPAN="i32")
+            build(tl_._msl_split_grad_kernel, sig, dict(flags, **blocks), num_warps=16)
+            n += 2
+        build(tl_._scale_rows_kernel, dict(G=x, stride_g="i32", GO="*fp32", stride_go="i32", B="i32", K="i32"),
+              dict(BLOCK=16384), num_warps=16)
+        build(tlin._positive_logits_kernel, dict(H=x, stride_h="i32", Wt=x, stride_w="i32", IDX="*i64",
+                                                 ROWS="*i64", OUT="*fp32", NNZ="i32", D="i32"),
+              dict(BLOCK_N=tlin.BLOCK_N, BLOCK_D=tlin.BLOCK_D))
+        build(tlin._write_entries_kernel, dict(G=x, stride_g="i32", IDX="*i64", ROWS="*i64", VALS="*fp32",
+                                               NNZ="i32", c0="i32", C="i32"), dict(BLOCK_N=tlin.BLOCK_N))
+        n += 3
+    print(f"compiled {n} kernel variants for sm_90")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
