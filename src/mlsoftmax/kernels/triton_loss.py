@@ -1,7 +1,6 @@
 """Fused Triton kernel: log-sum-exp, loss and gradient of each row in one launch.
 
-Each program handles one row at a time, looping over rows, with as many programs as rows fit in half the L2
-(:func:`row_programs`; ``ROW_PROGRAMS`` overrides it).
+One program handles one row (or, capped at ``ROW_PROGRAMS``, loops over rows).
 Pass 1 streams the row once (online max and
 sum-exp, plus the dense target's sums), reading with ``evict_last`` so that the
 row stays in L2; the positives are gathered from their CSR indices. Pass 2
@@ -41,8 +40,9 @@ LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E); c
 MAX_BLOCK = 16384  # elements of a row per step on the GPU (see BENCHMARKS.md: 32768 spills)
 INTERPRET_BLOCK = 128  # small blocks under the interpreter, so tests cover the multi-block loop
 BLOCK_P = 32  # positives per step
-# Programs of the one-row kernel (each loops over rows): None = row_programs(), rows in flight sized to half the
-# L2 so that their second read stays there; a number overrides it (see BENCHMARKS.md for the measured choice).
+# Programs of the one-row kernel: None = one per row; a number caps the rows in flight (each program then loops
+# over rows). Measured on an H100 (BENCHMARKS.md): 132 to 528 programs gained nothing at K=131072 and lost 12% at
+# K=262144 (bf16), so the default stays one program per row.
 ROW_PROGRAMS = None
 
 
@@ -353,8 +353,8 @@ def forward(
 
     ``splits`` programs share each row (default: :func:`num_splits`); with more
     than one, the split-row kernels run instead of the one-program-per-row kernel.
-    ``programs`` (default ``ROW_PROGRAMS``, else :func:`row_programs`) is the
-    grid of the latter: fewer programs than rows loop over the rows.
+    ``programs`` (default ``ROW_PROGRAMS``, else one per row) is the grid of
+    the latter: fewer programs than rows loop over the rows.
     """
     b, k = x.shape
     if x.stride(-1) != 1:
@@ -379,7 +379,7 @@ def forward(
         _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch,
                        float(label_smoothing), compute_grad, splits, block)
     elif b:
-        programs = max(1, min(b, programs or ROW_PROGRAMS or row_programs(b, k, x.element_size(), x.device)))
+        programs = max(1, min(b, programs or ROW_PROGRAMS or b))
         _msl_fwd_kernel[(programs,)](
             x, x.stride(0),
             grad, grad.stride(0) if compute_grad else 0,
@@ -395,20 +395,9 @@ def forward(
     return loss, grad
 
 
-def row_programs(b: int, k: int, elt: int, device: torch.device) -> int:
-    """Grid of the one-row kernel: rows in flight sized so that their second read can stay in L2.
-
-    As many rows per SM as fit in half the L2 (at least one per SM, at most one
-    program per row); each program loops over rows ``p, p + P, ...``.
-    """
-    sms, l2 = _device_info(device)
-    per_sm = max(1, (l2 // 2) // max(1, sms * k * elt))
-    return max(1, min(b, sms * per_sm))
-
-
 @functools.lru_cache(maxsize=None)
 def _device_info(device: torch.device) -> tuple[int, int]:
-    """``(SMs, L2 bytes)`` of a CUDA device; under the interpreter, a 2-SM machine with a 64 KB L2."""
+    """``(SMs, L2 bytes)`` of a CUDA device (cached: the query is not free); under the interpreter, 2 SMs."""
     if device.type != "cuda":
         return 2, 64 << 10
     props = torch.cuda.get_device_properties(device)

@@ -1,0 +1,85 @@
+"""Host cost per call: where the fixed time of a small forward + backward goes.
+
+At small inputs the GPU waits for the host, so the time per call is the host's.
+This prints the host time per call (many calls queued, one sync at the end) for
+``F.cross_entropy``, ours and a bare launch of one of our Triton kernels, then a
+``cProfile`` of ours (top functions by own time).
+
+Commands:
+    python benchmarks/bench_overhead.py --device cuda            # B=64, K=1024 bf16
+    python benchmarks/bench_overhead.py --device cuda --B 1 --K 131072
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+import torch.nn.functional as F
+from _common import DTYPES
+
+
+def per_call_us(step, n: int, cuda: bool) -> float:
+    for _ in range(10):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--B", type=int, default=64)
+    p.add_argument("--K", type=int, default=1024)
+    p.add_argument("--n", type=int, default=300)
+    args = p.parse_args()
+    from mlsoftmax import Positives, multilabel_softmax_loss
+    from mlsoftmax.kernels import triton_loss
+
+    cuda = args.device == "cuda"
+    x = torch.randn(args.B, args.K, device=args.device).to(DTYPES[args.dtype])
+    pos = Positives.from_padded(torch.randint(0, args.K, (args.B, 8), device=args.device))
+    dense = pos.to_dense(args.K, dtype=x.dtype)
+    probs = dense / dense.sum(1, keepdim=True)
+
+    def torch_step():
+        z = x.detach().requires_grad_()
+        F.cross_entropy(z, probs).backward()
+
+    def ours_step():
+        z = x.detach().requires_grad_()
+        multilabel_softmax_loss(z, pos, validate=False).backward()
+
+    g, go = torch.zeros_like(x), torch.ones((), device=args.device)
+
+    def launch_step():  # one Triton launch that does nothing on the device (grad_out == 1 skips every row)
+        triton_loss.scale_rows_(g, go)
+
+    print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}; B={args.B} K={args.K} "
+          f"{args.dtype}: host microseconds per call ({args.n} calls queued, one sync)")
+    for name, step in (("F.cross_entropy fwd+bwd", torch_step), ("ours fwd+bwd", ours_step),
+                       ("one bare Triton launch", launch_step)):
+        print(f"  {name:<26}{per_call_us(step, args.n, cuda):>10.1f}")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(args.n):
+        ours_step()
+    if cuda:
+        torch.cuda.synchronize()
+    prof.disable()
+    print(f"\ncProfile of ours, {args.n} calls, top 20 by own time:")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+
+
+if __name__ == "__main__":
+    main()
