@@ -13,21 +13,17 @@ import itertools
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "0"
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from mlsoftmax.kernels import triton_linear as tlin  # noqa: E402
-from mlsoftmax.kernels import triton_loss as tl_  # noqa: E402
-
-TARGET = GPUTarget("cuda", 90, 32)
 FLAGS = ("HAS_DENSE", "HAS_SPARSE", "HAS_VALUES", "HAS_WEIGHT", "HAS_SMOOTH")
 
 
 def build(fn, sig, consts, num_warps=4):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     sig = dict(sig, **{k: "constexpr" for k in consts})
-    triton.compile(ASTSource(fn, sig, constexprs=consts), target=TARGET, options={"num_warps": num_warps})
+    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": num_warps})
 
 
 def loss_variants():
@@ -41,6 +37,12 @@ def loss_variants():
 
 
 def main():
+    # Everything is imported here, after the interpreter is switched off (pytest's doctest collection imports
+    # this module too, and must not change the test process's environment).
+    os.environ["TRITON_INTERPRET"] = "0"
+    from mlsoftmax.kernels import triton_linear as tlin
+    from mlsoftmax.kernels import triton_loss as tl_
+
     n = 0
     for dt in ("fp32", "bf16", "fp16"):
         x = f"*{dt}"

@@ -267,8 +267,10 @@ def _check_options(reduction, empty, label_smoothing, impl) -> None:
         raise ValueError(f"Expected `label_smoothing` to be in [0, 1), but got {label_smoothing}")
 
 
-def _canonical_target(target, logits: Tensor, validate: bool, shape=None):
+def _canonical_target(target, logits: Tensor, validate: bool, shape=None, row_ids: bool = True):
     """Return ``(dense [B, K] | None, indices, row_ids, values)`` for logits of ``shape`` ``[..., K]``.
+
+    ``row_ids=False`` leaves a ``Positives`` target's row ids out (``None``): a few kernel launches saved.
 
     ``shape`` defaults to ``logits.shape``; the fused linear loss passes the
     shape of the logits it never builds, and its ``hidden`` for the device.
@@ -287,7 +289,7 @@ def _canonical_target(target, logits: Tensor, validate: bool, shape=None):
         if validate:
             _validate_positives(target, k)
         values = target.values
-        return None, target.indices, target.row_ids(), values
+        return None, target.indices, target.row_ids() if row_ids else None, values
     if isinstance(target, Tensor):
         if target.shape != shape:
             raise ValueError(
@@ -344,14 +346,18 @@ def _check_weights(weight, sample_weight, logits: Tensor, validate: bool, shape=
             V.check_nonnegative_finite("sample_weight", sample_weight)
 
 
-def _row_scale(dense, indices, row_ids, values, b: int, acc, device, sample_weight, reduction: str, empty: str):
+def _row_scale(dense, indices, row_ids, values, b: int, acc, device, sample_weight, reduction: str, empty: str,
+               offsets=None):
     """Each row's weight in the reduction ``[B]`` (acc dtype), from the per-row target mass.
 
     Folding the reduction into the kernel lets a fused backward skip the
-    rescaling pass. ``empty="error"`` raises here (it syncs).
+    rescaling pass. ``empty="error"`` raises here (it syncs). A sparse target
+    without ``row_ids`` needs ``offsets`` (and no ``values``): its mass is the count.
     """
     if dense is not None:
         mass = dense.sum(-1, dtype=acc)  # [B]
+    elif row_ids is None:
+        mass = (offsets[1:] - offsets[:-1]).to(acc)  # [B] positives per row
     else:
         v = torch.ones_like(indices, dtype=acc) if values is None else values.to(acc)
         mass = torch.zeros(b, dtype=acc, device=device).index_add_(0, row_ids, v)  # [B]
@@ -363,7 +369,11 @@ def _row_scale(dense, indices, row_ids, values, b: int, acc, device, sample_weig
                 f"Expected every row of `target` to have a positive, but got {bad.numel()} empty rows "
                 f"(first: {bad[:10].tolist()})"
             )
-    row_scale = torch.ones_like(mass) if sample_weight is None else sample_weight.reshape(-1).to(acc)
+    if sample_weight is None:  # the common case in few launches: 1, or 1 / (rows with a target)
+        if reduction != "mean":
+            return torch.ones_like(mass)
+        return nonempty.sum(dtype=acc).clamp_min_(1).reciprocal_().expand(b).contiguous()
+    row_scale = sample_weight.reshape(-1).to(acc)
     if reduction == "mean":
         denom = (row_scale * nonempty).sum()
         row_scale = row_scale / torch.where(denom > 0, denom, torch.ones_like(denom))  # all empty: 0, not NaN
@@ -431,18 +441,20 @@ def multilabel_softmax_loss(
         raise ValueError("Expected `logits` to have shape [..., K], but got a 0-d tensor")
     _check_options(reduction, empty, label_smoothing, impl)
     _check_weights(weight, sample_weight, logits, validate)
-    dense, indices, row_ids, values = _canonical_target(target, logits, validate)
-
     k = logits.shape[-1]
     batch_shape = logits.shape[:-1]
     x = logits.reshape(-1, k)  # [B, K]
     chosen = resolve_impl(impl, x)
     if inplace and chosen != "triton":
         raise ValueError(f"Expected impl='triton' (a CUDA tensor) for inplace=True, but got impl={chosen!r}")
+    # the Triton kernel reads the CSR offsets; row ids only for the other paths (or soft values' row sums)
+    need_rows = chosen != "triton" or (isinstance(target, Positives) and target.values is not None)
+    dense, indices, row_ids, values = _canonical_target(target, logits, validate, row_ids=need_rows)
     acc = torch_chunked.acc_dtype(x.dtype)
 
-    row_scale = _row_scale(dense, indices, row_ids, values, x.shape[0], acc, x.device, sample_weight, reduction, empty)
     offsets = target.offsets if isinstance(target, Positives) else None
+    row_scale = _row_scale(dense, indices, row_ids, values, x.shape[0], acc, x.device, sample_weight, reduction, empty,
+                           offsets=offsets)
     rows = MultiLabelSoftmaxFunction.apply(
         x, dense, indices, offsets, row_ids, values, weight, row_scale, float(label_smoothing), chosen,
         inplace,
