@@ -395,7 +395,7 @@ def forward(
     return loss, grad
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_info(device: torch.device) -> tuple[int, int]:
     """``(SMs, L2 bytes)`` of a CUDA device (cached: the query is not free); under the interpreter, 2 SMs."""
     if device.type != "cuda":
