@@ -237,25 +237,24 @@ def labels_partial_sums(
     combines them across shards first).
     """
     b, k = h.shape[0], w.shape[0]
-    lse = h.new_full((b,), float("-inf"), dtype=torch.float32)  # [B] running log-sum-exp
-    dot, mass, wmass = (h.new_zeros(b, dtype=torch.float32) for _ in range(3))  # [B]
-    sx = h.new_zeros(b, dtype=torch.float32) if smooth else None  # [B]
+    cw = None if class_weight is None else class_weight.float()
+    parts = []  # [B, S_c, 6] per chunk: combined once at the end, so that a chunk costs a GEMM and one launch
     for c0 in range(0, k, chunk):
         c1 = min(k, c0 + chunk)
-        # 1. the chunk's logits, then one Triton pass for its statistics
+        # 1. the chunk's logits, then one Triton pass for its statistics (max, sum-exp, dense target sums)
         z = _logits(h, w[c0:c1], None if bias is None else bias[c0:c1], scale)  # [B, C]
-        lse_c, dot_c, mass_c, wmass_c, sx_c = triton_loss.partial_sums(
-            z, None if dense is None else dense[:, c0:c1], None, None, None,
-            None if class_weight is None else class_weight[c0:c1], smooth,
-        )
-        # 2. merged into the running log-sum-exp and sums
-        lse = torch.logaddexp(lse, lse_c)
-        if dense is not None:
-            dot += dot_c
-            mass += mass_c
-            wmass += wmass_c
-        if smooth:
-            sx += sx_c
+        parts.append(triton_loss.slab_stats(z, None if dense is None else dense[:, c0:c1],
+                                            None if cw is None else cw[c0:c1], smooth))
+    # 2. every slice of every chunk merged: log-sum-exp of the parts, plain sums of the rest
+    if parts:
+        st = torch.cat(parts, 1)  # [B, S, 6]
+        m, s = torch_chunked.lse_parts(st[..., 0], st[..., 1])  # [B] each
+        lse = s.log() + torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # [B]
+        mass, wmass, dot, sx = st[..., 2:].sum(1).T.contiguous().unbind(0)  # [B] each
+    else:  # no classes here (an empty shard): log-sum-exp -inf, sums 0
+        lse = h.new_full((b,), float("-inf"), dtype=torch.float32)
+        mass, wmass, dot, sx = h.new_zeros((4, b), dtype=torch.float32).unbind(0)
+    sx = sx if smooth else None
     xg = None
     if indices is not None:
         # 3. the positives' logits as fp32 dot products, then their sums per row
@@ -264,7 +263,6 @@ def labels_partial_sums(
             xg = xg * scale
         if bias is not None:
             xg = xg + bias[indices].float()
-        cw = None if class_weight is None else class_weight.float()
         torch_chunked.add_sparse_sums(xg, indices, row_ids, values, cw, mass, wmass, dot)
     return lse, dot, mass, wmass, sx, xg
 
