@@ -61,7 +61,10 @@ def main():
             sig = dict(X=x, stride_x="i32", G=x, stride_g="i32", T="*fp32", stride_t="i32", IDX="*i64",
                        OFFS="*i64", VALS="*fp32", SCRATCH="*fp32", W="*fp32", COEF="*fp32", K="i32", SPAN="i32")
             build(tl_._msl_split_grad_kernel, sig, dict(flags, **blocks), num_warps=16)
-            n += 2
+            build(tl_._msl_split_combine_kernel, dict(STATS="*fp32", WSUM="*fp32", RS="*fp32", LOSS="*fp32",
+                                                      COEF="*fp32", S="i32", K="i32", eps="fp32"),
+                  dict(HAS_WEIGHT=flags["HAS_WEIGHT"], HAS_SMOOTH=flags["HAS_SMOOTH"], BLOCK_S=64))
+            n += 3
         build(tl_._scale_rows_kernel, dict(G=x, stride_g="i32", GO="*fp32", stride_go="i32", B="i32", K="i32"),
               dict(BLOCK=16384), num_warps=16)
         build(tlin._positive_logits_kernel, dict(H=x, stride_h="i32", Wt=x, stride_w="i32", IDX="*i64",

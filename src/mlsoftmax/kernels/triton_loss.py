@@ -176,6 +176,28 @@ def _write_target_entries(g_row, IDX, SCRATCH, p0, p1, lo, hi, BLOCK_P: tl.const
 
 
 @triton.jit
+def _row_terms(m, s, mass, wmass, dot, sx, wsum, rs, K, eps, HAS_SMOOTH: tl.constexpr):
+    """A row's ``(lse, rs * loss, a, bt, bs)`` from its merged sums (max, sum-exp relative to it, target sums).
+
+    ``loss = c lse - (1 - eps) dot / mass - eps/K sx`` with ``c = (1 - eps) wmass / mass + eps/K wsum``,
+    zero on empty rows; the gradient is ``a softmax - w (bt t + bs)`` (see :mod:`.torch_chunked`).
+    """
+    m_fin = tl.where(m == float("-inf"), 0.0, m)
+    lse = m_fin + tl.log2(s) / LOG2E
+    nonempty = mass > 0
+    inv_mass = tl.where(nonempty, 1.0 / tl.where(nonempty, mass, 1.0), 0.0)
+    coef = tl.where(nonempty, (1.0 - eps) * wmass * inv_mass + eps / K * wsum, 0.0)
+    loss = coef * lse - (1.0 - eps) * dot * inv_mass
+    if HAS_SMOOTH:
+        loss = loss - eps / K * sx
+    loss = tl.where(nonempty, loss, 0.0)
+    a = coef * rs  # scale of the softmax
+    bt = (1.0 - eps) * inv_mass * rs  # scale of the target weights
+    bs = tl.where(nonempty, eps / K * rs, 0.0)  # the smoothing mass
+    return lse, loss * rs, a, bt, bs
+
+
+@triton.jit
 def _msl_fwd_kernel(
     X, stride_x,  # [B, K] logits
     G, stride_g,  # [B, K] gradient out (may alias X)
@@ -203,25 +225,14 @@ def _msl_fwd_kernel(
             p1 = tl.load(OFFS + row + 1)
             mass, wmass, dot = _sparse_stats(x_row, IDX, VALS, W, p0, p1, HAS_VALUES, HAS_WEIGHT, BLOCK_P)
 
-        # 3. the row's loss: c * lse - sum_k T_k x_k, zero on empty rows
-        m_fin = tl.where(m == float("-inf"), 0.0, m)
-        lse = m_fin + tl.log2(s) / LOG2E
-        nonempty = mass > 0
-        inv_mass = tl.where(nonempty, 1.0 / tl.where(nonempty, mass, 1.0), 0.0)
+        # 3. the row's loss: c * lse - sum_k T_k x_k, zero on empty rows, and the gradient's scales
         if not HAS_WEIGHT:
             wsum = K * 1.0
-        coef = tl.where(nonempty, (1.0 - eps) * wmass * inv_mass + eps / K * wsum, 0.0)
-        loss = coef * lse - (1.0 - eps) * dot * inv_mass
-        if HAS_SMOOTH:
-            loss = loss - eps / K * sx
-        loss = tl.where(nonempty, loss, 0.0)
         rs = tl.load(RS + row).to(tl.float32)
-        tl.store(LOSS + row, loss * rs)
+        lse, loss, a, bt, bs = _row_terms(m, s, mass, wmass, dot, sx, wsum, rs, K, eps, HAS_SMOOTH)
+        tl.store(LOSS + row, loss)
 
         if COMPUTE_GRAD:
-            a = coef * rs  # scale of the softmax
-            bt = (1.0 - eps) * inv_mass * rs  # scale of the target weights
-            bs = tl.where(nonempty, eps / K * rs, 0.0)  # the smoothing mass
             g_row = G + row * stride_g
             if HAS_SPARSE:
                 # 4. target entries in fp32, before pass 2 may overwrite the logits (inplace)
@@ -266,6 +277,42 @@ def _msl_split_stats_kernel(
     tl.store(out + 3, wmass)
     tl.store(out + 4, dot)
     tl.store(out + 5, sx)
+
+
+@triton.jit
+def _msl_split_combine_kernel(
+    STATS,  # [B, S, 6] fp32 partial statistics of the slices (see _msl_split_stats_kernel)
+    WSUM,  # [] fp32 sum of the class weights (HAS_WEIGHT)
+    RS,  # [B] row scale
+    LOSS,  # [B] fp32 out: row_scale * loss
+    COEF,  # [B, 4] fp32 out: lse, scale of the softmax, of the target, of the smoothing mass
+    S, K, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    # 1. the row's slices: partial maxima and sum-exps, partial target sums
+    sl = tl.arange(0, BLOCK_S)
+    sm = sl < S
+    st = STATS + (row * S + sl) * 6  # [BLOCK_S]
+    m_part = tl.load(st + 0, mask=sm, other=float("-inf"))
+    s_part = tl.load(st + 1, mask=sm, other=0.0)
+    # 2. merged: log-sum-exp of the parts (an all -inf row keeps max -inf and sum 0), plain sums of the rest
+    m = tl.max(m_part, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(tl.where(m_part == float("-inf"), 0.0, s_part * tl.exp2((m_part - m_safe) * LOG2E)), 0)
+    mass = tl.sum(tl.load(st + 2, mask=sm, other=0.0), 0)
+    wmass = tl.sum(tl.load(st + 3, mask=sm, other=0.0), 0)
+    dot = tl.sum(tl.load(st + 4, mask=sm, other=0.0), 0)
+    sx = tl.sum(tl.load(st + 5, mask=sm, other=0.0), 0)
+    wsum = tl.load(WSUM) if HAS_WEIGHT else K * 1.0
+    # 3. the row's loss and the gradient's scales, as in the one-row kernel
+    rs = tl.load(RS + row).to(tl.float32)
+    lse, loss, a, bt, bs = _row_terms(m, s, mass, wmass, dot, sx, wsum, rs, K, eps, HAS_SMOOTH)
+    tl.store(LOSS + row, loss)
+    tl.store(COEF + row * 4 + 0, lse)
+    tl.store(COEF + row * 4 + 1, a)
+    tl.store(COEF + row * 4 + 2, bt)
+    tl.store(COEF + row * 4 + 3, bs)
 
 
 @triton.jit
@@ -422,24 +469,24 @@ def num_splits(b: int, k: int, block: int, device: torch.device) -> int:
 
 def _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch, eps, compute_grad,
                    splits, block):
-    """Split-row path: per-slice statistics, a small combine in torch (O(B·S)), then per-slice gradients."""
-    k = x.shape[1]
+    """Split-row path: per-slice statistics, one small combine kernel (O(B·S)), then per-slice gradients.
+
+    Three launches in all, whatever the options: at the small batches that take this path the host's cost
+    per call, not the GPU's, sets the time.
+    """
+    b, k = x.shape
     stats, span = _split_stats(x, dense, indices, offsets, values, weight, eps > 0, splits, block)  # [B, S, 6]
-    # 1. combine the slices: log-sum-exp of the partial sums, plain sums of the rest
-    mx, tot = torch_chunked.lse_parts(stats[..., 0], stats[..., 1])  # [B] each
-    lse = tot.log() + torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)  # [B]
-    mass, wmass, dot, sx = stats[..., 2:].sum(1).unbind(-1)  # [B] each
-    wsum = float(k) if weight is None else weight.float().sum()
-    loss_rows, lse, coef, inv_mass, _ = torch_chunked.combine(lse, dot, mass, wmass, sx if eps else None, k, wsum,
-                                                              eps)
-    rs = row_scale.float()
-    loss.copy_(loss_rows * rs)
-    if not compute_grad:
-        return
-    # 2. the per-row scales, then every slice's gradient
-    a, bt, bs = torch_chunked.grad_scales(coef, inv_mass, rs, eps, k)  # [B] each
-    coefs = pack_coefs(lse, a, bt, bs)  # [B, 4]
-    _split_grad(x, grad, coefs, dense, indices, offsets, values, scratch, weight, eps > 0, span, block)
+    n = stats.shape[1]
+    coefs = torch.empty(b, 4, dtype=torch.float32, device=x.device)  # [B, 4]
+    wsum = weight.float().sum() if weight is not None else loss  # [] (a dummy pointer without weights)
+    # 1. combine the slices: the loss, and each row's log-sum-exp and gradient scales
+    _msl_split_combine_kernel[(b,)](
+        stats, wsum, row_scale, loss, coefs, n, k, eps,
+        HAS_WEIGHT=weight is not None, HAS_SMOOTH=eps > 0, BLOCK_S=max(16, triton.next_power_of_2(n)),
+    )
+    if compute_grad:
+        # 2. every slice's gradient
+        _split_grad(x, grad, coefs, dense, indices, offsets, values, scratch, weight, eps > 0, span, block)
 
 
 def _split_flags(dense, indices, values, weight, smooth, block):
