@@ -19,6 +19,10 @@ F="python3 benchmarks/bench_linear.py --device cuda --dtype bf16 --B 8192 --D 10
 # 1. GPU tests (the compiled kernels, not the interpreter)
 timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_linear.py \
   tests/test_distributed.py 2>&1 | tee "$OUT/tests.txt"
+# 1b. The host's cost per call (small inputs are host-bound): ours against F.cross_entropy and a bare launch
+( timeout 40 python3 benchmarks/bench_overhead.py --device cuda | head -5
+  timeout 40 python3 benchmarks/bench_overhead.py --device cuda --B 1 --K 131072 --n 200 | head -5 ) 2>&1 \
+  | tee "$OUT/overhead.txt"
 # 2. The issue's point: B=4096, K=131072, bf16 and fp32, against eager, compile and Liger (one positive)
 timeout 150 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 2>&1 | tee "$OUT/bench_point.txt"
 timeout 60 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 1 --cases torch ours liger 2>&1 | tee -a "$OUT/bench_point.txt"
