@@ -443,16 +443,9 @@ def forward(
 
 
 @functools.cache
-def _device_info(device: torch.device) -> tuple[int, int]:
-    """``(SMs, L2 bytes)`` of a CUDA device (cached: the query is not free); under the interpreter, 2 SMs."""
-    if device.type != "cuda":
-        return 2, 64 << 10
-    props = torch.cuda.get_device_properties(device)
-    return props.multi_processor_count, getattr(props, "L2_cache_size", 50 << 20)
-
-
 def _sms(device: torch.device) -> int:
-    return _device_info(device)[0]
+    """Streaming multiprocessors of a CUDA device (cached: the query is not free); 2 under the interpreter."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
 def num_splits(b: int, k: int, block: int, device: torch.device) -> int:
