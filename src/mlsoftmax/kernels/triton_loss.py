@@ -3,7 +3,7 @@
 One program handles one row (or, capped at ``ROW_PROGRAMS``, loops over rows).
 Pass 1 streams the row once (online max and
 sum-exp, plus the dense target's sums), reading with ``evict_last`` so that the
-row stays in L2; the positives are gathered from their CSR indices. Pass 2
+row (and a dense target's row) stays in L2; the positives are gathered from their CSR indices. Pass 2
 re-reads the row (``evict_first``, from L2 when it fits) and writes the gradient
 ``row_scale * (c * softmax - T)`` in the output dtype, each entry formed in fp32
 and rounded once. The target entries of sparse targets are computed in fp32 into
@@ -88,7 +88,7 @@ def _stream_stats(x_row, t_row, W, lo, hi, HAS_DENSE: tl.constexpr, HAS_WEIGHT: 
         if HAS_WEIGHT:
             w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_DENSE:
-            t = tl.load(t_row + offs, mask=mask, other=0).to(tl.float32)
+            t = tl.load(t_row + offs, mask=mask, other=0, eviction_policy="evict_last").to(tl.float32)
             tw = t * w if HAS_WEIGHT else t
             mass += tl.sum(t, 0)
             wmass += tl.sum(tw, 0)
@@ -155,7 +155,7 @@ def _grad_pass(x_row, g_row, t_row, W, lo, hi, lse, a, bt, bs, HAS_DENSE: tl.con
         if HAS_WEIGHT:
             w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_DENSE:
-            t = tl.load(t_row + offs, mask=mask, other=0).to(tl.float32)
+            t = tl.load(t_row + offs, mask=mask, other=0, eviction_policy="evict_first").to(tl.float32)
             g = g - (t * w if HAS_WEIGHT else t) * bt
         if HAS_SMOOTH:
             g = g - (bs * w if HAS_WEIGHT else bs)
