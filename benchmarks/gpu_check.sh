@@ -19,21 +19,27 @@ F="python3 benchmarks/bench_linear.py --device cuda --dtype bf16 --B 8192 --D 10
 # 1. GPU tests (the compiled kernels, not the interpreter)
 timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_linear.py \
   tests/test_distributed.py 2>&1 | tee "$OUT/tests.txt"
-# 1b. The host's cost per call (small inputs are host-bound): ours against F.cross_entropy and a bare launch
-( timeout 40 python3 benchmarks/bench_overhead.py --device cuda | head -5
-  timeout 40 python3 benchmarks/bench_overhead.py --device cuda --B 1 --K 131072 --n 200 | head -5 ) 2>&1 \
-  | tee "$OUT/overhead.txt"
 # 2. The issue's point: B=4096, K=131072, bf16 and fp32, against eager, compile and Liger (one positive)
 timeout 150 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 2>&1 | tee "$OUT/bench_point.txt"
 timeout 60 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 1 --cases torch ours liger 2>&1 | tee -a "$OUT/bench_point.txt"
 # 3. The fused linear + loss at the issue's point: B=8192, D=1024, K=262144 bf16, against the GEMMs, naive, CCE, Liger
 timeout 120 $F --reps 5 2>&1 | tee "$OUT/bench_linear.txt"
-# 4. Tuning: rows in flight (N programs looping over rows; p4096 = one per row) and the block size, against the
-#    default (row_programs(): rows in flight sized to half the L2)
+# 4. Tuning: rows in flight (N programs looping over rows; p4096 = one per row, the default) and the block size
 timeout 60 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 \
-  --cases ours ours-p132 ours-p264 ours-p528 ours-p4096 ours-b8192 2>&1 | tee "$OUT/bench_tune.txt"
-# 5. Where the time goes (torch.profiler): the loss kernel at the issue's point, the two linear routes
-timeout 60 $L --dtype bf16 --B 4096 --K 131072 --npos 8 --profile --cases ours 2>&1 | tee "$OUT/profile.txt"
-timeout 60 $F --profile --cases ours-fast ours-lean 2>&1 | tee -a "$OUT/profile.txt"
+  --cases ours ours-p132 ours-p264 ours-p528 ours-b8192 2>&1 | tee "$OUT/bench_tune.txt"
+# 5. Where the time goes (all into profile.txt): the host's cost per call (small inputs are host-bound), then
+#    torch.profiler on the loss kernel and the two linear routes, then Nsight Compute on one launch of the loss
+#    kernel (DRAM bytes: does the gradient pass re-read rows from L2? L2 hit rate, time, registers, occupancy)
+( timeout 40 python3 benchmarks/bench_overhead.py --device cuda | head -5
+  timeout 40 python3 benchmarks/bench_overhead.py --device cuda --B 1 --K 131072 --n 200 | head -5
+  timeout 60 $L --dtype bf16 --B 4096 --K 131072 --npos 8 --profile --cases ours
+  timeout 60 $F --profile --cases ours-fast ours-lean
+  M=dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum
+  M=$M,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread
+  M=$M,sm__warps_active.avg.pct_of_peak_sustained_active
+  for dt in bf16 fp32; do
+    timeout 120 ncu --clock-control none -k regex:_msl_fwd_kernel -s 2 -c 1 --metrics "$M" \
+      python3 benchmarks/ncu_loss.py --dtype $dt | tail -14
+  done ) 2>&1 | tee "$OUT/profile.txt"
 # 6. The sweep (K 1k..1M, B 1..16k, 1 and 8 positives), ours and eager only to fit the budget
 timeout 150 $L --dtype bf16 --sweep --reps 5 --cases torch ours 2>&1 | tee "$OUT/bench_sweep.txt"

@@ -1,0 +1,32 @@
+"""Three forward + backward calls of the loss at the issue's point, for Nsight Compute to read one kernel launch.
+
+The question it answers: does the gradient pass re-read each row from L2, or from DRAM? Ideal DRAM traffic
+for bf16 at B=4096, K=131072 is 1 GiB read and 1 GiB written.
+
+    ncu --clock-control none -k regex:_msl_fwd_kernel -s 2 -c 1 \\
+        --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \\
+        python benchmarks/ncu_loss.py --dtype bf16
+"""
+
+import argparse
+
+import torch
+
+from mlsoftmax import Positives, multilabel_softmax_loss
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--B", type=int, default=4096)
+    p.add_argument("--K", type=int, default=131072)
+    args = p.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    x = torch.randn(args.B, args.K, device="cuda").to(dtype)
+    pos = Positives.from_padded(torch.randint(0, args.K, (args.B, 8), device="cuda"))
+    for _ in range(3):
+        multilabel_softmax_loss(x.detach().requires_grad_(), pos, validate=False).backward()
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
