@@ -14,6 +14,7 @@ import torch
 
 from mlsoftmax import Positives, multilabel_softmax_loss
 
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
