@@ -223,3 +223,24 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu():
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "compiled 79 kernel variants" in proc.stdout
+
+
+@needs_triton
+@pytest.mark.parametrize("impl", [i for i in ("triton", "compile") if i in AVAILABLE])
+def test_second_backward_through_a_fused_loss_raises(impl, rng):
+    """The fused paths store the gradient in the forward and scale it in place: a second backward through the
+    same graph would scale it twice, so it raises; the torch path backpropagates twice (the gradient doubles)."""
+    y = random_multihot(rng, 3, 50, p=0.1)
+    s = rng.normal(size=(3, 50))
+    expected = R.grad(s, y) / 3  # mean over the 3 rows
+    x = torch.tensor(s, dtype=torch.float32, requires_grad=True)
+    out = multilabel_softmax_loss(x, torch.from_numpy(y), impl=impl)
+    out.backward(retain_graph=True)
+    np.testing.assert_allclose(x.grad.numpy(), expected, atol=1e-6)
+    with pytest.raises(RuntimeError, match="one backward through this loss"):
+        out.backward()
+    x2 = torch.tensor(s, requires_grad=True)
+    out2 = multilabel_softmax_loss(x2, torch.from_numpy(y), impl="torch")
+    out2.backward(retain_graph=True)
+    out2.backward()
+    np.testing.assert_allclose(x2.grad.numpy(), 2 * expected, atol=1e-12)

@@ -276,3 +276,20 @@ def test_gpu_triton_route_matches_fp32_torch_route(route, chunk, dtype):
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
     torch.testing.assert_close(hh.grad.float(), ref_h.grad, rtol=tol * 10, atol=tol)
     torch.testing.assert_close(ww.grad.float(), ref_w.grad, rtol=tol * 10, atol=tol)
+
+
+@pytest.mark.skipif("triton_rows" not in ROUTES, reason="Triton not installed")
+def test_rows_route_refuses_a_second_backward(rng):
+    """The rows route computes dX and dW in the forward and scales them in place: a second backward through
+    the same graph raises instead of scaling them twice."""
+    h, w = rng.normal(size=(5, 7)), rng.normal(size=(40, 7))
+    y = random_multihot(rng, 5, 40, p=0.1)
+    th = torch.tensor(h, dtype=torch.float32, requires_grad=True)
+    tw = torch.tensor(w, dtype=torch.float32, requires_grad=True)
+    out = linear_multilabel_softmax_loss(th, tw, torch.from_numpy(y), **_route("triton_rows", 4))
+    out.backward(retain_graph=True)
+    _, (dx, dw, _, _) = _oracle(h, w, None, 1.0, y.astype(float))
+    np.testing.assert_allclose(th.grad.numpy(), dx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(tw.grad.numpy(), dw, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="one backward through this loss"):
+        out.backward()

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import _validation as V
 from .kernels import resolve_impl, torch_chunked, torch_linear
-from .loss import _canonical_target, _check_options, _check_weights, _row_scale
+from .loss import _canonical_target, _check_options, _check_weights, _once, _row_scale
 from .targets import Positives
 
 __all__ = ["linear_multilabel_softmax_loss", "LinearMultiLabelSoftmaxLoss", "LinearMultiLabelSoftmaxFunction"]
@@ -155,6 +155,8 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[:4]
         if ctx.impl == "triton_rows" and ctx.eager:
             from .kernels import triton_loss
+
+            _once(ctx)
 
             # scaled by grad_out in place, with no host sync: skipped inside the kernel when it is 1
             out = []

@@ -178,6 +178,17 @@ def _(grad, grad_rows):
     return None
 
 
+def _once(ctx) -> None:
+    """The fused paths scale the gradient they stored in the forward in place: a second backward through the
+    same graph (``retain_graph=True``) would scale it twice, so it raises instead."""
+    if getattr(ctx, "spent", False):
+        raise RuntimeError(
+            "Expected one backward through this loss, but got a second one (retain_graph=True): the fused "
+            "paths compute the gradient in the forward and scale it in place; use impl='torch' to backpropagate twice"
+        )
+    ctx.spent = True
+
+
 class MultiLabelSoftmaxFunction(torch.autograd.Function):
     """Per-row ``row_scale * loss`` ``[B]`` from logits ``[B, K]``.
 
@@ -234,6 +245,8 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
     def backward(ctx, grad_rows):
         if not ctx.needs_input_grad[0]:
             return (None,) * 11
+        if ctx.impl in ("triton", "compile"):
+            _once(ctx)
         if ctx.impl == "triton":
             from .kernels import triton_loss
 
