@@ -360,17 +360,17 @@ def _check_weights(weight, sample_weight, logits: Tensor, validate: bool, shape=
 
 
 def _row_scale(dense, indices, row_ids, values, b: int, acc, device, sample_weight, reduction: str, empty: str,
-               offsets=None):
+               counts=None):
     """Each row's weight in the reduction ``[B]`` (acc dtype), from the per-row target mass.
 
     Folding the reduction into the kernel lets a fused backward skip the
     rescaling pass. ``empty="error"`` raises here (it syncs). A sparse target
-    without ``row_ids`` needs ``offsets`` (and no ``values``): its mass is the count.
+    without ``row_ids`` needs its ``counts`` (and no ``values``): its mass is the count.
     """
     if dense is not None:
         mass = dense.sum(-1, dtype=acc)  # [B]
     elif row_ids is None:
-        mass = (offsets[1:] - offsets[:-1]).to(acc)  # [B] positives per row
+        mass = counts.to(acc)  # [B] positives per row
     else:
         v = torch.ones_like(indices, dtype=acc) if values is None else values.to(acc)
         mass = torch.zeros(b, dtype=acc, device=device).index_add_(0, row_ids, v)  # [B]
@@ -467,7 +467,7 @@ def multilabel_softmax_loss(
 
     offsets = target.offsets if isinstance(target, Positives) else None
     row_scale = _row_scale(dense, indices, row_ids, values, x.shape[0], acc, x.device, sample_weight, reduction, empty,
-                           offsets=offsets)
+                           counts=target.counts() if row_ids is None and dense is None else None)
     rows = MultiLabelSoftmaxFunction.apply(
         x, dense, indices, offsets, row_ids, values, weight, row_scale, float(label_smoothing), chosen,
         inplace,

@@ -22,7 +22,8 @@ Like :mod:`.torch_linear`, chunks of ``C`` classes with an online log-sum-exp,
 but each chunk's elementwise work is one Triton pass over the cuBLAS logits:
 
 1. forward: ``z_c = s * h @ W_c.T + b_c`` (``[B, C]``), then one read of ``z_c``
-   for its partial max / sum-exp (:func:`.triton_loss.partial_sums`); the
+   for its partial max / sum-exp (:func:`.triton_loss.slab_stats`, merged once
+   over all chunks by :func:`.triton_loss.merge_stats`); the
    positives' logits are fp32 dot products (:func:`positive_logits`);
 2. backward: recompute ``z_c``, overwrite it with ``G_c`` in one pass
    (:func:`.triton_loss.slab_grad`), write the positives' exact fp32 entries
@@ -247,10 +248,7 @@ def labels_partial_sums(
                                             None if cw is None else cw[c0:c1], smooth))
     # 2. every slice of every chunk merged: log-sum-exp of the parts, plain sums of the rest
     if parts:
-        st = torch.cat(parts, 1)  # [B, S, 6]
-        m, s = torch_chunked.lse_parts(st[..., 0], st[..., 1])  # [B] each
-        lse = s.log() + torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # [B]
-        mass, wmass, dot, sx = st[..., 2:].sum(1).T.contiguous().unbind(0)  # [B] each
+        lse, mass, wmass, dot, sx = triton_loss.merge_stats(torch.cat(parts, 1))  # [B] each
     else:  # no classes here (an empty shard): log-sum-exp -inf, sums 0
         lse = h.new_full((b,), float("-inf"), dtype=torch.float32)
         mass, wmass, dot, sx = h.new_zeros((4, b), dtype=torch.float32).unbind(0)

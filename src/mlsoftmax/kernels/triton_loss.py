@@ -559,6 +559,17 @@ def slab_grad(x: Tensor, coefs: Tensor, dense: Optional[Tensor], weight: Optiona
     return out
 
 
+def merge_stats(st: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Slices' statistics ``[B, S, 6]`` (of :func:`slab_stats`) -> per-row fp32 ``(lse, mass, wmass, dot, sx)``.
+
+    Log-sum-exp of the partial ones (a row of -inf parts gets -inf), plain sums of the rest; each ``[B]``
+    contiguous, so that the sparse terms can be added in place.
+    """
+    m, s = torch_chunked.lse_parts(st[..., 0], st[..., 1])  # [B] each
+    lse = s.log() + torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return (lse, *st[..., 2:].sum(1).T.contiguous().unbind(0))
+
+
 def partial_sums(x, dense, indices, row_ids, values, weight, smooth: bool):
     """:func:`.torch_chunked.partial_sums` with one Triton pass over ``x`` ``[B, K]`` (a shard or chunk of classes).
 
@@ -567,10 +578,7 @@ def partial_sums(x, dense, indices, row_ids, values, weight, smooth: bool):
     """
     x = x if x.stride(-1) == 1 else x.contiguous()
     w = None if weight is None else weight.float()
-    st = slab_stats(x, dense, w, smooth)  # [B, S, 6]
-    m, s = torch_chunked.lse_parts(st[..., 0], st[..., 1])  # [B] each
-    lse = s.log() + torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    mass, wmass, dot, sx = (st[..., i].sum(1) for i in range(2, 6))  # [B] each
+    lse, mass, wmass, dot, sx = merge_stats(slab_stats(x, dense, w, smooth))  # [B] each
     if indices is not None:
         torch_chunked.add_sparse_sums(x[row_ids, indices].float(), indices, row_ids, values, w, mass, wmass, dot)
     return lse, dot, mass, wmass, (sx if smooth else None)
