@@ -168,9 +168,7 @@ class Positives:
 
     def row_ids(self) -> Tensor:
         """``[nnz]`` the row of each stored positive (no host sync)."""
-        return torch.repeat_interleave(
-            torch.arange(self.batch_size, device=self.device), self.counts(), output_size=self.indices.numel()
-        )
+        return torch.repeat_interleave(self.counts(), output_size=self.indices.numel())
 
     def to(self, device) -> "Positives":
         """Move to ``device`` (a new object; ``self`` is unchanged)."""

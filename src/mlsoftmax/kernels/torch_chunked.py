@@ -90,10 +90,8 @@ def partial_sums(
     for r0 in range(0, b, step):
         r1 = min(b, r0 + step)
         xc = x[r0:r1].to(acc)  # [b, K]
-        # 1. stable log-sum-exp: a row of -inf gets max 0 so that no NaN appears
-        mx = xc.amax(1, keepdim=True)  # [b, 1]
-        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        lse[r0:r1] = (xc - mx).exp_().sum(1).log_().add_(mx.squeeze(1))
+        # 1. stable log-sum-exp (max-shifted; a row of -inf gets -inf, not NaN)
+        torch.logsumexp(xc, 1, out=lse[r0:r1])
         # 2. dense target terms; masked (-inf) logits with zero target add nothing
         if dense is not None:
             t = dense[r0:r1].to(acc)  # [b, K]
@@ -119,7 +117,7 @@ def add_sparse_sums(xg, indices, row_ids, values, weight, mass, wmass, dot) -> N
     vw = v if weight is None else v * weight[indices].to(xg.dtype)  # [nnz]
     mass.index_add_(0, row_ids, v)
     wmass.index_add_(0, row_ids, vw)
-    dot.index_add_(0, row_ids, vw * xg)
+    dot.index_add_(0, row_ids, xg if values is None and weight is None else vw * xg)
 
 
 def combine(lse, dot, mass, wmass, sx, k: int, wsum, eps: float):
@@ -130,12 +128,16 @@ def combine(lse, dot, mass, wmass, sx, k: int, wsum, eps: float):
     ``wsum = sum_k w_k``. Empty rows get loss 0.
     """
     nonempty = mass > 0
-    inv_mass = torch.where(nonempty, 1.0 / torch.where(nonempty, mass, torch.ones_like(mass)), torch.zeros_like(mass))
-    coef = ((1.0 - eps) * wmass * inv_mass + (eps / k) * wsum) * nonempty
-    loss = coef * lse - (1.0 - eps) * dot * inv_mass
-    if sx is not None:
-        loss = loss - (eps / k) * sx
-    loss = torch.where(nonempty, loss, torch.zeros_like(loss))
+    inv_mass = torch.where(nonempty, mass.reciprocal(), 0.0)
+    if eps:
+        coef = ((1.0 - eps) * wmass * inv_mass + (eps / k) * wsum) * nonempty
+        loss = coef * lse - (1.0 - eps) * dot * inv_mass
+        if sx is not None:
+            loss = loss - (eps / k) * sx
+    else:  # the common case in fewer ops (each costs microseconds at small sizes)
+        coef = wmass * inv_mass
+        loss = torch.addcmul(coef * lse, dot, inv_mass, value=-1.0)
+    loss = torch.where(nonempty, loss, 0.0)
     return loss, lse, coef, inv_mass, mass
 
 
@@ -171,8 +173,9 @@ def backward(
     step = _row_step(x.shape[1], x.device)
     for r0 in range(0, b, step):
         r1 = min(b, r0 + step)
-        # 1. c * softmax, scaled by the incoming gradient
-        p = (x[r0:r1].to(acc) - lse[r0:r1, None]).exp_().mul_(scale_p[r0:r1, None])  # [b, K]
+        # 1. c * softmax, scaled by the incoming gradient (formed in `out` itself when it has the accumulation dtype)
+        tmp = out[r0:r1] if out.dtype == acc else None
+        p = torch.sub(x[r0:r1].to(acc), lse[r0:r1, None], out=tmp).exp_().mul_(scale_p[r0:r1, None])  # [b, K]
         # 2. minus the (dense) target distribution
         if dense is not None:
             t = dense[r0:r1].to(acc)  # [b, K]; may alias the user's target: no in-place ops on it
@@ -180,7 +183,8 @@ def backward(
             p.sub_(t)
         if scale_s is not None:
             p.sub_(scale_s[r0:r1, None] if w is None else scale_s[r0:r1, None] * w)
-        out[r0:r1] = p
+        if tmp is None:
+            out[r0:r1] = p
     if indices is not None:
         # 3. sparse targets: recompute the target entries exactly, then round once
         xg = x[row_ids, indices].to(acc)  # [nnz]
@@ -193,8 +197,9 @@ def grad_scales(coef: Tensor, inv_mass: Tensor, g: Tensor, eps: float, k: int):
     """Per-row scales ``[B]`` of the gradient ``a softmax - w (bt t + bs)`` for upstream ``g``:
     ``(a, bt, bs)`` of the softmax, of the (raw) target and of the smoothing mass; ``bs`` is None without smoothing.
     """
-    bs = (eps / k) * g * (inv_mass > 0) if eps else None
-    return coef * g, (1.0 - eps) * inv_mass * g, bs
+    if not eps:
+        return coef * g, inv_mass * g, None
+    return coef * g, (1.0 - eps) * inv_mass * g, (eps / k) * g * (inv_mass > 0)
 
 
 def target_entries(xg, lse, scale_p, scale_t, scale_s, indices, row_ids, values, weight) -> Tensor:
@@ -203,9 +208,13 @@ def target_entries(xg, lse, scale_p, scale_t, scale_s, indices, row_ids, values,
     ``scale_p * softmax - w (scale_t v + scale_s)`` with the per-row scales of the
     softmax, of the target and of the smoothing mass (``scale_s`` may be None).
     """
-    v = torch.ones_like(xg) if values is None else values.to(xg.dtype)  # [nnz]
-    val = (xg - lse[row_ids]).exp_().mul_(scale_p[row_ids])
-    val = val - (v if weight is None else v * weight[indices]) * scale_t[row_ids]
+    val = (xg - lse[row_ids]).exp_().mul_(scale_p[row_ids])  # [nnz]
+    t = scale_t[row_ids]  # [nnz] the target term, times the value and the class weight if any
+    if values is not None:
+        t = t * values.to(xg.dtype)
+    if weight is not None:
+        t = t * weight[indices]
+    val = val - t
     if scale_s is not None:
         val = val - (scale_s[row_ids] if weight is None else scale_s[row_ids] * weight[indices])
     return val
