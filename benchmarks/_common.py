@@ -68,3 +68,41 @@ def profile_table(step, cuda: bool, reps: int = 3, rows: int = 15) -> str:
             torch.cuda.synchronize()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+# Kernel knobs a case name can set for its calls (``ours-p132``, ``ours-r``, ``ours-fast-r-p264``):
+# a letter, then the value (none for a switch), on :mod:`mlsoftmax.kernels.triton_loss`.
+KNOBS = {"p": ("ROW_PROGRAMS", int), "b": ("MAX_BLOCK", int), "r": ("REVERSE_GRAD", lambda _: True)}
+
+
+def split_knobs(name: str) -> tuple[str, dict]:
+    """``"ours-fast-r-p132"`` -> ``("ours-fast", {"REVERSE_GRAD": True, "ROW_PROGRAMS": 132})``: a case's name
+    and the kernel knobs its suffixes set (a suffix is a knob letter and an optional number)."""
+    base, knobs = [], {}
+    for part in name.split("-"):
+        letter, rest = part[:1], part[1:]
+        if base and letter in KNOBS and (rest.isdigit() or (rest == "" and letter == "r")):
+            attr, conv = KNOBS[letter]
+            knobs[attr] = conv(rest)
+        else:
+            base.append(part)
+    return "-".join(base), knobs
+
+
+def with_knobs(fn, knobs: dict):
+    """``fn`` with the Triton loss kernel's ``knobs`` set during each call (restored after)."""
+    if not knobs:
+        return fn
+    from mlsoftmax.kernels import triton_loss
+
+    def tuned(*args):
+        old = {k: getattr(triton_loss, k) for k in knobs}
+        for k, v in knobs.items():
+            setattr(triton_loss, k, v)
+        try:
+            return fn(*args)
+        finally:
+            for k, v in old.items():
+                setattr(triton_loss, k, v)
+
+    return tuned

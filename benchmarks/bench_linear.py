@@ -16,6 +16,8 @@ F.cross_entropy with a probability target), ``ours`` (impl=auto, default
 budget), ``ours-fast`` (a 2 GB budget: on CUDA at the issue's point, the Triton
 rows route with 2048-row chunks and an fp32 dW accumulator), ``ours-lean`` (a
 256 MB budget: the Triton labels route, four GEMMs, no dW accumulator),
+``ours-fast-r`` / ``ours-lean-r`` (the same with the loss kernel's gradient pass
+reversed, ``triton_loss.REVERSE_GRAD``; the knobs of bench_loss.py apply),
 ``ours-torch`` (impl="torch": label chunks, GEMMs in the input dtype, every
 elementwise step in PyTorch), ``cce`` (Apple's Cut Cross-Entropy, first positive
 only) and ``liger`` (Liger's fused linear cross-entropy, first positive only)
@@ -32,7 +34,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import DTYPES, median_seconds, profile_table, reset_peak_rss, rss_kb
+from _common import DTYPES, median_seconds, profile_table, reset_peak_rss, rss_kb, split_knobs, with_knobs
 
 
 def make_inputs(b, d, k, npos, dtype, device, seed=0):
@@ -68,11 +70,12 @@ def case_fn(name, h, w, pos, k):
 
     if name == "gemms":
         return _ThreeGemms.apply
-    if name.startswith("ours"):
-        impl = "torch" if name == "ours-torch" else "auto"
-        budget = {"ours-fast": 2 << 30, "ours-lean": 256 << 20}.get(name)
-        return lambda hh, ww: linear_multilabel_softmax_loss(hh, ww, pos, impl=impl, memory_budget=budget,
-                                                             validate=False)
+    base, knobs = split_knobs(name)  # e.g. ours-fast-r: the fast route with the loss kernel's pass reversed
+    if base.startswith("ours") and base != "naive-ours":
+        impl = "torch" if base == "ours-torch" else "auto"
+        budget = {"ours-fast": 2 << 30, "ours-lean": 256 << 20}.get(base)
+        return with_knobs(lambda hh, ww: linear_multilabel_softmax_loss(hh, ww, pos, impl=impl, memory_budget=budget,
+                                                                        validate=False), knobs)
     if name == "naive-ours":
         return lambda hh, ww: multilabel_softmax_loss(hh @ ww.T, pos, validate=False)
     first = pos.indices[pos.offsets[:-1]]  # the first positive of each row

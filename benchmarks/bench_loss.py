@@ -15,7 +15,9 @@ Commands:
 Cases: ``ours`` (impl=auto, sparse Positives), ``ours-dense`` (dense target),
 ``ours-p<N>`` (CUDA: the one-row kernel on N programs that loop over the rows,
 capping the rows in flight so that their second read can stay in L2), ``ours-b<N>``
-(CUDA: the kernel with N elements of a row per step, ``MAX_BLOCK``), ``torch``
+(CUDA: the kernel with N elements of a row per step, ``MAX_BLOCK``), ``ours-r`` (CUDA:
+the gradient pass walks each row backwards, ``REVERSE_GRAD``; knobs combine, as in
+``ours-r-p132``), ``torch``
 (F.cross_entropy(x, probs) eager), ``compile`` (the same under torch.compile),
 ``liger`` (Liger-Kernel cross-entropy, one positive, if installed).
 """
@@ -30,7 +32,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import DTYPES, median_seconds, profile_table, reset_peak_rss, rss_kb
+from _common import DTYPES, median_seconds, profile_table, reset_peak_rss, rss_kb, split_knobs, with_knobs
 
 
 def make_inputs(b, k, npos, dtype, device, seed=0):
@@ -52,19 +54,11 @@ def case_fn(name, x, pos, k):
     if name in ("ours", "ours-torch"):
         impl = "auto" if name == "ours" else "torch"
         return lambda z: multilabel_softmax_loss(z, pos, impl=impl, validate=False)
-    if name[:6] in ("ours-p", "ours-b"):  # a kernel knob set for the call (the kernel runs inside the forward)
-        from mlsoftmax.kernels import triton_loss
-
-        knob = "ROW_PROGRAMS" if name[5] == "p" else "MAX_BLOCK"  # ours-p<N>: N programs; ours-b<N>: BLOCK N
-
-        def tuned(z, n=int(name[6:])):
-            old = getattr(triton_loss, knob)
-            setattr(triton_loss, knob, n)
-            try:
-                return multilabel_softmax_loss(z, pos, impl="triton", validate=False)
-            finally:
-                setattr(triton_loss, knob, old)
-        return tuned
+    base, knobs = split_knobs(name)
+    if knobs:  # ours-p<N>, ours-b<N>, ours-r: kernel knobs set for the call (the kernel runs inside the forward)
+        if base != "ours":
+            raise ValueError(name)
+        return with_knobs(lambda z: multilabel_softmax_loss(z, pos, impl="triton", validate=False), knobs)
     dense = pos.to_dense(k, dtype=x.dtype)
     probs = dense / dense.sum(1, keepdim=True).clamp_min(1)
     if name == "ours-dense":

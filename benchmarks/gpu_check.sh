@@ -24,9 +24,11 @@ timeout 150 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 2>&1 | tee "$OUT/b
 timeout 60 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 1 --cases torch ours liger 2>&1 | tee -a "$OUT/bench_point.txt"
 # 3. The fused linear + loss at the issue's point: B=8192, D=1024, K=262144 bf16, against the GEMMs, naive, CCE, Liger
 timeout 120 $F --reps 5 2>&1 | tee "$OUT/bench_linear.txt"
-# 4. Tuning: rows in flight (N programs looping over rows; p4096 = one per row, the default) and the block size
+# 4. Tuning: the gradient pass walked backwards (r; the default walks forwards), alone and with rows in flight
+#    capped (p<N>: N programs looping over rows), in the loss and in both fused linear routes
 timeout 60 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 \
-  --cases ours ours-p132 ours-p264 ours-p528 ours-b8192 2>&1 | tee "$OUT/bench_tune.txt"
+  --cases ours ours-r ours-r-p132 ours-r-p264 2>&1 | tee "$OUT/bench_tune.txt"
+timeout 90 $F --reps 5 --cases gemms ours-fast ours-fast-r ours-lean ours-lean-r 2>&1 | tee -a "$OUT/bench_tune.txt"
 # 5. Where the time goes (all into profile.txt): the host's cost per call (small inputs are host-bound), then
 #    torch.profiler on the loss kernel and the two linear routes, then Nsight Compute on one launch of the loss
 #    kernel (DRAM bytes: does the gradient pass re-read rows from L2? L2 hit rate, time, registers, occupancy)
@@ -37,9 +39,10 @@ timeout 60 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 \
   M=dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum
   M=$M,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread
   M=$M,sm__warps_active.avg.pct_of_peak_sustained_active
-  for dt in bf16 fp32; do
-    timeout 120 ncu --clock-control none -k regex:_msl_fwd_kernel -s 2 -c 1 --metrics "$M" \
-      python3 benchmarks/ncu_loss.py --dtype $dt | tail -14
+  for args in "--dtype bf16" "--dtype fp32" "--dtype bf16 --reverse" "--dtype fp32 --reverse"; do
+    echo "== ncu_loss.py $args"
+    timeout 90 ncu --clock-control none -k regex:_msl_fwd_kernel -s 2 -c 1 --metrics "$M" \
+      python3 benchmarks/ncu_loss.py $args | tail -14
   done ) 2>&1 | tee "$OUT/profile.txt"
 # 6. The sweep (K 1k..1M, B 1..16k, 1 and 8 positives), ours and eager only to fit the budget
 timeout 150 $L --dtype bf16 --sweep --reps 5 --cases torch ours 2>&1 | tee "$OUT/bench_sweep.txt"

@@ -5,7 +5,7 @@ for bf16 at B=4096, K=131072 is 1 GiB read and 1 GiB written.
 
     ncu --clock-control none -k regex:_msl_fwd_kernel -s 2 -c 1 \\
         --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \\
-        python benchmarks/ncu_loss.py --dtype bf16
+        python benchmarks/ncu_loss.py --dtype bf16            # add --reverse for the backwards gradient pass
 """
 
 import argparse
@@ -20,7 +20,11 @@ def main():
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--B", type=int, default=4096)
     p.add_argument("--K", type=int, default=131072)
+    p.add_argument("--reverse", action="store_true", help="the gradient pass walks each row backwards")
     args = p.parse_args()
+    from mlsoftmax.kernels import triton_loss
+
+    triton_loss.REVERSE_GRAD = args.reverse
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     x = torch.randn(args.B, args.K, device="cuda").to(dtype)
     pos = Positives.from_padded(torch.randint(0, args.K, (args.B, 8), device="cuda"))

@@ -29,7 +29,8 @@ def build(fn, sig, consts, num_warps=4):
 def loss_variants():
     """Target forms as the launchers pass them: dense xor sparse (values only with sparse), every option.
 
-    Every form in bf16; fp32 and fp16 get the common one (sparse positives, no options)."""
+    Every form in bf16; fp32 and fp16 get the common one (sparse positives, no options), which alone is also
+    built with the gradient pass reversed (``REVERSE``, a benchmark knob)."""
     for dense, values, weight, smooth in itertools.product((False, True), repeat=4):
         if dense and values:
             continue
@@ -52,15 +53,18 @@ def main():
             sig = dict(X=x, stride_x="i32", G=x, stride_g="i32", T=ptrs["T"], stride_t="i32", IDX="*i64",
                        OFFS="*i64", VALS="*fp32", SCRATCH="*fp32", W="*fp32", RS="*fp32", LOSS="*fp32", B="i32",
                        K="i32", eps="fp32")
-            for grad in (False, True):
-                build(tl_._msl_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=grad, **blocks), num_warps=16)
+            common = dt != "bf16" or flags == dict(zip(FLAGS, (False, True, False, False, False)))
+            for grad, rev in ((False, False), (True, False)) + (((True, True),) if common else ()):
+                build(tl_._msl_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=grad, REVERSE=rev, **blocks), num_warps=16)
                 n += 1
             sig = dict(X=x, stride_x="i32", T="*fp32", stride_t="i32", IDX="*i64", OFFS="*i64", VALS="*fp32",
                        W="*fp32", STATS="*fp32", K="i32", SPAN="i32", S="i32")
             build(tl_._msl_split_stats_kernel, sig, dict(flags, **blocks), num_warps=16)
             sig = dict(X=x, stride_x="i32", G=x, stride_g="i32", T="*fp32", stride_t="i32", IDX="*i64",
                        OFFS="*i64", VALS="*fp32", SCRATCH="*fp32", W="*fp32", COEF="*fp32", K="i32", SPAN="i32")
-            build(tl_._msl_split_grad_kernel, sig, dict(flags, **blocks), num_warps=16)
+            for rev in (False, True) if common else (False,):  # the reversed pass: a benchmark knob, common form
+                build(tl_._msl_split_grad_kernel, sig, dict(flags, REVERSE=rev, **blocks), num_warps=16)
+                n += rev
             build(tl_._msl_split_combine_kernel, dict(STATS="*fp32", WSUM="*fp32", RS="*fp32", LOSS="*fp32",
                                                       COEF="*fp32", S="i32", K="i32", eps="fp32"),
                   dict(HAS_WEIGHT=flags["HAS_WEIGHT"], HAS_SMOOTH=flags["HAS_SMOOTH"], BLOCK_S=64))

@@ -75,12 +75,15 @@ def test_no_gradient_buffer_without_requires_grad(rng):
 
 # ----------------------------------------------------------------------------- GPU only
 @needs_triton
-@pytest.mark.parametrize("splits,programs", [(1, None), (2, None), (3, None), (7, None), (1, 1), (1, 2)])
+@pytest.mark.parametrize("splits,programs,reverse", [(1, None, False), (2, None, False), (3, None, False),
+                                                     (7, None, False), (1, 1, False), (1, 2, False),
+                                                     (1, None, True), (3, None, True), (7, None, True),
+                                                     (1, 2, True)])
 @pytest.mark.parametrize("form", ["sparse", "dense"])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_split_row_kernels_match_oracle(splits, programs, form, inplace, rng):
-    """Several programs per row (slices + combine), or fewer programs than rows (each looping over rows), give
-    the oracle's loss and gradient, for every option."""
+def test_split_row_kernels_match_oracle(splits, programs, reverse, form, inplace, rng):
+    """Several programs per row (slices + combine), or fewer programs than rows (each looping over rows), with
+    the gradient pass forwards or backwards, give the oracle's loss and gradient, for every option."""
     from mlsoftmax.kernels import triton_loss
 
     b, k = 3, 1031
@@ -100,7 +103,8 @@ def test_split_row_kernels_match_oracle(splits, programs, form, inplace, rng):
     else:
         args = (t, None, None, None)
     loss, grad = triton_loss.forward(x, *args, torch.tensor(w, dtype=torch.float32), torch.tensor(rs).float(), 0.1,
-                                     True, inplace=inplace, splits=splits, programs=programs)
+                                     True, inplace=inplace, splits=splits, programs=programs,
+                                     reverse=reverse)
     np.testing.assert_allclose(loss.numpy(), R.loss(s, soft, weight=w, label_smoothing=0.1) * rs, rtol=1e-5,
                                atol=1e-5)
     expected = R.grad(s, soft, weight=w, label_smoothing=0.1) * rs[:, None]
@@ -222,7 +226,7 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu():
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 79 kernel variants" in proc.stdout
+    assert "compiled 85 kernel variants" in proc.stdout
 
 
 @needs_triton

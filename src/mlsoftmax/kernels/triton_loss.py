@@ -44,6 +44,11 @@ BLOCK_P = 32  # positives per step
 # over rows). Measured on an H100 (BENCHMARKS.md): 132 to 528 programs gained nothing at K=131072 and lost 12% at
 # K=262144 (bf16), so the default stays one program per row.
 ROW_PROGRAMS = None
+# The gradient pass walks each row (and the split-row programs) backwards, so that what the first pass read last,
+# the likeliest to be still in L2, is re-read first (a forward re-read of a row larger than its share of L2 finds
+# each block already evicted, as a cyclic scan does under LRU). Off until measured on a GPU: a benchmark knob
+# (``ours-r`` in benchmarks/bench_loss.py, ``ours-fast-r`` in bench_linear.py).
+REVERSE_GRAD = False
 
 
 # --------------------------------------------------------------------------- kernels
@@ -143,23 +148,36 @@ def _target_entries(x_row, IDX, VALS, W, SCRATCH, p0, p1, lo, hi, lse, a, bt, bs
 
 
 @triton.jit
+def _grad_block(x_row, g_row, t_row, W, k0, hi, lse, a, bt, bs, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                HAS_SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
+    """Columns ``[k0, k0 + BLOCK)`` (below ``hi``) of ``a softmax - bt w t - bs w``, each entry in fp32, rounded once."""
+    offs = k0 + tl.arange(0, BLOCK)
+    mask = offs < hi
+    x = tl.load(x_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
+    g = tl.exp2((x - lse) * LOG2E) * a
+    if HAS_WEIGHT:
+        w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DENSE:
+        t = tl.load(t_row + offs, mask=mask, other=0, eviction_policy="evict_first").to(tl.float32)
+        g = g - (t * w if HAS_WEIGHT else t) * bt
+    if HAS_SMOOTH:
+        g = g - (bs * w if HAS_WEIGHT else bs)
+    tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _grad_pass(x_row, g_row, t_row, W, lo, hi, lse, a, bt, bs, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-               HAS_SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
-    """Second pass over columns ``[lo, hi)``: ``a softmax - bt w t - bs w``, each entry in fp32, rounded once."""
-    cols = tl.arange(0, BLOCK)
-    for k0 in range(lo, hi, BLOCK):
-        offs = k0 + cols
-        mask = offs < hi
-        x = tl.load(x_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
-        g = tl.exp2((x - lse) * LOG2E) * a
-        if HAS_WEIGHT:
-            w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_DENSE:
-            t = tl.load(t_row + offs, mask=mask, other=0, eviction_policy="evict_first").to(tl.float32)
-            g = g - (t * w if HAS_WEIGHT else t) * bt
-        if HAS_SMOOTH:
-            g = g - (bs * w if HAS_WEIGHT else bs)
-        tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=mask)
+               HAS_SMOOTH: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """Second pass over columns ``[lo, hi)``; with ``REVERSE`` from the last block back, so that the blocks that the
+    first pass read last (the likeliest still in L2) are re-read first."""
+    if REVERSE:
+        nb = tl.cdiv(hi - lo, BLOCK)
+        for j in range(0, nb):
+            _grad_block(x_row, g_row, t_row, W, lo + (nb - 1 - j) * BLOCK, hi, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT,
+                        HAS_SMOOTH, BLOCK)
+    else:
+        for k0 in range(lo, hi, BLOCK):
+            _grad_block(x_row, g_row, t_row, W, k0, hi, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH, BLOCK)
 
 
 @triton.jit
@@ -209,7 +227,8 @@ def _msl_fwd_kernel(
     LOSS,  # [B] fp32 out: row_scale * loss
     B, K, eps,
     HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_VALUES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, COMPUTE_GRAD: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     # 0. a persistent loop: program p takes rows p, p + P, ... (P = B: one row each; fewer caps rows in flight)
     for row in range(tl.program_id(0).to(tl.int64), B, tl.num_programs(0)):  # int64 rows: B * K may pass 2^31
@@ -239,7 +258,8 @@ def _msl_fwd_kernel(
                 _target_entries(x_row, IDX, VALS, W, SCRATCH, p0, p1, 0, K, lse, a, bt, bs, HAS_VALUES, HAS_WEIGHT,
                                 HAS_SMOOTH, BLOCK_P)
             # 5. second pass: the gradient, re-reading the row from L2 where it fits
-            _grad_pass(x_row, g_row, t_row, W, 0, K, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH, BLOCK)
+            _grad_pass(x_row, g_row, t_row, W, 0, K, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH, REVERSE,
+                       BLOCK)
             if HAS_SPARSE:
                 # 6. the exact target entries, over pass 2's
                 _write_target_entries(g_row, IDX, SCRATCH, p0, p1, 0, K, BLOCK_P)
@@ -325,10 +345,13 @@ def _msl_split_grad_kernel(
     COEF,  # [B, 4] fp32: lse, scale of the softmax, of the target, of the smoothing mass
     K, SPAN,
     HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_VALUES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
+    if REVERSE:  # the programs in the opposite order to the statistics kernel's: the last slices read come first
+        row = tl.num_programs(0) - 1 - row
+        split = tl.num_programs(1) - 1 - split
     lse = tl.load(COEF + row * 4 + 0)
     a = tl.load(COEF + row * 4 + 1)
     bt = tl.load(COEF + row * 4 + 2)
@@ -345,7 +368,7 @@ def _msl_split_grad_kernel(
                         HAS_SMOOTH, BLOCK_P)
     # 2. this slice of the gradient
     _grad_pass(x_row, g_row, T + row * stride_t, W, lo, hi, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH,
-               BLOCK)
+               REVERSE, BLOCK)
     if HAS_SPARSE:
         # 3. this slice's exact target entries, over the pass's
         _write_target_entries(g_row, IDX, SCRATCH, p0, p1, lo, hi, BLOCK_P)
@@ -395,13 +418,15 @@ def forward(
     inplace: bool = False,
     splits: Optional[int] = None,
     programs: Optional[int] = None,
+    reverse: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
     """Launch the fused kernel: returns ``(row_scale * loss [B] fp32, gradient [B, K] or empty)``.
 
     ``splits`` programs share each row (default: :func:`num_splits`); with more
     than one, the split-row kernels run instead of the one-program-per-row kernel.
     ``programs`` (default ``ROW_PROGRAMS``, else one per row) is the grid of
-    the latter: fewer programs than rows loop over the rows.
+    the latter: fewer programs than rows loop over the rows. ``reverse`` (default
+    ``REVERSE_GRAD``) runs the gradient pass backwards.
     """
     b, k = x.shape
     if x.stride(-1) != 1:
@@ -422,9 +447,10 @@ def forward(
     dummy = loss
     block = _block(k)
     splits = num_splits(b, k, block, x.device) if splits is None else splits
+    reverse = REVERSE_GRAD if reverse is None else reverse
     if b and splits > 1:
         _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch,
-                       float(label_smoothing), compute_grad, splits, block)
+                       float(label_smoothing), compute_grad, splits, block, reverse)
     elif b:
         programs = max(1, min(b, programs or ROW_PROGRAMS or b))
         _msl_fwd_kernel[(programs,)](
@@ -437,7 +463,7 @@ def forward(
             row_scale, loss, b, k, float(label_smoothing),
             HAS_DENSE=dense is not None, HAS_SPARSE=sparse, HAS_VALUES=values is not None,
             HAS_WEIGHT=weight is not None, HAS_SMOOTH=label_smoothing > 0, COMPUTE_GRAD=compute_grad,
-            BLOCK=block, BLOCK_P=BLOCK_P, num_warps=_num_warps(block),
+            REVERSE=reverse, BLOCK=block, BLOCK_P=BLOCK_P, num_warps=_num_warps(block),
         )
     return loss, grad
 
@@ -461,7 +487,7 @@ def num_splits(b: int, k: int, block: int, device: torch.device) -> int:
 
 
 def _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch, eps, compute_grad,
-                   splits, block):
+                   splits, block, reverse):
     """Split-row path: per-slice statistics, one small combine kernel (O(B·S)), then per-slice gradients.
 
     Three launches in all, whatever the options: at the small batches that take this path the host's cost
@@ -479,7 +505,7 @@ def _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_s
     )
     if compute_grad:
         # 2. every slice's gradient
-        _split_grad(x, grad, coefs, dense, indices, offsets, values, scratch, weight, eps > 0, span, block)
+        _split_grad(x, grad, coefs, dense, indices, offsets, values, scratch, weight, eps > 0, span, block, reverse)
 
 
 def _split_flags(dense, indices, values, weight, smooth, block):
@@ -504,7 +530,8 @@ def _split_stats(x, dense, indices, offsets, values, weight, smooth, splits, blo
     return stats, span
 
 
-def _split_grad(x, grad, coefs, dense, indices, offsets, values, scratch, weight, smooth, span, block):
+def _split_grad(x, grad, coefs, dense, indices, offsets, values, scratch, weight, smooth, span, block,
+                reverse=None):
     """Every slice's gradient into ``grad`` (may alias ``x``), from the per-row ``coefs`` ``[B, 4]``."""
     b, k = x.shape
     dummy = coefs
@@ -513,7 +540,8 @@ def _split_grad(x, grad, coefs, dense, indices, offsets, values, scratch, weight
         dense.stride(0) if dense is not None else 0, indices if indices is not None else dummy,
         offsets if offsets is not None else dummy, values if values is not None else dummy,
         scratch if scratch is not None else dummy, weight if weight is not None else dummy,
-        coefs.contiguous(), k, span, **_split_flags(dense, indices, values, weight, smooth, block),
+        coefs.contiguous(), k, span, REVERSE=REVERSE_GRAD if reverse is None else reverse,
+        **_split_flags(dense, indices, values, weight, smooth, block),
     )
 
 
