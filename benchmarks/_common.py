@@ -70,39 +70,44 @@ def profile_table(step, cuda: bool, reps: int = 3, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
-# Kernel knobs a case name can set for its calls (``ours-p132``, ``ours-r``, ``ours-fast-r-p264``):
-# a letter, then the value (none for a switch), on :mod:`mlsoftmax.kernels.triton_loss`.
-KNOBS = {"p": ("ROW_PROGRAMS", int), "b": ("MAX_BLOCK", int), "r": ("REVERSE_GRAD", lambda _: True)}
+# Kernel knobs a case name can set for its calls (``ours-p132``, ``ours-r``, ``ours-fast-e-r``): a letter, then
+# the value (none for a switch), on a module of :mod:`mlsoftmax.kernels`.
+_ON = lambda _: True  # noqa: E731 - a switch takes no value
+KNOBS = {"p": ("triton_loss", "ROW_PROGRAMS", int), "b": ("triton_loss", "MAX_BLOCK", int),
+         "r": ("triton_loss", "REVERSE_GRAD", _ON), "e": ("triton_linear", "EPILOGUE", _ON)}
 
 
 def split_knobs(name: str) -> tuple[str, dict]:
-    """``"ours-fast-r-p132"`` -> ``("ours-fast", {"REVERSE_GRAD": True, "ROW_PROGRAMS": 132})``: a case's name
-    and the kernel knobs its suffixes set (a suffix is a knob letter and an optional number)."""
+    """``"ours-fast-e-p132"`` -> ``("ours-fast", {("triton_linear", "EPILOGUE"): True, ("triton_loss",
+    "ROW_PROGRAMS"): 132})``: a case's name and the kernel knobs its suffixes set (a letter and a number, or
+    a switch's letter alone)."""
     base, knobs = [], {}
     for part in name.split("-"):
         letter, rest = part[:1], part[1:]
-        if base and letter in KNOBS and (rest.isdigit() or (rest == "" and letter == "r")):
-            attr, conv = KNOBS[letter]
-            knobs[attr] = conv(rest)
+        if base and letter in KNOBS and (rest.isdigit() if KNOBS[letter][2] is not _ON else rest == ""):
+            module, attr, conv = KNOBS[letter]
+            knobs[module, attr] = conv(rest)
         else:
             base.append(part)
     return "-".join(base), knobs
 
 
 def with_knobs(fn, knobs: dict):
-    """``fn`` with the Triton loss kernel's ``knobs`` set during each call (restored after)."""
+    """``fn`` with the kernel ``knobs`` (of :func:`split_knobs`) set during each call, restored after."""
     if not knobs:
         return fn
-    from mlsoftmax.kernels import triton_loss
+    import importlib
+
+    mods = {m: importlib.import_module(f"mlsoftmax.kernels.{m}") for m, _ in knobs}
 
     def tuned(*args):
-        old = {k: getattr(triton_loss, k) for k in knobs}
-        for k, v in knobs.items():
-            setattr(triton_loss, k, v)
+        old = {(m, a): getattr(mods[m], a) for m, a in knobs}
+        for (m, a), v in knobs.items():
+            setattr(mods[m], a, v)
         try:
             return fn(*args)
         finally:
-            for k, v in old.items():
-                setattr(triton_loss, k, v)
+            for (m, a), v in old.items():
+                setattr(mods[m], a, v)
 
     return tuned

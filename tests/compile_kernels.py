@@ -16,14 +16,14 @@ import sys
 FLAGS = ("HAS_DENSE", "HAS_SPARSE", "HAS_VALUES", "HAS_WEIGHT", "HAS_SMOOTH")
 
 
-def build(fn, sig, consts, num_warps=4):
+def build(fn, sig, consts, num_warps=4, num_stages=3):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sig = dict(sig, **{k: "constexpr" for k in consts})
     triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": num_warps})
+                   options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def loss_variants():
@@ -77,6 +77,24 @@ def main():
         build(tlin._write_entries_kernel, dict(G=x, stride_g="i32", IDX="*i64", ROWS="*i64", VALS="*fp32",
                                                NNZ="i32", c0="i32", C="i32"), dict(BLOCK_N=tlin.BLOCK_N))
         n += 3
+        # the epilogue GEMM: the rows route's mode (logits and their statistics), the labels route's two (statistics
+        # alone, the gradient), plain and with every option, in each autotuning configuration for bf16 (the first
+        # mode and configuration alone for fp32 and fp16)
+        sig = dict(H=x, stride_h="i32", Wt=x, stride_w="i32", BIAS=x, SCALE="*fp32", CW="*fp32", Z=x, stride_z="i32",
+                   STATS="*fp32", COEF="*fp32", B="i32", C="i32", D="i32", S="i32")
+        modes = ((True, True, False), (False, True, False), (False, False, True))
+        both = (False, True)
+        for (wz, st, gr), opts, (bm, bk, warps, stages) in itertools.product(
+                *((modes, both, tlin.GEMM_CONFIGS) if dt == "bf16" else (modes[:1], both[:1], tlin.GEMM_CONFIGS[:1]))):
+            flags = dict(WRITE_Z=wz, STATS_OUT=st, GRAD=gr, ROUND_Z=wz, HAS_BIAS=opts, HAS_SCALE=opts,
+                         HAS_WEIGHT=opts, HAS_SMOOTH=opts, IEEE=dt == "fp32", BLOCK_M=bm, BLOCK_N=tlin.TILE_N,
+                         BLOCK_K=bk)
+            build(tlin._gemm_loss_kernel, sig, flags, num_warps=warps, num_stages=stages)
+            n += 1
+        build(tlin._positive_sums_kernel, dict(X=x, stride_x="i32", IDX="*i64", OFFS="*i64", VALS="*fp32",
+                                               W="*fp32", STATS="*fp32", S="i32"),
+              dict(HAS_VALUES=False, HAS_WEIGHT=False, BLOCK_P=tl_.BLOCK_P))
+        n += 1
     print(f"compiled {n} kernel variants for sm_90")
     return 0
 

@@ -14,12 +14,25 @@ from conftest import random_multihot
 from test_loss import _positives_from_dense
 
 
-# the fused linear loss's routes: torch, and Triton's rows (fast) and labels (lean) routes, forced by the budget
-ROUTES = ["torch"] + (["triton_rows", "triton_labels"] if "triton" in LOSS_IMPLS else [])
+# the fused linear loss's routes: torch, and Triton's rows (fast) and labels (lean) routes, forced by the budget;
+# "+e": the same with the logits GEMM and the loss in one Triton kernel (triton_linear.EPILOGUE, sparse targets)
+ROUTES = ["torch"] + (["triton_rows", "triton_labels", "triton_rows+e", "triton_labels+e"]
+                      if "triton" in LOSS_IMPLS else [])
+
+
+@pytest.fixture(autouse=True)
+def _epilogue_switch(request, monkeypatch):
+    """Switch the epilogue GEMM on for the "+e" routes of a test parametrized over ``route``."""
+    route = getattr(request.node, "callspec", None) and request.node.callspec.params.get("route")
+    if isinstance(route, str) and route.endswith("+e"):
+        from mlsoftmax.kernels import triton_linear
+
+        monkeypatch.setattr(triton_linear, "EPILOGUE", True)
 
 
 def _route(route, chunk):
     """Keyword arguments that run ``route`` with ``chunk`` (rows for triton_rows, classes otherwise)."""
+    route = route.removesuffix("+e")
     if route == "torch":
         return {"impl": "torch", "chunk_size": chunk}
     return {"impl": "triton", "chunk_size": chunk, "memory_budget": 1 << 50 if route == "triton_rows" else 1}
@@ -74,7 +87,7 @@ def test_matches_oracle(route, reduction, sparse, options, rng):
     out = linear_multilabel_softmax_loss(
         th, tw, tgt, bias=tb, weight_scale=ts, class_weight=None if cw is None else torch.tensor(cw, dtype=dt),
         sample_weight=None if sw is None else torch.tensor(sw, dtype=dt), label_smoothing=eps,
-        reduction=reduction, **_route(route, 4 if route == "triton_rows" else 100),
+        reduction=reduction, **_route(route, 4 if route.startswith("triton_rows") else 100),
     )
     exp_out, (dx, dw, db, ds) = _oracle(h, w, bias, scale, soft, cw=cw, eps=eps, sw=sw, reduction=reduction,
                                         upstream=upstream)
@@ -96,12 +109,15 @@ def test_odd_shapes_and_chunks_match_explicit_logits(route, b, k, rng):
     dt = _exact_dtype(route)
     h0, w0 = torch.tensor(rng.normal(size=(b, 7)), dtype=dt), torch.tensor(rng.normal(size=(k, 7)), dtype=dt)
     y = torch.from_numpy(random_multihot(rng, b, k, p=0.05))
+    tgt = _positives_from_dense(y.numpy()) if route.endswith("+e") else y  # the epilogue GEMM takes sparse targets
     h1, w1 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
     ref = F.cross_entropy(h1 @ w1.T, y.to(dt) / y.sum(1, keepdim=True))  # PyTorch's own soft-target loss
     ref.backward()
-    for chunk in (1, 3, 64, 10_000) if route != "triton_labels" else (7, 64, 10_000):  # the interpreter is slow
+    chunks = {"triton_labels": (7, 64, 10_000), "triton_labels+e": (64, 10_000), "triton_rows+e": (3, 64, 10_000)
+              }.get(route, (1, 3, 64, 10_000))
+    for chunk in chunks:  # fewer label chunks: the interpreter is slow
         h2, w2 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-        out = linear_multilabel_softmax_loss(h2, w2, y, **_route(route, chunk))
+        out = linear_multilabel_softmax_loss(h2, w2, tgt, **_route(route, chunk))
         out.backward()
         tol = 1e-10 if dt == torch.float64 else 1e-5
         torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
@@ -119,9 +135,9 @@ def test_batch_dims_and_only_some_grads(route, frozen, rng):
     h = torch.tensor(h0.reshape(2, 3, 5), dtype=dt, requires_grad=frozen != "hidden")
     w = torch.tensor(w0, dtype=dt, requires_grad=frozen != "weight")
     s = torch.tensor(1.3, dtype=dt, requires_grad=frozen != "scale")
-    chunk = 2 if route == "triton_rows" else 16
-    out = linear_multilabel_softmax_loss(h, w, torch.from_numpy(y.reshape(2, 3, 40)), weight_scale=s,
-                                         reduction="none", **_route(route, chunk))
+    chunk = 2 if route.startswith("triton_rows") else 16
+    tgt = _positives_from_dense(y) if route.endswith("+e") else torch.from_numpy(y.reshape(2, 3, 40))
+    out = linear_multilabel_softmax_loss(h, w, tgt, weight_scale=s, reduction="none", **_route(route, chunk))
     assert out.shape == (2, 3)
     upstream = rng.normal(size=6)
     exp_out, (dx, dw, _, ds) = _oracle(h0, w0, None, 1.3, y.astype(np.float64), reduction="none", upstream=upstream)
@@ -148,7 +164,7 @@ def test_low_precision_no_worse_than_naive(route, dtype, rng):
         dt = torch.float64 if name == "fp64" else dtype
         h, w = h64.to(dt, copy=True).requires_grad_(), w64.to(dt, copy=True).requires_grad_()
         if name == "ours":
-            out = linear_multilabel_softmax_loss(h, w, tgt, **_route(route, 4 if route == "triton_rows" else 128))
+            out = linear_multilabel_softmax_loss(h, w, tgt, **_route(route, 4 if route.startswith("triton_rows") else 128))
         else:
             out = multilabel_softmax_loss(h @ w.T, tgt, impl="torch")
         out.backward()
@@ -258,10 +274,12 @@ def test_empty_error_mode():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("route,chunk", [("triton_rows", 64), ("triton_labels", 4096)])
+@pytest.mark.parametrize("route,chunk", [("triton_rows", 64), ("triton_labels", 4096), ("triton_rows+e", 64),
+                                         ("triton_labels+e", 4096)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_triton_route_matches_fp32_torch_route(route, chunk, dtype):
-    """CUDA: the Triton routes (cuBLAS + fused kernels) against the label-chunked torch route in fp32."""
+    """CUDA: the Triton routes (cuBLAS + fused kernels, or the epilogue GEMM) against the label-chunked torch
+    route in fp32."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(300, 128, generator=g)
     w = torch.randn(50_000, 128, generator=g) / 12

@@ -31,10 +31,21 @@ but each chunk's elementwise work is one Triton pass over the cuBLAS logits:
    ``dW_c = G_c^T @ h`` (one GEMM over all rows, rounded once: no accumulator).
 
 Four GEMMs, and extra memory ``B C`` elements plus two ``[B, D]`` fp32 buffers.
+
+**The epilogue GEMM** (``EPILOGUE``, off until measured on a GPU; sparse targets).
+One Triton GEMM (:func:`_gemm_loss_kernel`) computes a tile of logits in fp32
+and, before anything is stored, reduces it: per row, the tile's max and sum-exp
+(and ``sum w z`` for smoothing) as partial statistics ``[B, C / 128, 6]``, or the
+gradient ``a softmax - bs w`` once the log-sum-exp is known. In the rows route it
+stores the logits with their statistics, so that the loss needs one read of them
+instead of two (:func:`.triton_loss.finish_from_stats`); in the labels route the
+first pass stores no logits at all and the second stores the gradient directly,
+which removes two of the four passes over each chunk of logits.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -43,11 +54,21 @@ import triton.language as tl
 from torch import Tensor
 
 from . import torch_chunked, triton_interpreting, triton_loss
+from .triton_loss import LOG2E, _sparse_stats
 
 # --------------------------------------------------------------------------- constants
 BLOCK_N = 64  # positives per program
 BLOCK_D = 128  # features per step of the positives' dot products
 INTERPRET_BLOCK_D = 16  # small under the interpreter, so tests cover the loop over D
+# The logits GEMM with the loss in its epilogue (:func:`gemm_stats`, :func:`gemm_grad`) instead of cuBLAS and a
+# separate pass over the logits: off until measured on a GPU (``ours-fast-e`` / ``ours-lean-e`` in
+# benchmarks/bench_linear.py). Sparse targets only; a dense target keeps the cuBLAS routes.
+EPILOGUE = False
+TILE_N = 128  # classes per GEMM tile, and so per column of partial statistics (fixed: the statistics' shape)
+INTERPRET_TILE = 16  # tiles (M, N and the D step) under the interpreter
+GEMM_CONFIGS = [  # (BLOCK_M, BLOCK_K, num_warps, num_stages), autotuned on the GPU per shape
+    (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 32, 8, 4),
+]
 
 
 # --------------------------------------------------------------------------- kernels
@@ -94,6 +115,108 @@ def _write_entries_kernel(
     tl.store(G + rows * stride_g + idx, v.to(G.dtype.element_ty), mask=mine)
 
 
+@triton.jit
+def _gemm_loss_kernel(
+    H, stride_h,  # [B, D] hidden
+    Wt, stride_w,  # [C, D] the classes' weights
+    BIAS,  # [C] (HAS_BIAS)
+    SCALE,  # [] fp32 logit scale (HAS_SCALE)
+    CW,  # [C] fp32 class weights (HAS_WEIGHT)
+    Z, stride_z,  # [B, C] out: the logits (WRITE_Z) or the gradient (GRAD)
+    STATS,  # [B, S, 6] fp32 out (STATS_OUT): per tile of BLOCK_N classes max, sum-exp, 0, 0, 0, sum w z
+    COEF,  # [B, 4] fp32 in (GRAD): lse, scale of the softmax, of the target, of the smoothing mass
+    B, C, D, S,
+    WRITE_Z: tl.constexpr, STATS_OUT: tl.constexpr, GRAD: tl.constexpr, ROUND_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # 0. tiles ordered rows-fastest: a strip of classes is read from memory once, while every row tile uses it
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(B, BLOCK_M)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] classes
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < B
+    n_ok = rn < C
+    h_ptr = H + rm.to(tl.int64)[:, None] * stride_h + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptr = Wt + rn.to(tl.int64)[None, :] * stride_w + rk[:, None]  # [BLOCK_K, BLOCK_N]
+    # 1. the tile of logits, accumulated in fp32
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = (k0 + rk) < D
+        a = tl.load(h_ptr + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if IEEE:  # fp32 inputs, or any under the interpreter (whose bf16 products are not to be trusted)
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    # 2. scale and bias, then (ROUND_Z) the value a pass over the stored logits would read
+    if HAS_SCALE:
+        acc = acc * tl.load(SCALE)
+    if HAS_BIAS:
+        acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if ROUND_Z:
+        acc = acc.to(Z.dtype.element_ty).to(tl.float32)
+    valid = m_ok[:, None] & n_ok[None, :]
+    if HAS_WEIGHT:
+        w = tl.load(CW + rn, mask=n_ok, other=0.0)  # [BLOCK_N] fp32
+    z_ptr = Z + rm.to(tl.int64)[:, None] * stride_z + rn[None, :]  # [BLOCK_M, BLOCK_N]
+    if STATS_OUT:
+        # 3. the tile's partial statistics per row: max, sum-exp relative to it, and sum w z for smoothing
+        zm = tl.where(valid, acc, float("-inf"))
+        m = tl.max(zm, 1)  # [BLOCK_M]
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        s = tl.sum(tl.exp2((zm - m_safe[:, None]) * LOG2E), 1)
+        sx = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if HAS_SMOOTH:
+            zw = acc * w[None, :] if HAS_WEIGHT else acc
+            sx = tl.sum(tl.where(valid, zw, 0.0), 1)
+        out = STATS + (rm.to(tl.int64) * S + pid_n) * 6  # [BLOCK_M]
+        zero = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        tl.store(out + 0, m, mask=m_ok)
+        tl.store(out + 1, s, mask=m_ok)
+        tl.store(out + 2, zero, mask=m_ok)
+        tl.store(out + 3, zero, mask=m_ok)
+        tl.store(out + 4, zero, mask=m_ok)
+        tl.store(out + 5, sx, mask=m_ok)
+    if WRITE_Z:
+        # 4. the logits themselves, for a later pass
+        tl.store(z_ptr, acc.to(Z.dtype.element_ty), mask=valid)
+    if GRAD:
+        # 5. the gradient a softmax - bs w (the positives' exact entries are written over it afterwards)
+        lse = tl.load(COEF + rm.to(tl.int64) * 4 + 0, mask=m_ok, other=0.0)
+        a = tl.load(COEF + rm.to(tl.int64) * 4 + 1, mask=m_ok, other=0.0)
+        g = tl.exp2((acc - lse[:, None]) * LOG2E) * a[:, None]
+        if HAS_SMOOTH:
+            bs = tl.load(COEF + rm.to(tl.int64) * 4 + 3, mask=m_ok, other=0.0)
+            g = g - (bs[:, None] * w[None, :] if HAS_WEIGHT else bs[:, None])
+        tl.store(z_ptr, g.to(Z.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _positive_sums_kernel(
+    X, stride_x,  # [R, K] a chunk of rows' logits
+    IDX, OFFS, VALS,  # CSR target: [nnz] indices, [R + 1] offsets (absolute positions), [nnz] values (HAS_VALUES)
+    W,  # [K] fp32 class weights (HAS_WEIGHT)
+    STATS,  # [R, S, 6] fp32: the positives' mass, weighted mass and sum w v x go into slice 0
+    S,
+    HAS_VALUES: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # 1. a row's positives, gathered from its logits
+    row = tl.program_id(0).to(tl.int64)
+    mass, wmass, dot = _sparse_stats(X + row * stride_x, IDX, VALS, W, tl.load(OFFS + row), tl.load(OFFS + row + 1),
+                                     HAS_VALUES, HAS_WEIGHT, BLOCK_P)
+    # 2. into the first slice's target sums (the GEMM wrote zeros there)
+    out = STATS + row * S * 6
+    tl.store(out + 2, mass)
+    tl.store(out + 3, wmass)
+    tl.store(out + 4, dot)
+
+
 # --------------------------------------------------------------------------- launchers
 def positive_logits(h: Tensor, w: Tensor, indices: Tensor, row_ids: Tensor) -> Tensor:
     """``<h[row_ids[j]], w[indices[j]]>`` for every positive ``j``, ``[nnz]`` fp32 (inputs contiguous in D)."""
@@ -116,6 +239,81 @@ def write_entries_(g: Tensor, indices: Tensor, row_ids: Tensor, vals: Tensor, c0
             g, g.stride(0), indices, row_ids, vals, nnz, c0, g.shape[1], BLOCK_N=BLOCK_N,
         )
     return g
+
+
+@functools.cache
+def _tuned_gemm():
+    """The epilogue GEMM, autotuned over ``GEMM_CONFIGS`` per shape and mode (GPU only: never under the interpreter)."""
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=st) for m, k, w, st in GEMM_CONFIGS]
+    return triton.autotune(configs, key=["B", "C", "D", "WRITE_Z", "STATS_OUT", "GRAD", "HAS_SMOOTH"])(
+        _gemm_loss_kernel)
+
+
+def _gemm_loss(h, w, bias, scale, cw, smooth, *, z=None, stats=None, coefs=None, round_z=False):
+    """Launch :func:`_gemm_loss_kernel` on ``h`` ``[B, D]`` and the classes ``w`` ``[C, D]``."""
+    b, d = h.shape
+    c = w.shape[0]
+    h, w = (t if t.stride(1) == 1 else t.contiguous() for t in (h, w))
+    interp = triton_interpreting()
+    bn = INTERPRET_TILE if interp else TILE_N
+    s = triton.cdiv(c, bn)
+    dummy = h
+    args = (h, h.stride(0), w, w.stride(0), dummy if bias is None else bias, dummy if scale is None else scale,
+            dummy if cw is None else cw, dummy if z is None else z, 0 if z is None else z.stride(0),
+            dummy if stats is None else stats, dummy if coefs is None else coefs, b, c, d, s)
+    flags = dict(WRITE_Z=z is not None and coefs is None, STATS_OUT=stats is not None, GRAD=coefs is not None,
+                 ROUND_Z=round_z, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_WEIGHT=cw is not None,
+                 HAS_SMOOTH=smooth, IEEE=h.dtype == torch.float32 or interp, BLOCK_N=bn)
+    if b == 0 or c == 0:
+        return
+    if interp:
+        _gemm_loss_kernel[(triton.cdiv(b, bn) * s,)](*args, **flags, BLOCK_M=bn, BLOCK_K=bn)
+    else:
+        _tuned_gemm()[lambda meta: (triton.cdiv(b, meta["BLOCK_M"]) * s,)](*args, **flags)
+
+
+def stats_columns(c: int) -> int:
+    """Columns of partial statistics that :func:`gemm_stats` gives ``c`` classes (one per GEMM tile)."""
+    return triton.cdiv(c, INTERPRET_TILE if triton_interpreting() else TILE_N)
+
+
+def gemm_stats(h: Tensor, w: Tensor, bias: Optional[Tensor], scale: Optional[Tensor], cw: Optional[Tensor],
+               smooth: bool, write_z: bool = False) -> tuple[Optional[Tensor], Tensor]:
+    """The logits ``s * h @ w.T + b`` tile by tile, reduced in the GEMM's epilogue to partial statistics.
+
+    Returns ``(z [B, C] in h's dtype if write_z else None, stats [B, S, 6] fp32)``, the statistics in the format of
+    :func:`.triton_loss.slab_stats` (max, sum-exp, three zero target sums, ``sum w z`` with ``smooth``; ``cw``
+    fp32 class weights, needed only with ``smooth``). With ``write_z`` the statistics are those of the rounded
+    logits that are stored.
+    """
+    b, c = h.shape[0], w.shape[0]
+    stats = torch.empty(b, stats_columns(c), 6, dtype=torch.float32, device=h.device)  # [B, S, 6]
+    z = torch.empty(b, c, dtype=h.dtype, device=h.device) if write_z else None  # [B, C]
+    _gemm_loss(h, w, bias, scale, cw, smooth, z=z, stats=stats, round_z=write_z)
+    return z, stats
+
+
+def gemm_grad(h: Tensor, w: Tensor, bias: Optional[Tensor], scale: Optional[Tensor], cw: Optional[Tensor],
+              smooth: bool, coefs: Tensor) -> Tensor:
+    """``a softmax(z) - bs w`` of the logits ``z = s * h @ w.T + b``, formed in the GEMM's epilogue: ``[B, C]``.
+
+    ``coefs`` ``[B, 4]`` are :func:`.triton_loss.pack_coefs`; the positives of a sparse target are left to the
+    caller, as in :func:`.triton_loss.slab_grad`.
+    """
+    out = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)  # [B, C]
+    _gemm_loss(h, w, bias, scale, cw, smooth, z=out, coefs=coefs.contiguous())
+    return out
+
+
+def _reduce_stats(st: Tensor) -> Tensor:
+    """Partial statistics ``[B, S, 6]`` merged into one slice ``[B, 1, 6]`` (log-sum-exp of the parts, sums)."""
+    m, s = torch_chunked.lse_parts(st[..., 0], st[..., 1])  # [B] each
+    return torch.cat([m[:, None], s[:, None], st[..., 2:].sum(1)], 1)[:, None]
+
+
+def _epilogue(dense: Optional[Tensor], indices: Optional[Tensor]) -> bool:
+    """Whether the epilogue GEMM runs: switched on, and a sparse target."""
+    return EPILOGUE and dense is None and indices is not None
 
 
 _FUSED_ADDMM = [True]  # cuBLAS addmm with an fp32 out for bf16/fp16 inputs (newer PyTorch); off once it fails
@@ -192,16 +390,35 @@ def run(
     dw = (torch.empty if b else torch.zeros)(w.shape, dtype=torch.float32, device=h.device) if need_w else None
     db = torch.zeros(k, dtype=torch.float32, device=h.device) if need_grad and bias is not None else None  # [K]
     ds = torch.zeros((), dtype=torch.float32, device=h.device) if need_x else None
+    epi = _epilogue(dense, indices)
+    if epi:
+        eps = float(label_smoothing)
+        cw = None if class_weight is None else class_weight.float()
+        scratch = torch.empty(indices.numel() or 1, dtype=torch.float32, device=h.device)  # [nnz] exact entries
     for r0 in range(0, b, rows):
         r1 = min(b, r0 + rows)
         hr = h[r0:r1]  # [R, D]
-        # 1. the chunk's logits
-        z = _logits(hr, w, bias, scale)  # [R, K]
-        # 2. loss and row-scaled gradient, written over z
-        loss[r0:r1] = triton_loss.forward(
-            z, None if dense is None else dense[r0:r1], indices, None if offsets is None else offsets[r0:r1 + 1],
-            values, class_weight, row_scale[r0:r1], label_smoothing, compute_grad=need_grad, inplace=need_grad,
-        )[0]
+        if epi:
+            # 1-2. the chunk's logits with their statistics from the GEMM's epilogue, the positives' sums, then
+            # the losses and one pass that writes the row-scaled gradient over z
+            z, st = gemm_stats(hr, w, bias, scale, cw if eps > 0 else None, eps > 0, write_z=True)  # [R, K]
+            offs = offsets[r0:r1 + 1]
+            _positive_sums_kernel[(r1 - r0,)](
+                z, z.stride(0), indices, offs, indices if values is None else values, st if cw is None else cw, st,
+                st.shape[1], HAS_VALUES=values is not None, HAS_WEIGHT=cw is not None, BLOCK_P=triton_loss.BLOCK_P,
+            )
+            block = triton_loss._block(k)
+            span = triton.cdiv(triton.cdiv(k, triton_loss.num_splits(r1 - r0, k, block, h.device)), block) * block
+            triton_loss.finish_from_stats(z, z, loss[r0:r1], st, None, indices, offs, values, cw,
+                                          row_scale[r0:r1].float(), scratch, eps, need_grad, span, block)
+        else:
+            # 1. the chunk's logits
+            z = _logits(hr, w, bias, scale)  # [R, K]
+            # 2. loss and row-scaled gradient, written over z
+            loss[r0:r1] = triton_loss.forward(
+                z, None if dense is None else dense[r0:r1], indices, None if offsets is None else offsets[r0:r1 + 1],
+                values, class_weight, row_scale[r0:r1], label_smoothing, compute_grad=need_grad, inplace=need_grad,
+            )[0]
         if not need_grad:
             continue
         # 3. the products; G @ W is shared by dX and ds
@@ -240,12 +457,17 @@ def labels_partial_sums(
     b, k = h.shape[0], w.shape[0]
     cw = None if class_weight is None else class_weight.float()
     parts = []  # [B, S_c, 6] per chunk: combined once at the end, so that a chunk costs a GEMM and one launch
+    epi = _epilogue(dense, indices)
     for c0 in range(0, k, chunk):
         c1 = min(k, c0 + chunk)
+        bc, cwc = None if bias is None else bias[c0:c1], None if cw is None else cw[c0:c1]
+        if epi:
+            # 1. the chunk's statistics from the GEMM's epilogue (no logits stored), merged to one slice per row
+            parts.append(_reduce_stats(gemm_stats(h, w[c0:c1], bc, scale, cwc if smooth else None, smooth)[1]))
+            continue
         # 1. the chunk's logits, then one Triton pass for its statistics (max, sum-exp, dense target sums)
-        z = _logits(h, w[c0:c1], None if bias is None else bias[c0:c1], scale)  # [B, C]
-        parts.append(triton_loss.slab_stats(z, None if dense is None else dense[:, c0:c1],
-                                            None if cw is None else cw[c0:c1], smooth))
+        z = _logits(h, w[c0:c1], bc, scale)  # [B, C]
+        parts.append(triton_loss.slab_stats(z, None if dense is None else dense[:, c0:c1], cwc, smooth))
     # 2. every slice of every chunk merged: log-sum-exp of the parts, plain sums of the rest
     if parts:
         lse, mass, wmass, dot, sx = triton_loss.merge_stats(torch.cat(parts, 1))  # [B] each
@@ -315,12 +537,17 @@ def labels_backward(
     dx = h.new_empty(h.shape, dtype=torch.float32) if need_x else None  # [B, D] G @ W, before the logit scale
     dw = torch.empty_like(w) if need_w else None  # [K, D]
     db = h.new_empty(w.shape[0], dtype=torch.float32) if bias is not None else None  # [K]
+    epi = _epilogue(dense, indices)
     for c0 in range(0, w.shape[0], chunk):
         c1 = min(w.shape[0], c0 + chunk)
-        # 1. recompute the chunk's logits and overwrite them with G in one pass, then the exact positives
-        z = _logits(h, w[c0:c1], None if bias is None else bias[c0:c1], scale)  # [B, C]
-        triton_loss.slab_grad(z, coefs, None if dense is None else dense[:, c0:c1],
-                              None if cw is None else cw[c0:c1], eps > 0)
+        bc, cwc = None if bias is None else bias[c0:c1], None if cw is None else cw[c0:c1]
+        # 1. recompute the chunk's logits and overwrite them with G in one pass (or form G in the GEMM's
+        # epilogue), then the exact positives
+        if epi:
+            z = gemm_grad(h, w[c0:c1], bc, scale, cwc if eps > 0 else None, eps > 0, coefs)  # [B, C]
+        else:
+            z = _logits(h, w[c0:c1], bc, scale)  # [B, C]
+            triton_loss.slab_grad(z, coefs, None if dense is None else dense[:, c0:c1], cwc, eps > 0)
         if ent is not None:
             write_entries_(z, indices, row_ids, ent, c0)
         # 2. the products: dX accumulated in fp32, dW_c in one GEMM over all rows

@@ -493,8 +493,17 @@ def _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_s
     Three launches in all, whatever the options: at the small batches that take this path the host's cost
     per call, not the GPU's, sets the time.
     """
-    b, k = x.shape
     stats, span = _split_stats(x, dense, indices, offsets, values, weight, eps > 0, splits, block)  # [B, S, 6]
+    finish_from_stats(x, grad, loss, stats, dense, indices, offsets, values, weight, row_scale, scratch, eps,
+                      compute_grad, span, block, reverse)
+
+
+def finish_from_stats(x, grad, loss, stats, dense, indices, offsets, values, weight, row_scale, scratch, eps,
+                      compute_grad, span, block, reverse=None):
+    """From the partial statistics ``[B, S, 6]`` of ``x`` ``[B, K]`` (all its classes): the row-scaled losses
+    into ``loss`` ``[B]`` and, with ``compute_grad``, the gradient into ``grad`` (may alias ``x``) by programs of
+    ``span`` columns. The statistics must include the target's sums (a sparse target's in any slice)."""
+    b, k = x.shape
     n = stats.shape[1]
     coefs = torch.empty(b, 4, dtype=torch.float32, device=x.device)  # [B, 4]
     wsum = weight.float().sum() if weight is not None else loss  # [] (a dummy pointer without weights)
