@@ -162,7 +162,11 @@ def test_split_heuristic_fills_the_machine():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_gpu_triton_matches_torch_path(dtype, sparse):
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_triton_matches_torch_path(dtype, sparse, reverse, monkeypatch):
+    from mlsoftmax.kernels import triton_loss
+
+    monkeypatch.setattr(triton_loss, "REVERSE_GRAD", reverse)  # the gradient pass forwards (default) or backwards
     g = torch.Generator().manual_seed(0)
     b, k = 64, 50_000
     x = torch.randn(b, k, generator=g).to("cuda", dtype)

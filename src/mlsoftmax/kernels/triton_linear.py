@@ -35,7 +35,8 @@ Four GEMMs, and extra memory ``B C`` elements plus two ``[B, D]`` fp32 buffers.
 **The epilogue GEMM** (``EPILOGUE``, off until measured on a GPU; sparse targets).
 One Triton GEMM (:func:`_gemm_loss_kernel`) computes a tile of logits in fp32
 and, before anything is stored, reduces it: per row, the tile's max and sum-exp
-(and ``sum w z`` for smoothing) as partial statistics ``[B, C / 128, 6]``, or the
+(and ``sum w z`` for smoothing), merged over 8 tiles into partial statistics
+``[B, C / 1024, 6]``, or the
 gradient ``a softmax - bs w`` once the log-sum-exp is known. In the rows route it
 stores the logits with their statistics, so that the loss needs one read of them
 instead of two (:func:`.triton_loss.finish_from_stats`); in the labels route the
@@ -64,8 +65,10 @@ INTERPRET_BLOCK_D = 16  # small under the interpreter, so tests cover the loop o
 # separate pass over the logits: off until measured on a GPU (``ours-fast-e`` / ``ours-lean-e`` in
 # benchmarks/bench_linear.py). Sparse targets only; a dense target keeps the cuBLAS routes.
 EPILOGUE = False
-TILE_N = 128  # classes per GEMM tile, and so per column of partial statistics (fixed: the statistics' shape)
+TILE_N = 128  # classes per GEMM tile (fixed, with STATS_TILES: it sets the statistics' shape)
+STATS_TILES = 8  # tiles of classes per program when reducing to statistics: one slot per 1024 classes
 INTERPRET_TILE = 16  # tiles (M, N and the D step) under the interpreter
+INTERPRET_STATS_TILES = 2
 GEMM_CONFIGS = [  # (BLOCK_M, BLOCK_K, num_warps, num_stages), autotuned on the GPU per shape
     (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 32, 8, 4),
 ]
@@ -116,6 +119,30 @@ def _write_entries_kernel(
 
 
 @triton.jit
+def _logit_tile(H, stride_h, Wt, stride_w, BIAS, SCALE, rm, rn, m_ok, n_ok, D, HAS_BIAS: tl.constexpr,
+                HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """``s * h[rm] @ w[rn].T + b[rn]``, a ``[BLOCK_M, BLOCK_N]`` tile of logits accumulated in fp32."""
+    rk = tl.arange(0, BLOCK_K)
+    h_ptr = H + rm.to(tl.int64)[:, None] * stride_h + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptr = Wt + rn.to(tl.int64)[None, :] * stride_w + rk[:, None]  # [BLOCK_K, BLOCK_N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = (k0 + rk) < D
+        a = tl.load(h_ptr + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if IEEE:  # fp32 inputs, or any under the interpreter (whose bf16 products are not to be trusted)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    if HAS_SCALE:
+        acc = acc * tl.load(SCALE)
+    if HAS_BIAS:
+        acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _gemm_loss_kernel(
     H, stride_h,  # [B, D] hidden
     Wt, stride_w,  # [C, D] the classes' weights
@@ -123,59 +150,64 @@ def _gemm_loss_kernel(
     SCALE,  # [] fp32 logit scale (HAS_SCALE)
     CW,  # [C] fp32 class weights (HAS_WEIGHT)
     Z, stride_z,  # [B, C] out: the logits (WRITE_Z) or the gradient (GRAD)
-    STATS,  # [B, S, 6] fp32 out (STATS_OUT): per tile of BLOCK_N classes max, sum-exp, 0, 0, 0, sum w z
+    STATS,  # [B, S, 6] fp32 out (STATS_OUT): per N_TILES * BLOCK_N classes max, sum-exp, 0, 0, 0, sum w z
     COEF,  # [B, 4] fp32 in (GRAD): lse, scale of the softmax, of the target, of the smoothing mass
     B, C, D, S,
     WRITE_Z: tl.constexpr, STATS_OUT: tl.constexpr, GRAD: tl.constexpr, ROUND_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    # 0. tiles ordered rows-fastest: a strip of classes is read from memory once, while every row tile uses it
+    # 0. programs ordered rows-fastest: a strip of classes is read from memory once, while every row tile uses it;
+    # each program takes N_TILES tiles of classes in turn (one slot of statistics for all of them)
     pid = tl.program_id(0)
     num_m = tl.cdiv(B, BLOCK_M)
     pid_m = pid % num_m
-    pid_n = pid // num_m
+    group = pid // num_m
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] classes
-    rk = tl.arange(0, BLOCK_K)
     m_ok = rm < B
-    n_ok = rn < C
-    h_ptr = H + rm.to(tl.int64)[:, None] * stride_h + rk[None, :]  # [BLOCK_M, BLOCK_K]
-    w_ptr = Wt + rn.to(tl.int64)[None, :] * stride_w + rk[:, None]  # [BLOCK_K, BLOCK_N]
-    # 1. the tile of logits, accumulated in fp32
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k_ok = (k0 + rk) < D
-        a = tl.load(h_ptr + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if IEEE:  # fp32 inputs, or any under the interpreter (whose bf16 products are not to be trusted)
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-    # 2. scale and bias, then (ROUND_Z) the value a pass over the stored logits would read
-    if HAS_SCALE:
-        acc = acc * tl.load(SCALE)
-    if HAS_BIAS:
-        acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if ROUND_Z:
-        acc = acc.to(Z.dtype.element_ty).to(tl.float32)
-    valid = m_ok[:, None] & n_ok[None, :]
-    if HAS_WEIGHT:
-        w = tl.load(CW + rn, mask=n_ok, other=0.0)  # [BLOCK_N] fp32
-    z_ptr = Z + rm.to(tl.int64)[:, None] * stride_z + rn[None, :]  # [BLOCK_M, BLOCK_N]
+    rows = rm.to(tl.int64)
+    if GRAD:
+        lse = tl.load(COEF + rows * 4 + 0, mask=m_ok, other=0.0)  # [BLOCK_M]
+        a = tl.load(COEF + rows * 4 + 1, mask=m_ok, other=0.0)
+        bs = tl.load(COEF + rows * 4 + 3, mask=m_ok, other=0.0)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max, sum-exp and sum w z
+    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sx = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    t0 = group * N_TILES
+    for t in range(t0, tl.minimum(t0 + N_TILES, tl.cdiv(C, BLOCK_N))):
+        rn = t * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] classes
+        n_ok = rn < C
+        valid = m_ok[:, None] & n_ok[None, :]
+        # 1. the tile of logits in fp32, then (ROUND_Z) the value that a pass over the stored logits would read
+        z = _logit_tile(H, stride_h, Wt, stride_w, BIAS, SCALE, rm, rn, m_ok, n_ok, D, HAS_BIAS, HAS_SCALE, IEEE,
+                        BLOCK_M, BLOCK_N, BLOCK_K)  # [BLOCK_M, BLOCK_N]
+        if ROUND_Z:
+            z = z.to(Z.dtype.element_ty).to(tl.float32)
+        if HAS_WEIGHT:
+            w = tl.load(CW + rn, mask=n_ok, other=0.0)  # [BLOCK_N] fp32
+        z_ptr = Z + rows[:, None] * stride_z + rn[None, :]  # [BLOCK_M, BLOCK_N]
+        if STATS_OUT:
+            # 2. merged into the running statistics per row: online max and sum-exp, and sum w z for smoothing
+            zm = tl.where(valid, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(zm, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp2((m - m_safe) * LOG2E) + tl.sum(tl.exp2((zm - m_safe[:, None]) * LOG2E), 1)
+            m = m_new
+            if HAS_SMOOTH:
+                sx += tl.sum(tl.where(valid, z * w[None, :] if HAS_WEIGHT else z, 0.0), 1)
+        if WRITE_Z:
+            # 3. the logits themselves, for a later pass
+            tl.store(z_ptr, z.to(Z.dtype.element_ty), mask=valid)
+        if GRAD:
+            # 4. the gradient a softmax - bs w (the positives' exact entries are written over it afterwards)
+            g = tl.exp2((z - lse[:, None]) * LOG2E) * a[:, None]
+            if HAS_SMOOTH:
+                g = g - (bs[:, None] * w[None, :] if HAS_WEIGHT else bs[:, None])
+            tl.store(z_ptr, g.to(Z.dtype.element_ty), mask=valid)
     if STATS_OUT:
-        # 3. the tile's partial statistics per row: max, sum-exp relative to it, and sum w z for smoothing
-        zm = tl.where(valid, acc, float("-inf"))
-        m = tl.max(zm, 1)  # [BLOCK_M]
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        s = tl.sum(tl.exp2((zm - m_safe[:, None]) * LOG2E), 1)
-        sx = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        if HAS_SMOOTH:
-            zw = acc * w[None, :] if HAS_WEIGHT else acc
-            sx = tl.sum(tl.where(valid, zw, 0.0), 1)
-        out = STATS + (rm.to(tl.int64) * S + pid_n) * 6  # [BLOCK_M]
+        # 5. this program's slot of statistics (the target sums are the caller's: zero here)
+        out = STATS + (rows * S + group) * 6  # [BLOCK_M]
         zero = tl.zeros((BLOCK_M,), dtype=tl.float32)
         tl.store(out + 0, m, mask=m_ok)
         tl.store(out + 1, s, mask=m_ok)
@@ -183,18 +215,6 @@ def _gemm_loss_kernel(
         tl.store(out + 3, zero, mask=m_ok)
         tl.store(out + 4, zero, mask=m_ok)
         tl.store(out + 5, sx, mask=m_ok)
-    if WRITE_Z:
-        # 4. the logits themselves, for a later pass
-        tl.store(z_ptr, acc.to(Z.dtype.element_ty), mask=valid)
-    if GRAD:
-        # 5. the gradient a softmax - bs w (the positives' exact entries are written over it afterwards)
-        lse = tl.load(COEF + rm.to(tl.int64) * 4 + 0, mask=m_ok, other=0.0)
-        a = tl.load(COEF + rm.to(tl.int64) * 4 + 1, mask=m_ok, other=0.0)
-        g = tl.exp2((acc - lse[:, None]) * LOG2E) * a[:, None]
-        if HAS_SMOOTH:
-            bs = tl.load(COEF + rm.to(tl.int64) * 4 + 3, mask=m_ok, other=0.0)
-            g = g - (bs[:, None] * w[None, :] if HAS_WEIGHT else bs[:, None])
-        tl.store(z_ptr, g.to(Z.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -253,28 +273,30 @@ def _gemm_loss(h, w, bias, scale, cw, smooth, *, z=None, stats=None, coefs=None,
     """Launch :func:`_gemm_loss_kernel` on ``h`` ``[B, D]`` and the classes ``w`` ``[C, D]``."""
     b, d = h.shape
     c = w.shape[0]
+    if b == 0 or c == 0:
+        return
     h, w = (t if t.stride(1) == 1 else t.contiguous() for t in (h, w))
     interp = triton_interpreting()
     bn = INTERPRET_TILE if interp else TILE_N
-    s = triton.cdiv(c, bn)
+    n_tiles = 1 if stats is None else (INTERPRET_STATS_TILES if interp else STATS_TILES)
+    groups = triton.cdiv(triton.cdiv(c, bn), n_tiles)  # programs per row tile; one slot of statistics each
     dummy = h
     args = (h, h.stride(0), w, w.stride(0), dummy if bias is None else bias, dummy if scale is None else scale,
             dummy if cw is None else cw, dummy if z is None else z, 0 if z is None else z.stride(0),
-            dummy if stats is None else stats, dummy if coefs is None else coefs, b, c, d, s)
+            dummy if stats is None else stats, dummy if coefs is None else coefs, b, c, d, groups)
     flags = dict(WRITE_Z=z is not None and coefs is None, STATS_OUT=stats is not None, GRAD=coefs is not None,
                  ROUND_Z=round_z, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_WEIGHT=cw is not None,
-                 HAS_SMOOTH=smooth, IEEE=h.dtype == torch.float32 or interp, BLOCK_N=bn)
-    if b == 0 or c == 0:
-        return
+                 HAS_SMOOTH=smooth, IEEE=h.dtype == torch.float32 or interp, N_TILES=n_tiles, BLOCK_N=bn)
     if interp:
-        _gemm_loss_kernel[(triton.cdiv(b, bn) * s,)](*args, **flags, BLOCK_M=bn, BLOCK_K=bn)
+        _gemm_loss_kernel[(triton.cdiv(b, bn) * groups,)](*args, **flags, BLOCK_M=bn, BLOCK_K=bn)
     else:
-        _tuned_gemm()[lambda meta: (triton.cdiv(b, meta["BLOCK_M"]) * s,)](*args, **flags)
+        _tuned_gemm()[lambda meta: (triton.cdiv(b, meta["BLOCK_M"]) * groups,)](*args, **flags)
 
 
 def stats_columns(c: int) -> int:
-    """Columns of partial statistics that :func:`gemm_stats` gives ``c`` classes (one per GEMM tile)."""
-    return triton.cdiv(c, INTERPRET_TILE if triton_interpreting() else TILE_N)
+    """Slots of partial statistics per row that :func:`gemm_stats` gives ``c`` classes."""
+    interp = triton_interpreting()
+    return triton.cdiv(c, (INTERPRET_TILE * INTERPRET_STATS_TILES) if interp else (TILE_N * STATS_TILES))
 
 
 def gemm_stats(h: Tensor, w: Tensor, bias: Optional[Tensor], scale: Optional[Tensor], cw: Optional[Tensor],
@@ -458,8 +480,9 @@ def labels_partial_sums(
     cw = None if class_weight is None else class_weight.float()
     parts = []  # [B, S_c, 6] per chunk: combined once at the end, so that a chunk costs a GEMM and one launch
     epi = _epilogue(dense, indices)
-    for c0 in range(0, k, chunk):
-        c1 = min(k, c0 + chunk)
+    step = chunk * 64 if epi else chunk  # no logits stored: a slot of statistics (24 B) per 1024 classes and row
+    for c0 in range(0, k, step):
+        c1 = min(k, c0 + step)
         bc, cwc = None if bias is None else bias[c0:c1], None if cw is None else cw[c0:c1]
         if epi:
             # 1. the chunk's statistics from the GEMM's epilogue (no logits stored), merged to one slice per row
