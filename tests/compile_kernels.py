@@ -87,7 +87,7 @@ def main():
         for (wz, st, gr), opts, (bm, bk, warps, stages) in itertools.product(
                 *((modes, both, tlin.GEMM_CONFIGS) if dt == "bf16" else (modes[:1], both[:1], tlin.GEMM_CONFIGS[:1]))):
             flags = dict(WRITE_Z=wz, STATS_OUT=st, GRAD=gr, ROUND_Z=wz, HAS_BIAS=opts, HAS_SCALE=opts,
-                         HAS_WEIGHT=opts, HAS_SMOOTH=opts, IEEE=dt == "fp32", N_TILES=tlin.STATS_TILES if st else 1,
+                         HAS_WEIGHT=opts, HAS_SMOOTH=opts, IEEE=dt == "fp32", EVEN_K=True, N_TILES=tlin.STATS_TILES if st else 1,
                          BLOCK_M=bm, BLOCK_N=tlin.TILE_N, BLOCK_K=bk)
             build(tlin._gemm_loss_kernel, sig, flags, num_warps=warps, num_stages=stages)
             n += 1

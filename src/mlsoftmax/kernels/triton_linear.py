@@ -120,17 +120,21 @@ def _write_entries_kernel(
 
 @triton.jit
 def _logit_tile(H, stride_h, Wt, stride_w, BIAS, SCALE, rm, rn, m_ok, n_ok, D, HAS_BIAS: tl.constexpr,
-                HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``s * h[rm] @ w[rn].T + b[rn]``, a ``[BLOCK_M, BLOCK_N]`` tile of logits accumulated in fp32."""
     rk = tl.arange(0, BLOCK_K)
     h_ptr = H + rm.to(tl.int64)[:, None] * stride_h + rk[None, :]  # [BLOCK_M, BLOCK_K]
     w_ptr = Wt + rn.to(tl.int64)[None, :] * stride_w + rk[:, None]  # [BLOCK_K, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        k_ok = (k0 + rk) < D
-        a = tl.load(h_ptr + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if EVEN_K:  # D a multiple of BLOCK_K: no mask along D
+            a = tl.load(h_ptr + k0, mask=m_ok[:, None], other=0.0)
+            b = tl.load(w_ptr + k0, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = (k0 + rk) < D
+            a = tl.load(h_ptr + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if IEEE:  # fp32 inputs, or any under the interpreter (whose bf16 products are not to be trusted)
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -155,7 +159,7 @@ def _gemm_loss_kernel(
     B, C, D, S,
     WRITE_Z: tl.constexpr, STATS_OUT: tl.constexpr, GRAD: tl.constexpr, ROUND_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-    IEEE: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, EVEN_K: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     # 0. programs ordered rows-fastest: a strip of classes is read from memory once, while every row tile uses it;
@@ -181,7 +185,7 @@ def _gemm_loss_kernel(
         valid = m_ok[:, None] & n_ok[None, :]
         # 1. the tile of logits in fp32, then (ROUND_Z) the value that a pass over the stored logits would read
         z = _logit_tile(H, stride_h, Wt, stride_w, BIAS, SCALE, rm, rn, m_ok, n_ok, D, HAS_BIAS, HAS_SCALE, IEEE,
-                        BLOCK_M, BLOCK_N, BLOCK_K)  # [BLOCK_M, BLOCK_N]
+                        EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)  # [BLOCK_M, BLOCK_N]
         if ROUND_Z:
             z = z.to(Z.dtype.element_ty).to(tl.float32)
         if HAS_WEIGHT:
@@ -286,7 +290,8 @@ def _gemm_loss(h, w, bias, scale, cw, smooth, *, z=None, stats=None, coefs=None,
             dummy if stats is None else stats, dummy if coefs is None else coefs, b, c, d, groups)
     flags = dict(WRITE_Z=z is not None and coefs is None, STATS_OUT=stats is not None, GRAD=coefs is not None,
                  ROUND_Z=round_z, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_WEIGHT=cw is not None,
-                 HAS_SMOOTH=smooth, IEEE=h.dtype == torch.float32 or interp, N_TILES=n_tiles, BLOCK_N=bn)
+                 HAS_SMOOTH=smooth, IEEE=h.dtype == torch.float32 or interp, N_TILES=n_tiles, BLOCK_N=bn,
+                 EVEN_K=d % (bn if interp else max(k for _, k, _, _ in GEMM_CONFIGS)) == 0)  # for every BLOCK_K
     if interp:
         _gemm_loss_kernel[(triton.cdiv(b, bn) * groups,)](*args, **flags, BLOCK_M=bn, BLOCK_K=bn)
     else:
