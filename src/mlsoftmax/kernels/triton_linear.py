@@ -55,7 +55,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import torch_chunked, triton_interpreting, triton_loss
-from .triton_loss import LOG2E, _sparse_stats
+from .triton_loss import LOG2E, _sparse_stats, cdiv
 
 # --------------------------------------------------------------------------- constants
 BLOCK_N = 64  # positives per program
@@ -249,7 +249,7 @@ def positive_logits(h: Tensor, w: Tensor, indices: Tensor, row_ids: Tensor) -> T
     out = torch.empty(nnz, dtype=torch.float32, device=h.device)  # [nnz]
     if nnz:
         block_d = INTERPRET_BLOCK_D if triton_interpreting() else BLOCK_D
-        _positive_logits_kernel[(triton.cdiv(nnz, BLOCK_N),)](
+        _positive_logits_kernel[(cdiv(nnz, BLOCK_N),)](
             h, h.stride(0), w, w.stride(0), indices, row_ids, out, nnz, d, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
         )
     return out
@@ -259,7 +259,7 @@ def write_entries_(g: Tensor, indices: Tensor, row_ids: Tensor, vals: Tensor, c0
     """``g[row, k - c0] = vals`` for the positives ``(row, k)`` with ``k`` in ``[c0, c0 + C)``; no host sync."""
     nnz = indices.numel()
     if nnz:
-        _write_entries_kernel[(triton.cdiv(nnz, BLOCK_N),)](
+        _write_entries_kernel[(cdiv(nnz, BLOCK_N),)](
             g, g.stride(0), indices, row_ids, vals, nnz, c0, g.shape[1], BLOCK_N=BLOCK_N,
         )
     return g
@@ -283,7 +283,7 @@ def _gemm_loss(h, w, bias, scale, cw, smooth, *, z=None, stats=None, coefs=None,
     interp = triton_interpreting()
     bn = INTERPRET_TILE if interp else TILE_N
     n_tiles = 1 if stats is None else (INTERPRET_STATS_TILES if interp else STATS_TILES)
-    groups = triton.cdiv(triton.cdiv(c, bn), n_tiles)  # programs per row tile; one slot of statistics each
+    groups = cdiv(cdiv(c, bn), n_tiles)  # programs per row tile; one slot of statistics each
     dummy = h
     args = (h, h.stride(0), w, w.stride(0), dummy if bias is None else bias, dummy if scale is None else scale,
             dummy if cw is None else cw, dummy if z is None else z, 0 if z is None else z.stride(0),
@@ -293,15 +293,15 @@ def _gemm_loss(h, w, bias, scale, cw, smooth, *, z=None, stats=None, coefs=None,
                  HAS_SMOOTH=smooth, IEEE=h.dtype == torch.float32 or interp, N_TILES=n_tiles, BLOCK_N=bn,
                  EVEN_K=d % (bn if interp else max(k for _, k, _, _ in GEMM_CONFIGS)) == 0)  # for every BLOCK_K
     if interp:
-        _gemm_loss_kernel[(triton.cdiv(b, bn) * groups,)](*args, **flags, BLOCK_M=bn, BLOCK_K=bn)
+        _gemm_loss_kernel[(cdiv(b, bn) * groups,)](*args, **flags, BLOCK_M=bn, BLOCK_K=bn)
     else:
-        _tuned_gemm()[lambda meta: (triton.cdiv(b, meta["BLOCK_M"]) * groups,)](*args, **flags)
+        _tuned_gemm()[lambda meta: (cdiv(b, meta["BLOCK_M"]) * groups,)](*args, **flags)
 
 
 def stats_columns(c: int) -> int:
     """Slots of partial statistics per row that :func:`gemm_stats` gives ``c`` classes."""
     interp = triton_interpreting()
-    return triton.cdiv(c, (INTERPRET_TILE * INTERPRET_STATS_TILES) if interp else (TILE_N * STATS_TILES))
+    return cdiv(c, (INTERPRET_TILE * INTERPRET_STATS_TILES) if interp else (TILE_N * STATS_TILES))
 
 
 def gemm_stats(h: Tensor, w: Tensor, bias: Optional[Tensor], scale: Optional[Tensor], cw: Optional[Tensor],
@@ -435,7 +435,7 @@ def run(
                 st.shape[1], HAS_VALUES=values is not None, HAS_WEIGHT=cw is not None, BLOCK_P=triton_loss.BLOCK_P,
             )
             block = triton_loss._block(k)
-            span = triton.cdiv(triton.cdiv(k, triton_loss.num_splits(r1 - r0, k, block, h.device)), block) * block
+            span = cdiv(cdiv(k, triton_loss.num_splits(r1 - r0, k, block, h.device)), block) * block
             triton_loss.finish_from_stats(z, z, loss[r0:r1], st, None, indices, offs, values, cw,
                                           row_scale[r0:r1].float(), scratch, eps, need_grad, span, block)
         else:

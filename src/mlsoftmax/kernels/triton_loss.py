@@ -396,9 +396,19 @@ def _scale_rows_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` in plain Python: Triton's own helpers cost microseconds a call on the host."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two at least ``n`` (``n >= 1``), in plain Python."""
+    return 1 << (n - 1).bit_length()
+
+
 def _block(k: int) -> int:
     cap = INTERPRET_BLOCK if triton_interpreting() else MAX_BLOCK
-    return max(16, min(triton.next_power_of_2(max(k, 1)), cap))
+    return max(16, min(next_pow2(max(k, 1)), cap))
 
 
 def _num_warps(block: int) -> int:
@@ -483,7 +493,7 @@ def num_splits(b: int, k: int, block: int, device: torch.device) -> int:
     target = 4 * _sms(device)
     if b >= target or k <= 2 * block:
         return 1
-    return max(1, min(triton.cdiv(k, block), triton.cdiv(target, max(b, 1))))
+    return max(1, min(cdiv(k, block), cdiv(target, max(b, 1))))
 
 
 def _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch, eps, compute_grad,
@@ -510,7 +520,7 @@ def finish_from_stats(x, grad, loss, stats, dense, indices, offsets, values, wei
     # 1. combine the slices: the loss, and each row's log-sum-exp and gradient scales
     _msl_split_combine_kernel[(b,)](
         stats, wsum, row_scale, loss, coefs, n, k, eps,
-        HAS_WEIGHT=weight is not None, HAS_SMOOTH=eps > 0, BLOCK_S=max(16, triton.next_power_of_2(n)),
+        HAS_WEIGHT=weight is not None, HAS_SMOOTH=eps > 0, BLOCK_S=max(16, next_pow2(n)),
     )
     if compute_grad:
         # 2. every slice's gradient
@@ -526,8 +536,8 @@ def _split_flags(dense, indices, values, weight, smooth, block):
 def _split_stats(x, dense, indices, offsets, values, weight, smooth, splits, block):
     """``(stats [B, S, 6] fp32, span)``: the statistics of ``S`` slices of ``span`` columns of every row."""
     b, k = x.shape
-    span = triton.cdiv(triton.cdiv(k, splits), block) * block  # columns per program, a multiple of BLOCK
-    splits = triton.cdiv(k, span)
+    span = cdiv(cdiv(k, splits), block) * block  # columns per program, a multiple of BLOCK
+    splits = cdiv(k, span)
     stats = torch.empty(b, splits, 6, dtype=torch.float32, device=x.device)  # [B, S, 6]
     dummy = stats
     _msl_split_stats_kernel[(b, splits)](
@@ -544,7 +554,7 @@ def _split_grad(x, grad, coefs, dense, indices, offsets, values, scratch, weight
     """Every slice's gradient into ``grad`` (may alias ``x``), from the per-row ``coefs`` ``[B, 4]``."""
     b, k = x.shape
     dummy = coefs
-    _msl_split_grad_kernel[(b, triton.cdiv(k, span))](
+    _msl_split_grad_kernel[(b, cdiv(k, span))](
         x, x.stride(0), grad, grad.stride(0), dense if dense is not None else dummy,
         dense.stride(0) if dense is not None else 0, indices if indices is not None else dummy,
         offsets if offsets is not None else dummy, values if values is not None else dummy,
@@ -590,7 +600,7 @@ def slab_grad(x: Tensor, coefs: Tensor, dense: Optional[Tensor], weight: Optiona
     b, k = x.shape
     block = _block(k)
     splits = num_splits(b, k, block, x.device)
-    span = triton.cdiv(triton.cdiv(k, splits), block) * block
+    span = cdiv(cdiv(k, splits), block) * block
     out = x if out is None else out
     _split_grad(x, out, coefs, _slab_target(x, dense), None, None, None, None, weight, smooth, span, block)
     return out
