@@ -434,8 +434,7 @@ def run(
                 z, z.stride(0), indices, offs, indices if values is None else values, st if cw is None else cw, st,
                 st.shape[1], HAS_VALUES=values is not None, HAS_WEIGHT=cw is not None, BLOCK_P=triton_loss.BLOCK_P,
             )
-            block = triton_loss._block(k)
-            span = cdiv(cdiv(k, triton_loss.num_splits(r1 - r0, k, block, h.device)), block) * block
+            block, span = triton_loss.grad_span(r1 - r0, k, h.device)
             triton_loss.finish_from_stats(z, z, loss[r0:r1], st, None, indices, offs, values, cw,
                                           row_scale[r0:r1].float(), scratch, eps, need_grad, span, block)
         else:

@@ -527,6 +527,13 @@ def finish_from_stats(x, grad, loss, stats, dense, indices, offsets, values, wei
         _split_grad(x, grad, coefs, dense, indices, offsets, values, scratch, weight, eps > 0, span, block, reverse)
 
 
+def grad_span(b: int, k: int, device: torch.device) -> tuple[int, int]:
+    """``(block, span)`` of a gradient pass over ``[B, K]`` by :func:`num_splits` programs per row: the columns
+    per step, and per program (a multiple of the block)."""
+    block = _block(k)
+    return block, cdiv(cdiv(k, num_splits(b, k, block, device)), block) * block
+
+
 def _split_flags(dense, indices, values, weight, smooth, block):
     return dict(HAS_DENSE=dense is not None, HAS_SPARSE=indices is not None, HAS_VALUES=values is not None,
                 HAS_WEIGHT=weight is not None, HAS_SMOOTH=smooth, BLOCK=block, BLOCK_P=BLOCK_P,
@@ -597,10 +604,7 @@ def slab_grad(x: Tensor, coefs: Tensor, dense: Optional[Tensor], weight: Optiona
     rounded once; positives of a sparse target are left to the caller (they get
     ``a softmax - w bs`` here).
     """
-    b, k = x.shape
-    block = _block(k)
-    splits = num_splits(b, k, block, x.device)
-    span = cdiv(cdiv(k, splits), block) * block
+    block, span = grad_span(x.shape[0], x.shape[1], x.device)
     out = x if out is None else out
     _split_grad(x, out, coefs, _slab_target(x, dense), None, None, None, None, weight, smooth, span, block)
     return out
