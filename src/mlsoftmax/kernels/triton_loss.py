@@ -1,10 +1,11 @@
 """Fused Triton kernel: log-sum-exp, loss and gradient of each row in one launch.
 
 One program handles one row (or, capped at ``ROW_PROGRAMS``, loops over rows).
-Pass 1 streams the row once (online max and
-sum-exp, plus the dense target's sums), reading with ``evict_last`` so that the
-row (and a dense target's row) stays in L2; the positives are gathered from their CSR indices. Pass 2
-re-reads the row (``evict_first``, from L2 when it fits) and writes the gradient
+Pass 1 streams the row once (online max and sum-exp, plus the dense target's
+sums), reading with ``evict_last`` so that the row (and a dense target's row)
+stays in L2; the positives are gathered from their CSR indices. Pass 2 re-reads
+the row (``evict_first``, from L2 when it fits; from its end with
+``REVERSE_GRAD``) and writes the gradient
 ``row_scale * (c * softmax - T)`` in the output dtype, each entry formed in fp32
 and rounded once. The target entries of sparse targets are computed in fp32 into
 a small ``[nnz]`` scratch before pass 2 (so that ``inplace=True``, where the
@@ -15,7 +16,7 @@ The backward only scales the gradient by ``grad_out``; a row whose ``grad_out``
 is exactly 1 is skipped inside the kernel (no host sync, no memory traffic).
 
 When the batch cannot fill the GPU, the split-row kernels share each row among
-several programs (per-slice statistics, an ``O(B S)`` combine in torch, then
+several programs (per-slice statistics, a one-launch ``O(B S)`` combine, then
 per-slice gradients). The same two kernels, on one chunk or shard of classes,
 serve the fused linear route and the label-sharded loss (:func:`partial_sums`,
 :func:`backward`).
