@@ -1,0 +1,57 @@
+"""The benchmark scripts run end to end on tiny inputs (no timings are checked).
+
+A device session is short: a script that fails on a case name or an option would waste it, so every case that
+``benchmarks/gpu_check.sh`` passes is run here first, on the CPU (Triton's cases under the interpreter).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import IMPLS
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from _common import split_knobs  # noqa: E402
+
+
+def test_case_names_parse_into_kernel_knobs():
+    loss, linear = "triton_loss", "triton_linear"
+    assert split_knobs("ours") == ("ours", {})
+    assert split_knobs("ours-torch") == ("ours-torch", {})
+    assert split_knobs("ours-dense") == ("ours-dense", {})
+    assert split_knobs("naive-ours") == ("naive-ours", {})
+    assert split_knobs("ours-r-p132") == ("ours", {(loss, "REVERSE_GRAD"): True, (loss, "ROW_PROGRAMS"): 132})
+    assert split_knobs("ours-b8192") == ("ours", {(loss, "MAX_BLOCK"): 8192})
+    assert split_knobs("ours-fast-e") == ("ours-fast", {(linear, "EPILOGUE"): True})
+    assert split_knobs("ours-lean-r") == ("ours-lean", {(loss, "REVERSE_GRAD"): True})
+    assert split_knobs("ours-e5") == ("ours-e5", {})  # a switch takes no number: not a knob
+
+
+def _run(script, *args):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.skipif("triton" not in IMPLS, reason="Triton not installed")
+def test_loss_benchmark_runs_every_case_of_the_gpu_check():
+    cases = ["torch", "ours", "ours-dense", "ours-r", "ours-r-p2", "ours-b64"]
+    out = _run("bench_loss.py", "--device", "cpu", "--B", "3", "--K", "300", "--npos", "2", "--reps", "1",
+               "--cases", *cases)
+    rows = {line.split()[4] for line in out.splitlines() if line.startswith("fp32")}
+    assert rows == set(cases) and "skipped" not in out, out
+
+
+def test_linear_benchmark_runs_every_case_of_the_gpu_check():
+    cases = ["gemms", "naive", "ours-fast", "ours-fast-r", "ours-fast-e", "ours-lean", "ours-lean-r", "ours-lean-e"]
+    out = _run("bench_linear.py", "--device", "cpu", "--B", "8", "--D", "16", "--K", "300", "--reps", "1",
+               "--cases", *cases)
+    rows = {line.split()[0] for line in out.splitlines()[2:]}
+    assert rows == set(cases) and "skipped" not in out, out
