@@ -55,3 +55,8 @@ def test_linear_benchmark_runs_every_case_of_the_gpu_check():
                "--cases", *cases)
     rows = {line.split()[0] for line in out.splitlines()[2:]}
     assert rows == set(cases) and "skipped" not in out, out
+
+
+def test_dw_accumulation_study_runs():
+    out = _run("dw_accumulation.py", "--B", "256", "--D", "32", "--K", "512", "--chunks", "1", "4")
+    assert len(out.splitlines()) == 4, out
