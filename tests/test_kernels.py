@@ -186,7 +186,8 @@ def test_gpu_triton_matches_torch_path(dtype, sparse, reverse, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("sparse", [False, True])
 def test_gpu_split_rows_match_one_program_per_row(sparse):
-    """Few long rows (split-row kernels on the GPU) give the one-program-per-row result."""
+    """Few long rows (split-row kernels on the GPU) give the one-program-per-row result, and each kernel gives
+    the same gradient, bit for bit, with its gradient pass reversed."""
     from mlsoftmax.kernels import triton_loss
 
     g = torch.Generator().manual_seed(0)
@@ -201,6 +202,9 @@ def test_gpu_split_rows_match_one_program_per_row(sparse):
     split = triton_loss.forward(x, dense, idx, offs, None, None, rs, 0.1, True)
     torch.testing.assert_close(split[0], one[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(split[1].float(), one[1].float(), rtol=1e-2, atol=1e-8)
+    for splits, ref in ((1, one), (None, split)):
+        rev = triton_loss.forward(x, dense, idx, offs, None, None, rs, 0.1, True, splits=splits, reverse=True)
+        assert torch.equal(rev[1], ref[1]) and torch.equal(rev[0], ref[0])
 
 
 @pytest.mark.gpu
