@@ -18,6 +18,8 @@ rows route with 2048-row chunks and an fp32 dW accumulator), ``ours-lean`` (a
 256 MB budget: the Triton labels route, four GEMMs, no dW accumulator),
 ``ours-fast-r`` / ``ours-lean-r`` (the same with the loss kernel's gradient pass
 reversed, ``triton_loss.REVERSE_GRAD``; the knobs of bench_loss.py apply),
+``ours-fast-e`` / ``ours-lean-e`` (the same with the logits GEMM carrying the loss in
+its epilogue, ``triton_linear.EPILOGUE``),
 ``ours-torch`` (impl="torch": label chunks, GEMMs in the input dtype, every
 elementwise step in PyTorch), ``cce`` (Apple's Cut Cross-Entropy, first positive
 only) and ``liger`` (Liger's fused linear cross-entropy, first positive only)
@@ -71,7 +73,7 @@ def case_fn(name, h, w, pos, k):
     if name == "gemms":
         return _ThreeGemms.apply
     base, knobs = split_knobs(name)  # e.g. ours-fast-r: the fast route with the loss kernel's pass reversed
-    if base.startswith("ours") and base != "naive-ours":
+    if base.startswith("ours"):
         impl = "torch" if base == "ours-torch" else "auto"
         budget = {"ours-fast": 2 << 30, "ours-lean": 256 << 20}.get(base)
         return with_knobs(lambda hh, ww: linear_multilabel_softmax_loss(hh, ww, pos, impl=impl, memory_budget=budget,
