@@ -17,7 +17,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 L="python3 benchmarks/bench_loss.py --device cuda"
 F="python3 benchmarks/bench_linear.py --device cuda --dtype bf16 --B 8192 --D 1024 --K 262144"
 # 1. GPU tests (the compiled kernels, not the interpreter)
-timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_linear.py \
+timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_linear.py \
   tests/test_distributed.py 2>&1 | tee "$OUT/tests.txt"
 # 2. The fused linear + loss at the issue's point (B=8192, D=1024, K=262144 bf16): both routes as they are, with
 #    the loss kernel's gradient pass reversed (-r), and with the logits GEMM carrying the loss in its epilogue
@@ -42,11 +42,11 @@ timeout 60 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 1 --cases ours ours-r
   M=dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum
   M=$M,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread
   M=$M,sm__warps_active.avg.pct_of_peak_sustained_active
-  for args in "--dtype bf16" "--dtype bf16 --reverse" "--dtype fp32" "--dtype fp32 --reverse"; do
+  for args in "--dtype bf16" "--dtype bf16 --reverse" "--dtype fp32 --reverse"; do
     echo "== ncu_loss.py $args"
     timeout 60 ncu --clock-control none -k regex:_msl_fwd_kernel -s 2 -c 1 --metrics "$M" \
       python3 benchmarks/ncu_loss.py $args | tail -14
   done ) 2>&1 | tee "$OUT/profile.txt"
 # 5. The sweep (K 1k..1M, B 1..16k, 1 and 8 positives), ours and eager only, last and capped: about 10 minutes
 #    in all, inside one device call
-timeout 100 $L --dtype bf16 --sweep --reps 5 --cases torch ours 2>&1 | tee "$OUT/bench_sweep.txt"
+timeout 60 $L --dtype bf16 --sweep --reps 5 --cases torch ours 2>&1 | tee "$OUT/bench_sweep.txt"
