@@ -107,8 +107,10 @@ def memory_child(args):
     x, pos = make_inputs(args.B, args.K, args.npos, DTYPES[args.dtype[0]], "cpu")
     # Warm up on a small input first, so that one-time initialisation (thread
     # pools, dispatch tables, the compiled kernel) is not counted against the case:
-    # 2^20 logits, so that impl="auto" picks the same path as for the real input.
-    rows = min(args.B, max(4, -(-(1 << 20) // args.K)))
+    # COMPILE_MIN_ELEMS logits, so that impl="auto" picks the same path as for the real input.
+    from mlsoftmax.kernels import COMPILE_MIN_ELEMS
+
+    rows = min(args.B, max(4, -(-COMPILE_MIN_ELEMS // args.K)))
     xs, ps = make_inputs(rows, args.K, args.npos, DTYPES[args.dtype[0]], "cpu", seed=1)
     case_fn(args.child, xs, ps, args.K)(xs.detach().requires_grad_()).backward()
     del xs, ps
