@@ -12,7 +12,8 @@ Commands:
     python benchmarks/bench_loss.py --device cpu --sweep --cases torch ours     # the same, up to B*K = 2^26
     python benchmarks/bench_loss.py --device cuda --dtype bf16 --B 4096 --K 131072 --profile --cases ours
 
-Cases: ``ours`` (impl=auto, sparse Positives), ``ours-dense`` (dense target),
+Cases: ``ours`` (impl=auto, sparse Positives), ``ours-torch`` and ``ours-compile``
+(impl="torch" / "compile", the two CPU paths that "auto" chooses between), ``ours-dense`` (dense target),
 ``ours-p<N>`` (CUDA: the one-row kernel on N programs that loop over the rows,
 capping the rows in flight so that their second read can stay in L2), ``ours-b<N>``
 (CUDA: the kernel with N elements of a row per step, ``MAX_BLOCK``), ``ours-r`` (CUDA:
@@ -51,8 +52,8 @@ def case_fn(name, x, pos, k):
     """A closure running one forward + backward for case ``name``."""
     from mlsoftmax import multilabel_softmax_loss
 
-    if name in ("ours", "ours-torch"):
-        impl = "auto" if name == "ours" else "torch"
+    if name in ("ours", "ours-torch", "ours-compile"):
+        impl = "auto" if name == "ours" else name[5:]
         return lambda z: multilabel_softmax_loss(z, pos, impl=impl, validate=False)
     base, knobs = split_knobs(name)
     if knobs:  # ours-p<N>, ours-b<N>, ours-r: kernel knobs set for the call (the kernel runs inside the forward)

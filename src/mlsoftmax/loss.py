@@ -432,7 +432,7 @@ def multilabel_softmax_loss(
         impl: ``"auto"``, ``"torch"``, ``"triton"`` or ``"compile"``. ``"auto"``
             picks Triton on CUDA when installed; on the CPU it picks the fused
             ``torch.compile`` kernel (``"compile"``) for problems of at least
-            2^19 logits when a C++ compiler is found, else the pure-torch path.
+            2^18 logits when a C++ compiler is found, else the pure-torch path.
         inplace: Triton only: write the gradient over ``logits`` (no extra
             ``[B, K]`` memory). This destroys the logits: do not use them after
             the call.

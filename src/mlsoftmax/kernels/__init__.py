@@ -19,7 +19,7 @@ import shutil
 import torch
 
 IMPLS = ("auto", "torch", "triton", "compile")
-COMPILE_MIN_ELEMS = 1 << 19  # measured crossover: the two tie at 2^18, compile is 1.2-1.5x faster at 2^19
+COMPILE_MIN_ELEMS = 1 << 18  # the measured crossover on a 2-core CPU (BENCHMARKS.md): torch wins at 2^17
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp64 uses the torch path
 
 
