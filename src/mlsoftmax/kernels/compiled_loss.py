@@ -120,10 +120,15 @@ def forward(
         mass = x.new_zeros(b, dtype=acc).index_add_(0, row_ids, v)
         wmass = x.new_zeros(b, dtype=acc).index_add_(0, row_ids, vw)
     nonempty = mass > 0
-    inv = torch.where(nonempty, 1.0 / torch.where(nonempty, mass, torch.ones_like(mass)), torch.zeros_like(mass))
-    coef = ((1.0 - eps) * wmass * inv + (eps / k) * w.sum()) * nonempty  # [B]
+    inv = torch.where(nonempty, mass.reciprocal(), 0.0)  # [B]
     rs = row_scale.to(acc)
-    sp, st, ss = coef * rs, (1.0 - eps) * inv * rs, (eps / k) * rs * nonempty  # [B] each
+    if eps:
+        coef = ((1.0 - eps) * wmass * inv + (eps / k) * w.sum()) * nonempty  # [B]
+        sp, st, ss = coef * rs, (1.0 - eps) * inv * rs, (eps / k) * rs * nonempty  # [B] each
+    else:  # fewer small ops in the common case (ss is not read without smoothing)
+        coef = wmass * inv
+        sp, st = coef * rs, inv * rs
+        ss = st
     # 2. the fused row kernel (eager ops if Inductor cannot build it)
     grad = _empty_huge(x.shape, x.dtype) if compute_grad else None  # [B, K]
     lse, dot, sx = _run_rows(x, grad, sp, st, dense, w, ss, eps > 0)
@@ -132,12 +137,14 @@ def forward(
         xg = x[row_ids, indices].to(acc)  # [nnz]
         dot = x.new_zeros(b, dtype=acc).index_add_(0, row_ids, vw * xg)
         if compute_grad and indices.numel():
-            val = (xg - lse[row_ids]).exp() * sp[row_ids] - vw * st[row_ids] - ss[row_ids] * w[indices]
+            val = (xg - lse[row_ids]).exp_().mul_(sp[row_ids]).sub_(vw * st[row_ids])  # [nnz]
+            if eps:
+                val.sub_(ss[row_ids] * w[indices])
             grad.index_put_((row_ids, indices), val.to(grad.dtype))
-    loss = coef * lse - (1.0 - eps) * dot * inv
+    loss = coef * lse - ((1.0 - eps) * dot if eps else dot) * inv
     if eps:  # (0 * sx would turn a row with -inf logits into NaN)
         loss = loss - (eps / k) * sx
-    loss = torch.where(nonempty, loss, torch.zeros_like(loss)) * rs
+    loss = torch.where(nonempty, loss, 0.0) * rs
     return loss, (grad if compute_grad else x.new_empty(0, 0))
 
 
