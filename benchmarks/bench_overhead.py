@@ -9,12 +9,14 @@ Commands:
     python benchmarks/bench_overhead.py --device cuda            # B=64, K=1024 bf16
     python benchmarks/bench_overhead.py --device cuda --B 1 --K 131072
     python benchmarks/bench_overhead.py --device cpu --dtype fp32 --B 64 --K 14   # the CPU's eager torch path
+    python benchmarks/bench_overhead.py --device cpu --stub --B 1 --K 131072      # Triton path's host work, no GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import time
 
@@ -36,6 +38,13 @@ def per_call_us(step, n: int, cuda: bool) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -43,9 +52,19 @@ def main():
     p.add_argument("--B", type=int, default=64)
     p.add_argument("--K", type=int, default=1024)
     p.add_argument("--n", type=int, default=300)
+    p.add_argument("--stub", action="store_true",
+                   help="CPU: ours takes the Triton path with every loss kernel replaced by a no-op launch, so the "
+                        "time is the host's own work around the kernels (no GPU needed)")
     args = p.parse_args()
+    if args.stub:
+        os.environ["TRITON_INTERPRET"] = "1"  # Triton's CPU mode, before it is imported; no kernel body runs
     from mlsoftmax import Positives, multilabel_softmax_loss
     from mlsoftmax.kernels import triton_loss
+
+    if args.stub:
+        for name in ("_msl_fwd_kernel", "_scale_rows_kernel", "_msl_split_stats_kernel", "_msl_split_combine_kernel",
+                     "_msl_split_grad_kernel"):
+            setattr(triton_loss, name, _NoLaunch())
 
     cuda = args.device == "cuda"
     x = torch.randn(args.B, args.K, device=args.device).to(DTYPES[args.dtype])
@@ -59,14 +78,15 @@ def main():
 
     def ours_step():
         z = x.detach().requires_grad_()
-        multilabel_softmax_loss(z, pos, validate=False).backward()
+        multilabel_softmax_loss(z, pos, validate=False, impl="triton" if args.stub else "auto").backward()
 
     g, go = torch.zeros_like(x), torch.ones((), device=args.device)
 
     def launch_step():  # one Triton launch that does nothing on the device (grad_out == 1 skips every row)
         triton_loss.scale_rows_(g, go)
 
-    print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}; B={args.B} K={args.K} "
+    where = torch.cuda.get_device_name() if cuda else "CPU" + (" (Triton kernels stubbed)" if args.stub else "")
+    print(f"{where}, torch {torch.__version__}; B={args.B} K={args.K} "
           f"{args.dtype}: host microseconds per call ({args.n} calls queued, one sync)")
     steps = [("F.cross_entropy fwd+bwd", torch_step), ("ours fwd+bwd", ours_step)]
     if cuda:  # a Triton launch needs a GPU (or the interpreter, whose cost is not a launch's)

@@ -60,3 +60,8 @@ def test_linear_benchmark_runs_every_case_of_the_gpu_check():
 def test_dw_accumulation_study_runs():
     out = _run("dw_accumulation.py", "--B", "256", "--D", "32", "--K", "512", "--chunks", "1", "4")
     assert len(out.splitlines()) == 4, out
+
+
+def test_overhead_benchmark_runs_with_stubbed_kernels():
+    out = _run("bench_overhead.py", "--device", "cpu", "--stub", "--B", "4", "--K", "300", "--n", "5")
+    assert "Triton kernels stubbed" in out and "ours fwd+bwd" in out, out

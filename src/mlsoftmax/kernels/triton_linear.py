@@ -436,7 +436,7 @@ def run(
             )
             block, span = triton_loss.grad_span(r1 - r0, k, h.device)
             triton_loss.finish_from_stats(z, z, loss[r0:r1], st, None, indices, offs, values, cw,
-                                          row_scale[r0:r1].float(), scratch, eps, need_grad, span, block)
+                                          row_scale[r0:r1], scratch, eps, need_grad, span, block)
         else:
             # 1. the chunk's logits
             z = _logits(hr, w, bias, scale)  # [R, K]
