@@ -17,7 +17,8 @@ budget), ``ours-fast`` (a 2 GB budget: on CUDA at the issue's point, the Triton
 rows route with 2048-row chunks and an fp32 dW accumulator), ``ours-lean`` (a
 256 MB budget: the Triton labels route, four GEMMs, no dW accumulator),
 ``ours-fast-r`` / ``ours-lean-r`` (the same with the loss kernel's gradient pass
-reversed, ``triton_loss.REVERSE_GRAD``; the knobs of bench_loss.py apply),
+reversed, ``triton_loss.REVERSE_GRAD``; the knobs of bench_loss.py apply, as in
+``ours-fast-o``, the rows route with the one-read loss kernel),
 ``ours-fast-e`` / ``ours-lean-e`` (the same with the logits GEMM carrying the loss in
 its epilogue, ``triton_linear.EPILOGUE``),
 ``ours-torch`` (impl="torch": label chunks, GEMMs in the input dtype, every

@@ -18,7 +18,7 @@ Cases: ``ours`` (impl=auto, sparse Positives), ``ours-torch`` and ``ours-compile
 capping the rows in flight so that their second read can stay in L2), ``ours-b<N>``
 (CUDA: the kernel with N elements of a row per step, ``MAX_BLOCK``), ``ours-r`` (CUDA:
 the gradient pass walks each row backwards, ``REVERSE_GRAD``; knobs combine, as in
-``ours-r-p132``), ``torch``
+``ours-r-p132``), ``ours-o`` (CUDA: the one-read kernel, ``ONE_READ``), ``torch``
 (F.cross_entropy(x, probs) eager), ``compile`` (the same under torch.compile),
 ``liger`` (Liger-Kernel cross-entropy, one positive, if installed).
 """
@@ -56,7 +56,7 @@ def case_fn(name, x, pos, k):
         impl = "auto" if name == "ours" else name[5:]
         return lambda z: multilabel_softmax_loss(z, pos, impl=impl, validate=False)
     base, knobs = split_knobs(name)
-    if knobs:  # ours-p<N>, ours-b<N>, ours-r: kernel knobs set for the call (the kernel runs inside the forward)
+    if knobs:  # ours-p<N>, ours-b<N>, ours-r, ours-o: kernel knobs set for the call (the kernel runs inside the forward)
         if base != "ours":
             raise ValueError(name)
         return with_knobs(lambda z: multilabel_softmax_loss(z, pos, impl="triton", validate=False), knobs)

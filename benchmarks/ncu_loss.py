@@ -3,9 +3,11 @@
 The question it answers: does the gradient pass re-read each row from L2, or from DRAM? Ideal DRAM traffic
 for bf16 at B=4096, K=131072 is 1 GiB read and 1 GiB written.
 
-    ncu --clock-control none -k regex:_msl_fwd_kernel -s 2 -c 1 \\
+    ncu --clock-control none -k regex:_msl_ -s 2 -c 1 \\
         --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \\
-        python benchmarks/ncu_loss.py --dtype bf16            # add --reverse for the backwards gradient pass
+        python benchmarks/ncu_loss.py --dtype bf16            # --reverse: the backwards gradient pass
+
+With ``--one-read`` the one-read kernel (``_msl_one_read_kernel``) runs instead; ``regex:_msl_`` names either.
 """
 
 import argparse
@@ -21,10 +23,12 @@ def main():
     p.add_argument("--B", type=int, default=4096)
     p.add_argument("--K", type=int, default=131072)
     p.add_argument("--reverse", action="store_true", help="the gradient pass walks each row backwards")
+    p.add_argument("--one-read", action="store_true", help="the one-read kernel (ONE_READ)")
     args = p.parse_args()
     from mlsoftmax.kernels import triton_loss
 
     triton_loss.REVERSE_GRAD = args.reverse
+    triton_loss.ONE_READ = args.one_read
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     x = torch.randn(args.B, args.K, device="cuda").to(dtype)
     pos = Positives.from_padded(torch.randint(0, args.K, (args.B, 8), device="cuda"))

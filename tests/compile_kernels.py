@@ -65,6 +65,14 @@ def main():
             for rev in (False, True) if common else (False,):  # the reversed pass: a benchmark knob, common form
                 build(tl_._msl_split_grad_kernel, sig, dict(flags, REVERSE=rev, **blocks), num_warps=16)
                 n += rev
+            # the one-read kernel (a benchmark knob): its GPU form, with the barrier; both widths for the common form
+            sig = dict(X=x, stride_x="i32", G=x, stride_g="i32", T="*fp32", stride_t="i32", IDX="*i64", OFFS="*i64",
+                       VALS="*fp32", SCRATCH="*fp32", W="*fp32", WSUM="*fp32", RS="*fp32", LOSS="*fp32",
+                       STATS="*fp32", ARRIVED="*i32", K="i32", S="i32", eps="fp32")
+            for width in tl_.ONE_READ_BLOCKS if common else tl_.ONE_READ_BLOCKS[:1]:
+                build(tl_._msl_one_read_kernel, sig, dict(flags, PHASE=2, BLOCK=width, BLOCK_P=tl_.BLOCK_P,
+                                                          BLOCK_S=64), num_warps=tl_._one_read_warps(width))
+                n += 1
             build(tl_._msl_split_combine_kernel, dict(STATS="*fp32", WSUM="*fp32", RS="*fp32", LOSS="*fp32",
                                                       COEF="*fp32", S="i32", K="i32", eps="fp32"),
                   dict(HAS_WEIGHT=flags["HAS_WEIGHT"], HAS_SMOOTH=flags["HAS_SMOOTH"], BLOCK_S=64))

@@ -29,6 +29,7 @@ def test_case_names_parse_into_kernel_knobs():
     assert split_knobs("ours-b8192") == ("ours", {(loss, "MAX_BLOCK"): 8192})
     assert split_knobs("ours-fast-e") == ("ours-fast", {(linear, "EPILOGUE"): True})
     assert split_knobs("ours-lean-r") == ("ours-lean", {(loss, "REVERSE_GRAD"): True})
+    assert split_knobs("ours-fast-o") == ("ours-fast", {(loss, "ONE_READ"): True})
     assert split_knobs("ours-e5") == ("ours-e5", {})  # a switch takes no number: not a knob
 
 
@@ -42,7 +43,7 @@ def _run(script, *args):
 
 @pytest.mark.skipif("triton" not in IMPLS, reason="Triton not installed")
 def test_loss_benchmark_runs_every_case_of_the_gpu_check():
-    cases = ["torch", "ours", "ours-dense", "ours-r", "ours-r-p2", "ours-b64"]
+    cases = ["torch", "ours", "ours-dense", "ours-r", "ours-r-p2", "ours-b64", "ours-o"]
     out = _run("bench_loss.py", "--device", "cpu", "--B", "3", "--K", "300", "--npos", "2", "--reps", "1",
                "--cases", *cases)
     rows = {line.split()[4] for line in out.splitlines() if line.startswith("fp32")}
@@ -50,7 +51,8 @@ def test_loss_benchmark_runs_every_case_of_the_gpu_check():
 
 
 def test_linear_benchmark_runs_every_case_of_the_gpu_check():
-    cases = ["gemms", "naive", "ours-fast", "ours-fast-r", "ours-fast-e", "ours-lean", "ours-lean-r", "ours-lean-e"]
+    cases = ["gemms", "naive", "ours-fast", "ours-fast-r", "ours-fast-o", "ours-fast-e", "ours-lean", "ours-lean-r",
+             "ours-lean-e"]
     out = _run("bench_linear.py", "--device", "cpu", "--B", "8", "--D", "16", "--K", "300", "--reps", "1",
                "--cases", *cases)
     rows = {line.split()[0] for line in out.splitlines()[2:]}

@@ -36,8 +36,12 @@ def test_triton_rejects_fp64_and_inplace_needs_triton():
 @needs_triton
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inplace_gradient_overwrites_logits(sparse, dtype, rng):
-    b, k = 5, 300  # several blocks per row under the interpreter
+@pytest.mark.parametrize("one_read", [False, True])
+def test_inplace_gradient_overwrites_logits(sparse, dtype, one_read, rng, monkeypatch):
+    from mlsoftmax.kernels import triton_loss
+
+    monkeypatch.setattr(triton_loss, "ONE_READ", one_read)
+    b, k = 5, 300  # several blocks per row under the interpreter (several programs per row with one_read)
     y = random_multihot(rng, b, k, p=0.03, empty_rows=[2])
     s = torch.tensor(rng.normal(size=(b, k))).to(dtype)
     s64 = s.double().numpy()
@@ -75,15 +79,16 @@ def test_no_gradient_buffer_without_requires_grad(rng):
 
 # ----------------------------------------------------------------------------- GPU only
 @needs_triton
-@pytest.mark.parametrize("splits,programs,reverse", [(1, None, False), (2, None, False), (3, None, False),
-                                                     (7, None, False), (1, 1, False), (1, 2, False),
-                                                     (1, None, True), (3, None, True), (7, None, True),
-                                                     (1, 2, True)])
+@pytest.mark.parametrize("splits,programs,reverse,one_read", [
+    (1, None, False, False), (2, None, False, False), (3, None, False, False), (7, None, False, False),
+    (1, 1, False, False), (1, 2, False, False), (1, None, True, False), (3, None, True, False),
+    (7, None, True, False), (1, 2, True, False), (None, None, False, True)])
 @pytest.mark.parametrize("form", ["sparse", "dense"])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_split_row_kernels_match_oracle(splits, programs, reverse, form, inplace, rng):
+def test_split_row_kernels_match_oracle(splits, programs, reverse, one_read, form, inplace, rng):
     """Several programs per row (slices + combine), or fewer programs than rows (each looping over rows), with
-    the gradient pass forwards or backwards, give the oracle's loss and gradient, for every option."""
+    the gradient pass forwards or backwards, or the one-read kernel (9 slices a row here: under the interpreter
+    its barrier is a second launch), give the oracle's loss and gradient, for every option."""
     from mlsoftmax.kernels import triton_loss
 
     b, k = 3, 1031
@@ -104,7 +109,7 @@ def test_split_row_kernels_match_oracle(splits, programs, reverse, form, inplace
         args = (t, None, None, None)
     loss, grad = triton_loss.forward(x, *args, torch.tensor(w, dtype=torch.float32), torch.tensor(rs).float(), 0.1,
                                      True, inplace=inplace, splits=splits, programs=programs,
-                                     reverse=reverse)
+                                     reverse=reverse, one_read=one_read)
     np.testing.assert_allclose(loss.numpy(), R.loss(s, soft, weight=w, label_smoothing=0.1) * rs, rtol=1e-5,
                                atol=1e-5)
     expected = R.grad(s, soft, weight=w, label_smoothing=0.1) * rs[:, None]
@@ -162,14 +167,16 @@ def test_split_heuristic_fills_the_machine():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sparse", [False, True])
-@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("knob", [None, "REVERSE_GRAD", "ONE_READ"])
 @pytest.mark.parametrize("b", [64, 600])
-def test_gpu_triton_matches_torch_path(dtype, sparse, reverse, b, monkeypatch):
+def test_gpu_triton_matches_torch_path(dtype, sparse, knob, b, monkeypatch):
     """The Triton path against the torch path: split rows (64 rows cannot fill an H100) and one program per row
-    (600), with the gradient pass forwards (the default) or backwards."""
+    (600), with the gradient pass forwards (the default) or backwards, or the one-read kernel (7 programs a row,
+    meeting at their row's barrier)."""
     from mlsoftmax.kernels import triton_loss
 
-    monkeypatch.setattr(triton_loss, "REVERSE_GRAD", reverse)
+    if knob:
+        monkeypatch.setattr(triton_loss, knob, True)
     g = torch.Generator().manual_seed(0)
     k = 50_000
     x = torch.randn(b, k, generator=g).to("cuda", dtype)
@@ -208,11 +215,43 @@ def test_gpu_split_rows_match_one_program_per_row(sparse):
     for splits, ref in ((1, one), (None, split)):
         rev = triton_loss.forward(x, dense, idx, offs, None, None, rs, 0.1, True, splits=splits, reverse=True)
         assert torch.equal(rev[1], ref[1]) and torch.equal(rev[0], ref[0])
+    # the one-read kernel: 64 programs a row, each holding 16384 columns
+    assert triton_loss.one_read_block(k, x.device) == 16384
+    once = triton_loss.forward(x, dense, idx, offs, None, None, rs, 0.1, True, one_read=True)
+    torch.testing.assert_close(once[0], one[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(once[1].float(), one[1].float(), rtol=1e-2, atol=1e-8)
 
 
 @pytest.mark.gpu
-def test_gpu_int64_offsets_large_tensor():
-    """B * K > 2**31: the row offsets must be int64 inside the kernel."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_one_read_barrier_under_load(dtype):
+    """Many rows of 16 programs each, the GPU full: every row's barrier must wait for all of its slices (a slice
+    merged too early gives a wrong log-sum-exp, and a loss far from the two-pass kernel's), repeated in place."""
+    from mlsoftmax.kernels import triton_loss
+
+    g = torch.Generator().manual_seed(1)
+    b, k = 2048, 131072
+    x = (torch.randn(b, k, generator=g) * 4).to("cuda", dtype)
+    x[::7, : k // 2] -= 30.0  # rows whose mass sits in their last slices
+    pos = Positives.from_padded(torch.randint(0, k, (b, 8), generator=g).cuda())
+    rs = torch.ones(b, device="cuda")
+    ref = triton_loss.forward(x, None, pos.indices, pos.offsets, None, None, rs, 0.0, True, one_read=False)
+    for _ in range(3):
+        z = x.clone()
+        loss, grad = triton_loss.forward(z, None, pos.indices, pos.offsets, None, None, rs, 0.0, True, inplace=True,
+                                         one_read=True)
+        torch.testing.assert_close(loss, ref[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad.float(), ref[1].float(), rtol=1e-2, atol=1e-7)
+        assert grad.data_ptr() == z.data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("one_read", [False, True])
+def test_gpu_int64_offsets_large_tensor(one_read, monkeypatch):
+    """B * K > 2**31: the row offsets must be int64 inside the kernel (each kernel)."""
+    from mlsoftmax.kernels import triton_loss
+
+    monkeypatch.setattr(triton_loss, "ONE_READ", one_read)
     b, k = 2**15 + 3, 2**16 + 1
     try:
         x = torch.zeros(b, k, device="cuda", dtype=torch.bfloat16)
@@ -220,9 +259,13 @@ def test_gpu_int64_offsets_large_tensor():
         pytest.skip("not enough GPU memory")
     x[-1, -1] = 5.0
     pos = Positives.from_padded(torch.full((b, 1), k - 1, device="cuda"))
-    out = multilabel_softmax_loss(x, pos, reduction="none", impl="triton")
     expected_last = -torch.log_softmax(x[-1].float(), 0)[-1]
+    expected_grad = torch.softmax(x[-1].float(), 0)[-1] - 1.0
+    # the gradient pass too (the one-read kernel only runs with it), written over the logits
+    out = multilabel_softmax_loss(x.requires_grad_(), pos, reduction="none", impl="triton", inplace=True)
     torch.testing.assert_close(out[-1].float(), expected_last, rtol=1e-2, atol=1e-2)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad[-1, -1].float(), expected_grad, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.skipif("compile" not in AVAILABLE, reason="no C++ compiler for torch.compile")
@@ -274,7 +317,7 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu():
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 108 kernel variants" in proc.stdout
+    assert "compiled 125 kernel variants" in proc.stdout
 
 
 @needs_triton

@@ -15,6 +15,11 @@ after a barrier.
 The backward only scales the gradient by ``grad_out``; a row whose ``grad_out``
 is exactly 1 is skipped inside the kernel (no host sync, no memory traffic).
 
+``ONE_READ`` (a knob, off until measured) replaces both passes with a kernel
+that reads the logits once: a row's slices go to programs that keep them in
+registers, meet at a per-row barrier (an atomic counter) to merge their
+statistics, then write the gradient from registers.
+
 When the batch cannot fill the GPU, the split-row kernels share each row among
 several programs (per-slice statistics, a one-launch ``O(B S)`` combine, then
 per-slice gradients). The same two kernels, on one chunk or shard of classes,
@@ -50,6 +55,11 @@ ROW_PROGRAMS = None
 # each block already evicted, as a cyclic scan does under LRU). Off until measured on a GPU: a benchmark knob
 # (``ours-r`` in benchmarks/bench_loss.py, ``ours-fast-r`` in bench_linear.py).
 REVERSE_GRAD = False
+# One read of the logits: each row is shared by programs that hold their slice in registers, publish its
+# statistics, wait at a per-row barrier for the rest, and write the gradient from registers (no second read, from
+# L2 or DRAM). Off until measured on a GPU: a benchmark knob (``ours-o``, ``ours-fast-o``).
+ONE_READ = False
+ONE_READ_BLOCKS = (8192, 16384)  # columns a program holds, 16 a thread (ptxas for sm_90 then fits 16K a SM)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -217,6 +227,28 @@ def _row_terms(m, s, mass, wmass, dot, sx, wsum, rs, K, eps, HAS_SMOOTH: tl.cons
 
 
 @triton.jit
+def _merge_slices(st_row, S, BLOCK_S: tl.constexpr):
+    """A row's ``S`` slice records ``[S, 6]`` (max, sum-exp relative to it, mass, wmass, dot, sum w x), merged:
+    log-sum-exp of the parts (an all -inf row keeps max -inf and sum 0), plain sums of the rest.
+
+    Read at L2 (``.cg``): in the one-read kernel, other programs wrote them during this launch.
+    """
+    sl = tl.arange(0, BLOCK_S)
+    sm = sl < S
+    st = st_row + sl * 6  # [BLOCK_S]
+    m_part = tl.load(st + 0, mask=sm, other=float("-inf"), cache_modifier=".cg")
+    s_part = tl.load(st + 1, mask=sm, other=0.0, cache_modifier=".cg")
+    m = tl.max(m_part, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(tl.where(m_part == float("-inf"), 0.0, s_part * tl.exp2((m_part - m_safe) * LOG2E)), 0)
+    mass = tl.sum(tl.load(st + 2, mask=sm, other=0.0, cache_modifier=".cg"), 0)
+    wmass = tl.sum(tl.load(st + 3, mask=sm, other=0.0, cache_modifier=".cg"), 0)
+    dot = tl.sum(tl.load(st + 4, mask=sm, other=0.0, cache_modifier=".cg"), 0)
+    sx = tl.sum(tl.load(st + 5, mask=sm, other=0.0, cache_modifier=".cg"), 0)
+    return m, s, mass, wmass, dot, sx
+
+
+@triton.jit
 def _msl_fwd_kernel(
     X, stride_x,  # [B, K] logits
     G, stride_g,  # [B, K] gradient out (may alias X)
@@ -311,20 +343,8 @@ def _msl_split_combine_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    # 1. the row's slices: partial maxima and sum-exps, partial target sums
-    sl = tl.arange(0, BLOCK_S)
-    sm = sl < S
-    st = STATS + (row * S + sl) * 6  # [BLOCK_S]
-    m_part = tl.load(st + 0, mask=sm, other=float("-inf"))
-    s_part = tl.load(st + 1, mask=sm, other=0.0)
-    # 2. merged: log-sum-exp of the parts (an all -inf row keeps max -inf and sum 0), plain sums of the rest
-    m = tl.max(m_part, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    s = tl.sum(tl.where(m_part == float("-inf"), 0.0, s_part * tl.exp2((m_part - m_safe) * LOG2E)), 0)
-    mass = tl.sum(tl.load(st + 2, mask=sm, other=0.0), 0)
-    wmass = tl.sum(tl.load(st + 3, mask=sm, other=0.0), 0)
-    dot = tl.sum(tl.load(st + 4, mask=sm, other=0.0), 0)
-    sx = tl.sum(tl.load(st + 5, mask=sm, other=0.0), 0)
+    # 1-2. the row's slices, merged
+    m, s, mass, wmass, dot, sx = _merge_slices(STATS + row * S * 6, S, BLOCK_S)
     wsum = tl.load(WSUM) if HAS_WEIGHT else K * 1.0
     # 3. the row's loss and the gradient's scales, as in the one-row kernel
     rs = tl.load(RS + row).to(tl.float32)
@@ -373,6 +393,107 @@ def _msl_split_grad_kernel(
     if HAS_SPARSE:
         # 3. this slice's exact target entries, over the pass's
         _write_target_entries(g_row, IDX, SCRATCH, p0, p1, lo, hi, BLOCK_P)
+
+
+@triton.jit
+def _msl_one_read_kernel(
+    X, stride_x,  # [B, K] logits
+    G, stride_g,  # [B, K] gradient out (may alias X)
+    T, stride_t,  # [B, K] dense target (HAS_DENSE)
+    IDX, OFFS, VALS, SCRATCH,  # CSR target and [nnz] fp32 scratch (HAS_SPARSE)
+    W,  # [K] class weights (HAS_WEIGHT)
+    WSUM,  # [] fp32 sum of the class weights (HAS_WEIGHT)
+    RS,  # [B] row scale
+    LOSS,  # [B] fp32 out: row_scale * loss
+    STATS,  # [B, S, 6] fp32: each slice's partial statistics, published to the row's other slices
+    ARRIVED,  # [B] int32, zeroed by the launcher: how many of each row's slices have published (PHASE 2)
+    K, S, eps,
+    HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_VALUES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    PHASE: tl.constexpr,  # 2: publish, wait for the row's other slices, finish; 0 / 1: publish / finish alone
+    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # 0. program row * S + j holds slice j (BLOCK columns) of the row: a row's slices have consecutive ids, so
+    # they are resident together (the launcher keeps S within what the GPU holds at once)
+    pid = tl.program_id(0).to(tl.int64)  # int64: B * K may pass 2^31
+    row = pid // S
+    split = pid % S
+    lo = split * BLOCK
+    offs = lo + tl.arange(0, BLOCK)  # [BLOCK]
+    mask = offs < K
+    x_row = X + row * stride_x
+
+    # 1. the slice, read once, kept in registers as exp(x - m): the gradient needs no second read
+    x = tl.load(x_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
+    m = tl.max(x, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.exp2((x - m_safe) * LOG2E)  # [BLOCK]
+    s = tl.sum(e, 0)
+    mass = s * 0.0
+    wmass = mass
+    dot = mass
+    sx = mass
+    if HAS_WEIGHT:
+        w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK]
+    if HAS_DENSE:
+        t = tl.load(T + row * stride_t + offs, mask=mask, other=0, eviction_policy="evict_first").to(tl.float32)
+        tw = t * w if HAS_WEIGHT else t
+        mass = tl.sum(t, 0)
+        wmass = tl.sum(tw, 0)
+        dot = tl.sum(tl.where(t != 0, x, 0.0) * tw, 0)
+    if HAS_SMOOTH:
+        xs = tl.where(mask, x, 0.0)
+        sx = tl.sum(xs * w, 0) if HAS_WEIGHT else tl.sum(xs, 0)
+    if HAS_SPARSE:
+        # 2. the positives, gathered once per row (by its first slice)
+        p0 = tl.load(OFFS + row)
+        p1 = tl.load(OFFS + row + 1)
+        if split == 0:
+            mass, wmass, dot = _sparse_stats(x_row, IDX, VALS, W, p0, p1, HAS_VALUES, HAS_WEIGHT, BLOCK_P)
+
+    st_row = STATS + row * S * 6  # [S, 6]
+    if PHASE != 1:
+        # 3. publish the slice's statistics
+        out = st_row + split * 6
+        tl.store(out + 0, m)
+        tl.store(out + 1, s)
+        tl.store(out + 2, mass)
+        tl.store(out + 3, wmass)
+        tl.store(out + 4, dot)
+        tl.store(out + 5, sx)
+        if PHASE == 2:
+            if S > 1:
+                # 4. the row's barrier: count this slice in (release: after its statistics), wait for the rest
+                tl.debug_barrier()
+                tl.atomic_add(ARRIVED + row, 1, sem="release")
+                while tl.atomic_add(ARRIVED + row, 0, sem="acquire") < S:
+                    pass
+
+    if PHASE != 0:
+        # 5. the row's statistics, its loss and the gradient's scales
+        m_row, s_row, mass, wmass, dot, sx = _merge_slices(st_row, S, BLOCK_S)
+        wsum = tl.load(WSUM) if HAS_WEIGHT else K * 1.0
+        rs = tl.load(RS + row).to(tl.float32)
+        lse, loss, a, bt, bs = _row_terms(m_row, s_row, mass, wmass, dot, sx, wsum, rs, K, eps, HAS_SMOOTH)
+        if split == 0:
+            tl.store(LOSS + row, loss)
+        hi = tl.minimum(lo + BLOCK, K)
+        if HAS_SPARSE:
+            # 6. exact target entries of this slice's positives, from logits that only this program overwrites
+            _target_entries(x_row, IDX, VALS, W, SCRATCH, p0, p1, lo, hi, lse, a, bt, bs, HAS_VALUES, HAS_WEIGHT,
+                            HAS_SMOOTH, BLOCK_P)
+        # 7. the gradient from registers: a exp(x - lse) = exp(x - m) * a exp(m - lse), each entry rounded once
+        f = tl.where(m == float("-inf"), 0.0, tl.exp2((m_safe - lse) * LOG2E) * a)
+        g = e * f  # [BLOCK]
+        if HAS_DENSE:
+            g = g - (t * w if HAS_WEIGHT else t) * bt
+        if HAS_SMOOTH:
+            g = g - (bs * w if HAS_WEIGHT else bs)
+        g_row = G + row * stride_g
+        tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
+        if HAS_SPARSE:
+            # 8. the exact target entries, over step 7's
+            _write_target_entries(g_row, IDX, SCRATCH, p0, p1, lo, hi, BLOCK_P)
 
 
 @triton.jit
@@ -430,6 +551,7 @@ def forward(
     splits: Optional[int] = None,
     programs: Optional[int] = None,
     reverse: Optional[bool] = None,
+    one_read: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
     """Launch the fused kernel: returns ``(row_scale * loss [B] fp32, gradient [B, K] or empty)``.
 
@@ -437,7 +559,9 @@ def forward(
     than one, the split-row kernels run instead of the one-program-per-row kernel.
     ``programs`` (default ``ROW_PROGRAMS``, else one per row) is the grid of
     the latter: fewer programs than rows loop over the rows. ``reverse`` (default
-    ``REVERSE_GRAD``) runs the gradient pass backwards.
+    ``REVERSE_GRAD``) runs the gradient pass backwards. ``one_read`` (default
+    ``ONE_READ``) runs the one-read kernel instead, where it applies
+    (:func:`one_read_block`), when the gradient is wanted.
     """
     b, k = x.shape
     if x.stride(-1) != 1:
@@ -459,7 +583,11 @@ def forward(
     block = _block(k)
     splits = num_splits(b, k, block, x.device) if splits is None else splits
     reverse = REVERSE_GRAD if reverse is None else reverse
-    if b and splits > 1:
+    span = one_read_block(k, x.device) if b and compute_grad and (ONE_READ if one_read is None else one_read) else 0
+    if span:
+        _forward_one_read(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch,
+                          float(label_smoothing), span)
+    elif b and splits > 1:
         _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch,
                        float(label_smoothing), compute_grad, splits, block, reverse)
     elif b:
@@ -495,6 +623,47 @@ def num_splits(b: int, k: int, block: int, device: torch.device) -> int:
     if b >= target or k <= 2 * block:
         return 1
     return max(1, min(cdiv(k, block), cdiv(target, max(b, 1))))
+
+
+def one_read_block(k: int, device: torch.device) -> int:
+    """Columns per program of the one-read kernel for rows of ``k``, or 0 where it does not apply.
+
+    A row's programs wait for each other, so all of them must fit on the GPU at
+    once: at most half as many as it has SMs (each holds one program or more),
+    which reaches K = 1M with 16384 columns each on an H100. Under the
+    interpreter (programs run one after another) the kernel runs in two launches,
+    so any number of slices is allowed there.
+    """
+    if triton_interpreting():
+        return _block(k)
+    for block in ONE_READ_BLOCKS:
+        if cdiv(k, block) <= _sms(device) // 2:
+            return max(16, min(next_pow2(k), block))
+    return 0
+
+
+def _one_read_warps(block: int) -> int:
+    """Warps of a one-read program: 16 columns a thread (more raised ptxas's registers a column)."""
+    return max(4, min(32, block // 512))
+
+
+def _forward_one_read(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch, eps, block):
+    """One-read path: ``S = ceil(K / block)`` programs per row, one launch (two under the interpreter)."""
+    b, k = x.shape
+    n = cdiv(k, block)
+    stats = torch.empty(b, n, 6, dtype=torch.float32, device=x.device)  # [B, S, 6]
+    arrived = torch.zeros(b, dtype=torch.int32, device=x.device)  # [B]
+    dummy = loss
+    args = (x, x.stride(0), grad, grad.stride(0), dense if dense is not None else dummy,
+            dense.stride(0) if dense is not None else 0, indices if indices is not None else dummy,
+            offsets if offsets is not None else dummy, values if values is not None else dummy, scratch,
+            weight if weight is not None else dummy, weight.float().sum() if weight is not None else dummy,
+            row_scale, loss, stats, arrived, k, n, eps)
+    # the interpreter runs programs one after another, so a barrier inside one launch would never open there
+    for phase in (0, 1) if triton_interpreting() else (2,):
+        _msl_one_read_kernel[(b * n,)](*args, PHASE=phase, BLOCK_S=max(16, next_pow2(n)),
+                                       **dict(_split_flags(dense, indices, values, weight, eps > 0, block),
+                                              num_warps=_one_read_warps(block)))
 
 
 def _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch, eps, compute_grad,
