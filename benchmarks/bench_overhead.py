@@ -63,7 +63,7 @@ def main():
 
     if args.stub:
         for name in ("_msl_fwd_kernel", "_scale_rows_kernel", "_msl_split_stats_kernel", "_msl_split_combine_kernel",
-                     "_msl_split_grad_kernel"):
+                     "_msl_split_grad_kernel", "_msl_one_read_kernel"):
             setattr(triton_loss, name, _NoLaunch())
 
     cuda = args.device == "cuda"

@@ -215,8 +215,24 @@ def test_gpu_split_rows_match_one_program_per_row(sparse):
     for splits, ref in ((1, one), (None, split)):
         rev = triton_loss.forward(x, dense, idx, offs, None, None, rs, 0.1, True, splits=splits, reverse=True)
         assert torch.equal(rev[1], ref[1]) and torch.equal(rev[0], ref[0])
-    # the one-read kernel: 64 programs a row, each holding 16384 columns
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gpu_one_read_long_rows(sparse):
+    """Rows of 1M classes (64 programs a row, each holding 16384 columns) in the one-read kernel give the
+    one-program-per-row kernel's result."""
+    from mlsoftmax.kernels import triton_loss
+
+    g = torch.Generator().manual_seed(0)
+    b, k = 3, 1 << 20
+    x = torch.randn(b, k, generator=g).to("cuda", torch.bfloat16)
+    pos = Positives.from_padded(torch.randint(0, k, (b, 8), generator=g).cuda())
+    dense = None if sparse else pos.to_dense(k)
+    idx, offs = (pos.indices, pos.offsets) if sparse else (None, None)
+    rs = torch.ones(b, device="cuda")
     assert triton_loss.one_read_block(k, x.device) == 16384
+    one = triton_loss.forward(x, dense, idx, offs, None, None, rs, 0.1, True, splits=1)
     once = triton_loss.forward(x, dense, idx, offs, None, None, rs, 0.1, True, one_read=True)
     torch.testing.assert_close(once[0], one[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(once[1].float(), one[1].float(), rtol=1e-2, atol=1e-8)
@@ -246,7 +262,7 @@ def test_gpu_one_read_barrier_under_load(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("one_read", [False, True])
+@pytest.mark.parametrize("one_read", [False, True], ids=["two_pass", "one_read"])
 def test_gpu_int64_offsets_large_tensor(one_read, monkeypatch):
     """B * K > 2**31: the row offsets must be int64 inside the kernel (each kernel)."""
     from mlsoftmax.kernels import triton_loss
