@@ -16,14 +16,20 @@ import sys
 FLAGS = ("HAS_DENSE", "HAS_SPARSE", "HAS_VALUES", "HAS_WEIGHT", "HAS_SMOOTH")
 
 
-def build(fn, sig, consts, num_warps=4, num_stages=3):
+def build(fn, sig, consts, num_warps=4, num_stages=3, aligned=()):
+    """Compile ``fn`` for sm_90; ``aligned`` names arguments to treat as multiples of 16 (as Triton's launcher
+    specializes aligned pointers and strides). Returns the compiled kernel (``.asm["ptx"]``, ``.metadata``)."""
+    import inspect
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    names = list(inspect.signature(fn.fn).parameters)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     sig = dict(sig, **{k: "constexpr" for k in consts})
-    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def loss_variants():

@@ -67,3 +67,14 @@ def test_dw_accumulation_study_runs():
 def test_overhead_benchmark_runs_with_stubbed_kernels():
     out = _run("bench_overhead.py", "--device", "cpu", "--stub", "--B", "4", "--K", "300", "--n", "5")
     assert "Triton kernels stubbed" in out and "ours fwd+bwd" in out, out
+
+
+@pytest.mark.skipif("triton" not in IMPLS, reason="Triton not installed")
+def test_kernel_registers_reports_every_kernel():
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, str(BENCH / "kernel_registers.py")], capture_output=True, text=True,
+                          env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    assert [(r[0], r[1]) for r in rows] == [(k, d) for d in ("bf16", "fp32") for k in ["two-pass"] + ["one-read"] * 4]
+    assert all(int(r[4]) > 0 and int(r[6]) >= 1 for r in rows), proc.stdout
