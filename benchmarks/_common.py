@@ -75,7 +75,8 @@ def profile_table(step, cuda: bool, reps: int = 3, rows: int = 15) -> str:
 _ON = lambda _: True  # noqa: E731 - a switch takes no value
 KNOBS = {"p": ("triton_loss", "ROW_PROGRAMS", int), "b": ("triton_loss", "MAX_BLOCK", int),
          "r": ("triton_loss", "REVERSE_GRAD", _ON), "e": ("triton_linear", "EPILOGUE", _ON),
-         "o": ("triton_loss", "ONE_READ", _ON)}
+         "o": ("triton_loss", "ONE_READ", _ON), "m": ("triton_loss", "ONE_READ_MAXNREG", int),
+         "q": ("triton_loss", "ONE_READ_BLOCKS", lambda v: (int(v),))}
 
 
 def split_knobs(name: str) -> tuple[str, dict]:

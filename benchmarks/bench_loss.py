@@ -18,7 +18,8 @@ Cases: ``ours`` (impl=auto, sparse Positives), ``ours-torch`` and ``ours-compile
 capping the rows in flight so that their second read can stay in L2), ``ours-b<N>``
 (CUDA: the kernel with N elements of a row per step, ``MAX_BLOCK``), ``ours-r`` (CUDA:
 the gradient pass walks each row backwards, ``REVERSE_GRAD``; knobs combine, as in
-``ours-r-p132``), ``ours-o`` (CUDA: the one-read kernel, ``ONE_READ``), ``torch``
+``ours-r-p132``), ``ours-o`` (CUDA: the one-read kernel, ``ONE_READ``; ``ours-o-q<N>``: N columns a
+program, ``ours-o-m<N>``: ptxas capped at N registers a thread), ``torch``
 (F.cross_entropy(x, probs) eager), ``compile`` (the same under torch.compile),
 ``liger`` (Liger-Kernel cross-entropy, one positive, if installed).
 """

@@ -32,10 +32,11 @@ timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.p
 #    naive and Cut Cross-Entropy (Liger and the pure-torch route, 248 and 99 ms last time, are left out)
 timeout 200 $F --reps 5 --cases gemms naive ours-fast $(o ours-fast-o)ours-fast-r ours-fast-e ours-lean ours-lean-e \
   cce 2>&1 | tee "$OUT/bench_linear.txt"
-# 3. The loss at the point (B=4096, K=131072, bf16 and fp32): ours, the one-read kernel (-o), the gradient
+# 3. The loss at the point (B=4096, K=131072, bf16 and fp32): ours, the one-read kernel (-o; with 4096 or
+#    16384 columns a program, -q<N>, and ptxas capped at 32 registers, -m32, for more programs a SM), the gradient
 #    pass reversed (-r), against eager and compiled PyTorch; then Liger on its own single-label case
-timeout 150 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 \
-  --cases torch compile ours $(o ours-o)ours-r ours-dense 2>&1 | tee "$OUT/bench_point.txt"
+timeout 150 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 --cases torch compile ours \
+  $(o ours-o ours-o-m32 ours-o-q4096 ours-o-q16384-m32)ours-r ours-dense 2>&1 | tee "$OUT/bench_point.txt"
 timeout 60 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 1 --cases ours $(o ours-o)liger 2>&1 \
   | tee -a "$OUT/bench_point.txt"
 # 4. Where the time goes (all into profile.txt): the host's cost per call (small inputs are host-bound), then

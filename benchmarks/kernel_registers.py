@@ -4,7 +4,8 @@ The one-read kernel holds each program's slice of a row in registers, so how man
 (programs per SM x columns per program) bounds the bytes it has in flight. This compiles the kernels as the
 launchers call them at the issue's point (sparse positives, no options; pointers and strides aligned to 16, as
 Triton specializes them), runs ``ptxas -v`` on each, and prints registers per thread, spills, programs per SM
-(limited by 64K registers and 2048 threads per SM) and columns resident per SM.
+(limited by 64K registers and 2048 threads per SM) and columns resident per SM. ``one-read/32`` is the one-read
+kernel with ptxas capped at 32 registers a thread (``ONE_READ_MAXNREG``, a benchmark knob).
 
     python benchmarks/kernel_registers.py
 """
@@ -47,7 +48,7 @@ def ptxas_usage(ptx: str) -> tuple[int, int]:
 def main():
     from mlsoftmax.kernels import triton_loss as tl_
 
-    print(f"{'kernel':<10}{'dtype':<6}{'columns':>8}{'warps':>6}{'regs':>6}{'spills':>7}{'progs/SM':>9}"
+    print(f"{'kernel':<12}{'dtype':<6}{'columns':>8}{'warps':>6}{'regs':>6}{'spills':>7}{'progs/SM':>9}"
           f"{'cols/SM':>9}")
     for dt in ("bf16", "fp32"):
         x = f"*{dt}"
@@ -55,20 +56,20 @@ def main():
                       OFFS="*i64", VALS="*fp32", SCRATCH="*fp32", W="*fp32")
         runs = [("two-pass", tl_._msl_fwd_kernel, dict(common, RS="*fp32", LOSS="*fp32", B="i32", K="i32", eps="fp32"),
                  dict(SPARSE, COMPUTE_GRAD=True, REVERSE=False, BLOCK=tl_.MAX_BLOCK, BLOCK_P=tl_.BLOCK_P),
-                 tl_._num_warps(tl_.MAX_BLOCK), tl_.MAX_BLOCK)]
-        for width in (2048, 4096) + tl_.ONE_READ_BLOCKS:
-            runs.append(("one-read", tl_._msl_one_read_kernel,
+                 tl_._num_warps(tl_.MAX_BLOCK), tl_.MAX_BLOCK, {})]
+        for width, cap in [(2048, None), (4096, None)] + [(w, None) for w in tl_.ONE_READ_BLOCKS] + [(8192, 32)]:
+            runs.append(("one-read" + (f"/{cap}" if cap else ""), tl_._msl_one_read_kernel,
                          dict(common, WSUM="*fp32", RS="*fp32", LOSS="*fp32", STATS="*fp32", ARRIVED="*i32", K="i32",
                               S="i32", eps="fp32"),
                          dict(SPARSE, PHASE=2, BLOCK=width, BLOCK_P=tl_.BLOCK_P, BLOCK_S=64),
-                         tl_._one_read_warps(width), width))
-        for name, fn, sig, consts, warps, width in runs:
-            kernel = build(fn, sig, consts, num_warps=warps, aligned=[a for a in ALIGNED if a in sig])
+                         tl_._one_read_warps(width), width, {"maxnreg": cap} if cap else {}))
+        for name, fn, sig, consts, warps, width, options in runs:
+            kernel = build(fn, sig, consts, num_warps=warps, aligned=[a for a in ALIGNED if a in sig], **options)
             regs, spills = ptxas_usage(kernel.asm["ptx"])
             threads = 32 * warps
             per_sm = min(65536 // (threads * -(-regs // 8) * 8), 2048 // threads)  # registers go in units of 8
-            held = per_sm * width if name == "one-read" else "-"  # the two-pass kernel streams its row
-            print(f"{name:<10}{dt:<6}{width:>8}{warps:>6}{regs:>6}{spills:>7}{per_sm:>9}{held:>9}")
+            held = per_sm * width if name.startswith("one-read") else "-"  # the two-pass kernel streams its row
+            print(f"{name:<12}{dt:<6}{width:>8}{warps:>6}{regs:>6}{spills:>7}{per_sm:>9}{held:>9}")
 
 
 if __name__ == "__main__":

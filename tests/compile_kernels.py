@@ -16,7 +16,7 @@ import sys
 FLAGS = ("HAS_DENSE", "HAS_SPARSE", "HAS_VALUES", "HAS_WEIGHT", "HAS_SMOOTH")
 
 
-def build(fn, sig, consts, num_warps=4, num_stages=3, aligned=()):
+def build(fn, sig, consts, num_warps=4, num_stages=3, aligned=(), **options):
     """Compile ``fn`` for sm_90; ``aligned`` names arguments to treat as multiples of 16 (as Triton's launcher
     specializes aligned pointers and strides). Returns the compiled kernel (``.asm["ptx"]``, ``.metadata``)."""
     import inspect
@@ -29,7 +29,7 @@ def build(fn, sig, consts, num_warps=4, num_stages=3, aligned=()):
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     sig = dict(sig, **{k: "constexpr" for k in consts})
     return triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages, **options})
 
 
 def loss_variants():
@@ -75,9 +75,11 @@ def main():
             sig = dict(X=x, stride_x="i32", G=x, stride_g="i32", T="*fp32", stride_t="i32", IDX="*i64", OFFS="*i64",
                        VALS="*fp32", SCRATCH="*fp32", W="*fp32", WSUM="*fp32", RS="*fp32", LOSS="*fp32",
                        STATS="*fp32", ARRIVED="*i32", K="i32", S="i32", eps="fp32")
-            for width in tl_.ONE_READ_BLOCKS if common else tl_.ONE_READ_BLOCKS[:1]:
+            for width, cap in ([(w, None) for w in tl_.ONE_READ_BLOCKS] + [(8192, 32)] if common
+                               else [(tl_.ONE_READ_BLOCKS[0], None)]):  # cap: the ONE_READ_MAXNREG knob
                 build(tl_._msl_one_read_kernel, sig, dict(flags, PHASE=2, BLOCK=width, BLOCK_P=tl_.BLOCK_P,
-                                                          BLOCK_S=64), num_warps=tl_._one_read_warps(width))
+                                                          BLOCK_S=64), num_warps=tl_._one_read_warps(width),
+                      **({"maxnreg": cap} if cap else {}))
                 n += 1
             build(tl_._msl_split_combine_kernel, dict(STATS="*fp32", WSUM="*fp32", RS="*fp32", LOSS="*fp32",
                                                       COEF="*fp32", S="i32", K="i32", eps="fp32"),

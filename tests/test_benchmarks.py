@@ -30,6 +30,8 @@ def test_case_names_parse_into_kernel_knobs():
     assert split_knobs("ours-fast-e") == ("ours-fast", {(linear, "EPILOGUE"): True})
     assert split_knobs("ours-lean-r") == ("ours-lean", {(loss, "REVERSE_GRAD"): True})
     assert split_knobs("ours-fast-o") == ("ours-fast", {(loss, "ONE_READ"): True})
+    assert split_knobs("ours-o-q4096-m32") == ("ours", {(loss, "ONE_READ"): True, (loss, "ONE_READ_BLOCKS"): (4096,),
+                                                        (loss, "ONE_READ_MAXNREG"): 32})
     assert split_knobs("ours-e5") == ("ours-e5", {})  # a switch takes no number: not a knob
 
 
@@ -43,7 +45,8 @@ def _run(script, *args):
 
 @pytest.mark.skipif("triton" not in IMPLS, reason="Triton not installed")
 def test_loss_benchmark_runs_every_case_of_the_gpu_check():
-    cases = ["torch", "ours", "ours-dense", "ours-r", "ours-r-p2", "ours-b64", "ours-o"]
+    cases = ["torch", "ours", "ours-dense", "ours-r", "ours-r-p2", "ours-b64", "ours-o", "ours-o-m32",
+             "ours-o-q4096", "ours-o-q16384-m32"]
     out = _run("bench_loss.py", "--device", "cpu", "--B", "3", "--K", "300", "--npos", "2", "--reps", "1",
                "--cases", *cases)
     rows = {line.split()[4] for line in out.splitlines() if line.startswith("fp32")}
@@ -76,5 +79,5 @@ def test_kernel_registers_reports_every_kernel():
                           env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines()[1:]]
-    assert [(r[0], r[1]) for r in rows] == [(k, d) for d in ("bf16", "fp32") for k in ["two-pass"] + ["one-read"] * 4]
+    assert [(r[0], r[1]) for r in rows] == [(k, d) for d in ("bf16", "fp32") for k in ["two-pass"] + ["one-read"] * 4 + ["one-read/32"]]
     assert all(int(r[4]) > 0 and int(r[6]) >= 1 for r in rows), proc.stdout

@@ -59,7 +59,8 @@ REVERSE_GRAD = False
 # statistics, wait at a per-row barrier for the rest, and write the gradient from registers (no second read, from
 # L2 or DRAM). Off until measured on a GPU: a benchmark knob (``ours-o``, ``ours-fast-o``).
 ONE_READ = False
-ONE_READ_BLOCKS = (8192, 16384)  # columns a program holds, 16 a thread (ptxas for sm_90 then fits 16K a SM)
+ONE_READ_BLOCKS = (8192, 16384)  # columns a program holds, 16 a thread (benchmarks/kernel_registers.py)
+ONE_READ_MAXNREG = None  # a register cap for ptxas (32: four 8192-column programs a SM, with spills); a knob
 
 
 # --------------------------------------------------------------------------- kernels
@@ -660,10 +661,11 @@ def _forward_one_read(x, grad, loss, dense, indices, offsets, values, weight, ro
             weight if weight is not None else dummy, weight.float().sum() if weight is not None else dummy,
             row_scale, loss, stats, arrived, k, n, eps)
     # the interpreter runs programs one after another, so a barrier inside one launch would never open there
+    flags = dict(_split_flags(dense, indices, values, weight, eps > 0, block), num_warps=_one_read_warps(block))
+    if ONE_READ_MAXNREG and not triton_interpreting():
+        flags["maxnreg"] = ONE_READ_MAXNREG
     for phase in (0, 1) if triton_interpreting() else (2,):
-        _msl_one_read_kernel[(b * n,)](*args, PHASE=phase, BLOCK_S=max(16, next_pow2(n)),
-                                       **dict(_split_flags(dense, indices, values, weight, eps > 0, block),
-                                              num_warps=_one_read_warps(block)))
+        _msl_one_read_kernel[(b * n,)](*args, PHASE=phase, BLOCK_S=max(16, next_pow2(n)), **flags)
 
 
 def _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch, eps, compute_grad,
