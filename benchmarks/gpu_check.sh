@@ -26,19 +26,19 @@ o() { [ -n "$O" ] && printf '%s ' "$@"; }   # the case names given, or nothing w
 # 1. GPU tests (the compiled kernels, not the interpreter)
 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_linear.py \
   tests/test_distributed.py -k "not one_read" 2>&1 | tee "$OUT/tests.txt"
-# 2. The fused linear + loss at the point (B=8192, D=1024, K=262144 bf16): both routes as they are; the
-#    rows route with the one-read loss kernel (-o) or its gradient pass reversed (-r); both with the logits GEMM
-#    carrying the loss in its epilogue (-e: Triton GEMMs, autotuned on the first call); against the GEMMs alone,
-#    naive and Cut Cross-Entropy (Liger and the pure-torch route, 248 and 99 ms last time, are left out)
-timeout 200 $F --reps 5 --cases gemms naive ours-fast $(o ours-fast-o)ours-fast-r ours-fast-e ours-lean ours-lean-e \
-  cce 2>&1 | tee "$OUT/bench_linear.txt"
-# 3. The loss at the point (B=4096, K=131072, bf16 and fp32): ours, the one-read kernel (-o; with 4096 or
+# 2. The loss at the point (B=4096, K=131072, bf16 and fp32): ours, the one-read kernel (-o; with 4096 or
 #    16384 columns a program, -q<N>, and ptxas capped at 32 registers, -m32, for more programs a SM), the gradient
 #    pass reversed (-r), against eager and compiled PyTorch; then Liger on its own single-label case
 timeout 150 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 --cases torch compile ours \
   $(o ours-o ours-o-m32 ours-o-q4096 ours-o-q16384-m32)ours-r ours-dense 2>&1 | tee "$OUT/bench_point.txt"
 timeout 60 $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 1 --cases ours $(o ours-o)liger 2>&1 \
   | tee -a "$OUT/bench_point.txt"
+# 3. The fused linear + loss at the point (B=8192, D=1024, K=262144 bf16): both routes as they are; the
+#    rows route with the one-read loss kernel (-o) or its gradient pass reversed (-r); both with the logits GEMM
+#    carrying the loss in its epilogue (-e: Triton GEMMs, autotuned on the first call); against the GEMMs alone,
+#    naive and Cut Cross-Entropy (Liger and the pure-torch route, 248 and 99 ms last time, are left out)
+timeout 200 $F --reps 5 --cases gemms naive ours-fast $(o ours-fast-o)ours-fast-r ours-fast-e ours-lean ours-lean-e \
+  cce 2>&1 | tee "$OUT/bench_linear.txt"
 # 4. Where the time goes (all into profile.txt): the host's cost per call (small inputs are host-bound), then
 #    torch.profiler on the loss kernel and the linear routes, then Nsight Compute on one launch of the loss
 #    kernel (DRAM bytes: does the gradient pass re-read rows from L2, and does the one-read kernel read once?

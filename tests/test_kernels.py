@@ -193,6 +193,17 @@ def test_gpu_triton_matches_torch_path(dtype, sparse, knob, b, monkeypatch):
     torch.testing.assert_close(grads["triton"][1], grads["torch"][1], rtol=2e-2, atol=1e-6)
 
 
+def _long_rows(sparse):
+    """Three bf16 rows of 2^20 classes on the GPU, 8 positives each: ``(x, dense, indices, offsets, row_scale)``,
+    the target in one form (the other None)."""
+    g = torch.Generator().manual_seed(0)
+    b, k = 3, 1 << 20
+    x = torch.randn(b, k, generator=g).to("cuda", torch.bfloat16)
+    pos = Positives.from_padded(torch.randint(0, k, (b, 8), generator=g).cuda())
+    idx, offs = (pos.indices, pos.offsets) if sparse else (None, None)
+    return x, None if sparse else pos.to_dense(k), idx, offs, torch.ones(b, device="cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("sparse", [False, True])
 def test_gpu_split_rows_match_one_program_per_row(sparse):
@@ -200,14 +211,8 @@ def test_gpu_split_rows_match_one_program_per_row(sparse):
     the same gradient, bit for bit, with its gradient pass reversed."""
     from mlsoftmax.kernels import triton_loss
 
-    g = torch.Generator().manual_seed(0)
-    b, k = 3, 1 << 20
-    x = torch.randn(b, k, generator=g).to("cuda", torch.bfloat16)
-    pos = Positives.from_padded(torch.randint(0, k, (b, 8), generator=g).cuda())
-    dense = None if sparse else pos.to_dense(k)
-    idx, offs = (pos.indices, pos.offsets) if sparse else (None, None)
-    rs = torch.ones(b, device="cuda")
-    assert triton_loss.num_splits(b, k, triton_loss._block(k), x.device) > 1
+    x, dense, idx, offs, rs = _long_rows(sparse)
+    assert triton_loss.num_splits(*x.shape, triton_loss._block(x.shape[1]), x.device) > 1
     one = triton_loss.forward(x, dense, idx, offs, None, None, rs, 0.1, True, splits=1)
     split = triton_loss.forward(x, dense, idx, offs, None, None, rs, 0.1, True)
     torch.testing.assert_close(split[0], one[0], rtol=1e-5, atol=1e-5)
@@ -224,14 +229,8 @@ def test_gpu_one_read_long_rows(sparse):
     one-program-per-row kernel's result."""
     from mlsoftmax.kernels import triton_loss
 
-    g = torch.Generator().manual_seed(0)
-    b, k = 3, 1 << 20
-    x = torch.randn(b, k, generator=g).to("cuda", torch.bfloat16)
-    pos = Positives.from_padded(torch.randint(0, k, (b, 8), generator=g).cuda())
-    dense = None if sparse else pos.to_dense(k)
-    idx, offs = (pos.indices, pos.offsets) if sparse else (None, None)
-    rs = torch.ones(b, device="cuda")
-    assert triton_loss.one_read_block(k, x.device) == 16384
+    x, dense, idx, offs, rs = _long_rows(sparse)
+    assert triton_loss.one_read_block(x.shape[1], x.device) == 16384
     one = triton_loss.forward(x, dense, idx, offs, None, None, rs, 0.1, True, splits=1)
     once = triton_loss.forward(x, dense, idx, offs, None, None, rs, 0.1, True, one_read=True)
     torch.testing.assert_close(once[0], one[0], rtol=1e-5, atol=1e-5)
