@@ -249,6 +249,7 @@ def test_plan_picks_the_route_from_the_budget():
     "kwargs,exc,match",
     [
         ({"weight": torch.zeros(5, 4)}, ValueError, "Expected `weight` to have shape \\[K, 3\\]"),
+        ({"weight": torch.zeros(0, 3), "target": torch.zeros(2, 0)}, ValueError, "K >= 1, but got \\(0, 3\\)"),
         ({"weight": torch.zeros(5, 3, dtype=torch.float64)}, TypeError, "dtype of `hidden`"),
         ({"bias": torch.zeros(4)}, ValueError, "Expected `bias` to have shape \\(5,\\)"),
         ({"weight_scale": torch.ones(2)}, ValueError, "weight_scale"),

@@ -336,6 +336,8 @@ def _bad_cases():
         ((x, Positives(torch.tensor([1, 1, 2]), torch.tensor([0, 2, 3, 3]))), {}, ValueError, "unique"),
         ((x, Positives(torch.tensor([1, 2]), torch.tensor([0, 2, 1, 2]))), {}, ValueError, "non-decreasing"),
         ((x.long(), y), {}, TypeError, "Expected `logits` to have a floating dtype"),
+        ((torch.tensor(1.0), y), {}, ValueError, r"Expected `logits` to have shape \[\.\.\., K\] with K >= 1"),
+        ((torch.zeros(3, 0), torch.zeros(3, 0)), {}, ValueError, r"K >= 1, but got \(3, 0\)"),
         ((x, "labels"), {}, TypeError, "Expected `target` to be a dense tensor"),
         ((x, y), {"reduction": "avg"}, ValueError, "Expected `reduction` to be one of"),
         ((x, y), {"empty": "skip"}, ValueError, "Expected `empty` to be one of"),

@@ -287,6 +287,8 @@ def linear_multilabel_softmax_loss(
         True
     """
     _check_linear(hidden, weight, bias, weight_scale)
+    if weight.shape[0] == 0:  # (a shard of the sharded loss may hold no class; the whole classifier may not)
+        raise ValueError(f"Expected `weight` to have shape [K, D] with K >= 1, but got {tuple(weight.shape)}")
     _check_options(reduction, empty, label_smoothing, impl)
     for name, val in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
         if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):

@@ -450,8 +450,8 @@ def multilabel_softmax_loss(
         0.5013
     """
     V.check_float_tensor("logits", logits)
-    if logits.dim() < 1:
-        raise ValueError("Expected `logits` to have shape [..., K], but got a 0-d tensor")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"Expected `logits` to have shape [..., K] with K >= 1, but got {tuple(logits.shape)}")
     _check_options(reduction, empty, label_smoothing, impl)
     _check_weights(weight, sample_weight, logits, validate)
     k = logits.shape[-1]
