@@ -71,7 +71,7 @@ def profile_table(step, cuda: bool, reps: int = 3, rows: int = 15) -> str:
 
 
 # Kernel knobs a case name can set for its calls (``ours-p132``, ``ours-r``, ``ours-fast-e-r``): a letter, then
-# the value (none for a switch), on a module of :mod:`mlsoftmax.kernels`.
+# the value (none for a switch), on a module of :mod:`mlsoftmax.kernels` ("" for the package itself).
 _ON = lambda _: True  # noqa: E731 - a switch takes no value
 KNOBS = {"p": ("triton_loss", "ROW_PROGRAMS", int), "b": ("triton_loss", "MAX_BLOCK", int),
          "r": ("triton_loss", "REVERSE_GRAD", _ON), "e": ("triton_linear", "EPILOGUE", _ON),
@@ -100,7 +100,7 @@ def with_knobs(fn, knobs: dict):
         return fn
     import importlib
 
-    mods = {m: importlib.import_module(f"mlsoftmax.kernels.{m}") for m, _ in knobs}
+    mods = {m: importlib.import_module("mlsoftmax.kernels" + (f".{m}" if m else "")) for m, _ in knobs}
 
     def tuned(*args):
         old = {(m, a): getattr(mods[m], a) for m, a in knobs}

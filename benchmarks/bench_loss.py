@@ -12,8 +12,9 @@ Commands:
     python benchmarks/bench_loss.py --device cpu --sweep --cases torch ours     # the same, up to B*K = 2^26
     python benchmarks/bench_loss.py --device cuda --dtype bf16 --B 4096 --K 131072 --profile --cases ours
 
-Cases: ``ours`` (impl=auto, sparse Positives), ``ours-torch`` and ``ours-compile``
-(impl="torch" / "compile", the two CPU paths that "auto" chooses between), ``ours-dense`` (dense target),
+Cases: ``ours`` (impl=auto, sparse Positives), ``ours-small``, ``ours-torch`` and ``ours-compile`` (CPU: what
+"auto" chooses between: F.cross_entropy on the dense target below ``SMALL_MAX_ELEMS`` logits, the chunked torch
+path, then the fused compiled kernel from ``COMPILE_MIN_ELEMS``), ``ours-dense`` (dense target),
 ``ours-p<N>`` (CUDA: the one-row kernel on N programs that loop over the rows,
 capping the rows in flight so that their second read can stay in L2), ``ours-b<N>``
 (CUDA: the kernel with N elements of a row per step, ``MAX_BLOCK``), ``ours-r`` (CUDA:
@@ -56,6 +57,9 @@ def case_fn(name, x, pos, k):
     if name in ("ours", "ours-torch", "ours-compile"):
         impl = "auto" if name == "ours" else name[5:]
         return lambda z: multilabel_softmax_loss(z, pos, impl=impl, validate=False)
+    if name == "ours-small":  # "auto"'s path for small CPU problems (F.cross_entropy on the dense target), any size
+        big = {("", "SMALL_MAX_ELEMS"): 1 << 62, ("", "COMPILE_MIN_ELEMS"): 1 << 62}
+        return with_knobs(lambda z: multilabel_softmax_loss(z, pos, validate=False), big)
     base, knobs = split_knobs(name)
     if knobs:  # ours-p<N>, ours-b<N>, ours-r, ours-o: kernel knobs set for the call (the kernel runs inside the forward)
         if base != "ours":

@@ -10,7 +10,11 @@ from hypothesis import strategies as st
 from mlsoftmax import MultiLabelSoftmaxLoss, Positives, multilabel_softmax_loss
 from mlsoftmax import reference as R
 
-from conftest import IMPLS, random_multihot
+from conftest import IMPLS as AVAILABLE
+from conftest import random_multihot
+
+# "auto" too: on the CPU below COMPILE_MIN_ELEMS logits it is its own path (F.cross_entropy on the dense target)
+IMPLS = AVAILABLE + ["auto"]
 
 SHAPES = [(3, 423), (252, 507), (1, 1), (7, 5)]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
@@ -18,7 +22,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 def _exact_dtype(impl):
     """The most exact dtype an implementation takes (Triton accumulates fp32 and takes no fp64)."""
-    return torch.float64 if impl == "torch" else torch.float32
+    return torch.float64 if impl in ("torch", "auto") else torch.float32
 
 
 def _positives_from_dense(y: np.ndarray, values=None) -> Positives:
@@ -272,7 +276,7 @@ def test_module_matches_functional(rng):
 
 
 @pytest.mark.parametrize("impl,backend", [("torch", "aot_eager"), ("torch", "inductor")]
-                         + [("triton", "aot_eager")] * ("triton" in IMPLS))
+                         + [("triton", "aot_eager")] * ("triton" in AVAILABLE))
 @pytest.mark.parametrize("sparse", [False, True])
 def test_torch_compile(impl, backend, sparse, rng):
     torch._dynamo.reset()

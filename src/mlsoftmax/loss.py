@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import _validation as V
 from .kernels import torch_chunked
-from .kernels import resolve_impl, IMPLS
+from .kernels import resolve_impl, IMPLS, small_path
 from .targets import Positives
 
 __all__ = ["multilabel_softmax_loss", "MultiLabelSoftmaxLoss", "MultiLabelSoftmaxFunction"]
@@ -468,10 +468,14 @@ def multilabel_softmax_loss(
     offsets = target.offsets if isinstance(target, Positives) else None
     row_scale = _row_scale(dense, indices, row_ids, values, x.shape[0], acc, x.device, sample_weight, reduction, empty,
                            counts=target.counts() if row_ids is None and dense is None else None)
-    rows = MultiLabelSoftmaxFunction.apply(
-        x, dense, indices, offsets, row_ids, values, weight, row_scale, float(label_smoothing), chosen,
-        inplace,
-    )  # [B] row_scale * loss, accumulation dtype
+    if small_path(impl, chosen, x):
+        # small CPU problems: the fixed cost per op is the time, so PyTorch's own loss on the dense target
+        rows = torch_chunked.small_rows(x, dense, indices, row_ids, values, weight, label_smoothing) * row_scale
+    else:
+        rows = MultiLabelSoftmaxFunction.apply(
+            x, dense, indices, offsets, row_ids, values, weight, row_scale, float(label_smoothing), chosen,
+            inplace,
+        )  # [B] row_scale * loss, accumulation dtype
     if reduction == "none":
         return rows.reshape(batch_shape).to(logits.dtype)
     return rows.sum().to(logits.dtype)

@@ -7,7 +7,10 @@
   ``torch.compile`` (Inductor C++/OpenMP); needs a C++ compiler.
 * ``"auto"``: ``"triton"`` on CUDA when Triton imports; on the CPU
   ``"compile"`` for at least ``COMPILE_MIN_ELEMS`` logits when a compiler is
-  found (smaller problems are not worth the one-time compile); else ``"torch"``.
+  found, else ``"torch"``; below ``SMALL_MAX_ELEMS`` logits the loss then takes
+  PyTorch's own ``F.cross_entropy`` on the dense target
+  (:func:`.torch_chunked.small_rows`): there the fixed cost per op sets the
+  time, and it has the fewest ops.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ import shutil
 import torch
 
 IMPLS = ("auto", "torch", "triton", "compile")
-COMPILE_MIN_ELEMS = 1 << 18  # the measured crossover on a 2-core CPU (BENCHMARKS.md): torch wins at 2^17
+# CPU "auto", crossovers measured on a 2-core CPU (BENCHMARKS.md): PyTorch's own F.cross_entropy on the dense
+# target below SMALL_MAX_ELEMS logits (the fewest ops), the chunked torch path up to COMPILE_MIN_ELEMS, then the
+# compiled kernel (when a C++ compiler is found)
+SMALL_MAX_ELEMS = 1 << 15
+COMPILE_MIN_ELEMS = 1 << 18
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp64 uses the torch path
 
 
@@ -49,6 +56,12 @@ def available_impls(device: torch.device) -> tuple[str, ...]:
     if device.type == "cpu" and _CXX:
         out.append("compile")
     return tuple(out)
+
+
+def small_path(impl: str, chosen: str, x: torch.Tensor) -> bool:
+    """Whether ``impl="auto"``, resolved to ``chosen``, takes :func:`.torch_chunked.small_rows` for ``x``: a CPU
+    problem below ``SMALL_MAX_ELEMS`` logits."""
+    return impl == "auto" and chosen == "torch" and x.device.type == "cpu" and x.numel() < SMALL_MAX_ELEMS
 
 
 def resolve_impl(impl: str, x: torch.Tensor) -> str:
