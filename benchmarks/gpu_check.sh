@@ -45,6 +45,8 @@ timeout 200 $F --reps 5 --cases gemms naive ours-fast $(o ours-fast-o)ours-fast-
 #    L2 hit rate, time, registers, occupancy)
 ( timeout 40 python3 benchmarks/bench_overhead.py --device cuda | head -5
   timeout 40 python3 benchmarks/bench_overhead.py --device cuda --B 1 --K 131072 --n 200 | head -5
+  [ -n "$O" ] && timeout 40 python3 benchmarks/bench_overhead.py --device cuda --B 1 --K 131072 --n 200 --one-read \
+    | head -5
   timeout 60 $L --dtype bf16 --B 4096 --K 131072 --npos 8 --profile --cases ours $(o ours-o)
   timeout 90 $F --profile --cases ours-fast $(o ours-fast-o)ours-fast-e ours-lean-e
   M=dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum

@@ -67,9 +67,12 @@ def test_dw_accumulation_study_runs():
     assert len(out.splitlines()) == 4, out
 
 
-def test_overhead_benchmark_runs_with_stubbed_kernels():
-    out = _run("bench_overhead.py", "--device", "cpu", "--stub", "--B", "4", "--K", "300", "--n", "5")
+@pytest.mark.parametrize("one_read", [False, True])
+def test_overhead_benchmark_runs_with_stubbed_kernels(one_read):
+    out = _run("bench_overhead.py", "--device", "cpu", "--stub", "--B", "4", "--K", "300", "--n", "5",
+               *(["--one-read"] if one_read else []))
     assert "Triton kernels stubbed" in out and "ours fwd+bwd" in out, out
+    assert ("one-read kernel" in out) == one_read, out
 
 
 @pytest.mark.skipif("triton" not in IMPLS, reason="Triton not installed")
