@@ -10,6 +10,14 @@ from torch import Tensor
 __all__ = ["Positives"]
 
 
+def scatter_dense(shape, indices: Tensor, row_ids: Tensor, values: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """A dense ``[B, K]`` target of ``dtype`` from CSR positives (``[nnz]`` class ids and rows): their ``values``,
+    or 1 each; repeated pairs add up."""
+    out = torch.zeros(shape, dtype=dtype, device=indices.device)
+    vals = torch.ones_like(indices, dtype=dtype) if values is None else values.to(dtype)
+    return out.index_put_((row_ids, indices), vals, accumulate=True)
+
+
 class Positives:
     """The positive classes of each row, stored as CSR (never expanded to ``[B, K]``).
 
@@ -180,10 +188,7 @@ class Positives:
         k = num_classes if num_classes is not None else self.num_classes
         if k is None:
             raise ValueError("Expected `num_classes` to be known to build a dense target, but got None")
-        out = torch.zeros(self.batch_size, k, dtype=dtype, device=self.device)
-        vals = self.values if self.values is not None else torch.ones_like(self.indices, dtype=dtype)
-        out.index_put_((self.row_ids(), self.indices), vals.to(dtype), accumulate=True)
-        return out
+        return scatter_dense((self.batch_size, k), self.indices, self.row_ids(), self.values, dtype)
 
     def __len__(self) -> int:
         return self.batch_size

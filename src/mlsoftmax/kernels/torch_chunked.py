@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..targets import scatter_dense
+
 _CHUNK_ELEMS = 1 << 21  # float temporaries per chunk on the CPU (8 MB in fp32: cache-sized)
 # On a GPU each chunk costs ~10 launches, so chunks are far larger (256 MB in fp32): at B=4096, K=131072 the
 # CPU size meant 256 chunks and 52-62 ms on an H100, against 5.5 ms for eager F.cross_entropy (BENCHMARKS.md).
@@ -59,11 +61,7 @@ def small_rows(
     docstring): ``-sum_k w_k ((1 - eps) t_k / m + eps / K) log softmax(x)_k``.
     """
     acc = acc_dtype(x.dtype)
-    if dense is None:
-        v = torch.ones_like(indices, dtype=acc) if values is None else values.to(acc)
-        t = torch.zeros(x.shape, dtype=acc, device=x.device).index_put_((row_ids, indices), v, accumulate=True)
-    else:
-        t = dense.to(acc)
+    t = scatter_dense(x.shape, indices, row_ids, values, acc) if dense is None else dense.to(acc)  # [B, K]
     mass = t.sum(1, keepdim=True)  # [B, 1]
     # -inf logits (masked classes) would give 0 * -inf = nan in F.cross_entropy's sum over a probability target;
     # half the dtype's lowest is as good as -inf for exp, and leaves room to subtract the row max
