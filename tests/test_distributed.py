@@ -164,6 +164,43 @@ def test_bad_input_single_rank(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("impl", ["torch"] + (["triton"] if TRITON else []))
+def test_autocast_single_rank(impl, tmp_path):
+    """Under ``torch.autocast`` (CPU, bf16), as the single-process losses: fp32 results; bf16 logits read as they are;
+    the linear loss's GEMMs take bf16 operands as ``F.linear``'s would, and each gradient keeps its tensor's dtype
+    (against the fp64 oracle on the bf16-rounded operands, within 2x the error of PyTorch's own composition)."""
+    import torch.nn.functional as F
+
+    from mlsoftmax.distributed import sharded_linear_multilabel_softmax_loss, sharded_multilabel_softmax_loss
+
+    p = _problem()
+    y = p["y"]
+    tgt = Positives.from_lists([np.flatnonzero(r).tolist() for r in y], K)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        x = torch.tensor(p["s"]).to(torch.bfloat16).requires_grad_()
+        h, w, b = (torch.tensor(p[n], dtype=torch.float32, requires_grad=True) for n in ("h", "w", "b"))
+        h2, w2, b2 = (t.detach().clone().requires_grad_() for t in (h, w, b))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sharded_multilabel_softmax_loss(x, tgt, impl=impl)
+            lin = sharded_linear_multilabel_softmax_loss(h, w, tgt, bias=b, impl=impl)
+            naive = F.cross_entropy(F.linear(h2, w2, b2)[y.any(1)], torch.from_numpy(y / y.sum(1, keepdims=True)
+                                                                                      ).float()[y.any(1)])
+        (loss + lin + naive).backward()
+    finally:
+        dist.destroy_process_group()
+    assert loss.dtype == lin.dtype == torch.float32
+    assert x.grad.dtype == torch.bfloat16 and h.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
+    np.testing.assert_allclose(loss.item(), R.reduce(R.loss(x.detach().double().numpy(), y), y), rtol=1e-5)
+    hr, wr, br = (t.detach().to(torch.bfloat16).double().numpy() for t in (h, w, b))
+    z = hr @ wr.T + br
+    g = R.grad(z, y) / y.any(1).sum()  # dLoss/dz of the mean over the rows with a label
+    expected = [R.reduce(R.loss(z, y), y), g @ wr, g.T @ hr, g.sum(0)]
+    for ours, naive_, ref in zip([lin, h.grad, w.grad, b.grad], [naive, h2.grad, w2.grad, b2.grad], expected):
+        err, err_naive = (np.linalg.norm(t.detach().double().numpy() - ref) for t in (ours, naive_))
+        assert err <= 2 * err_naive + 1e-6
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_sharded_triton_matches_single_process(dtype, tmp_path):

@@ -156,27 +156,110 @@ def test_batch_dims_and_only_some_grads(route, frozen, rng):
 
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_no_worse_than_naive(route, dtype, rng):
-    """bf16/fp16 inputs: loss and dW errors (vs fp64) within 2x of the naive path in the same dtype."""
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_low_precision_no_worse_than_naive(route, dtype, with_bias, rng):
+    """bf16/fp16 inputs: loss, dW and db errors (vs fp64) within 2x of the naive path in the same dtype,
+    ``F.linear`` (which adds the bias in its GEMM, rounding the logits once) and the loss."""
     b, d, k = 16, 32, 700
     h64, w64 = torch.tensor(rng.normal(size=(b, d))), torch.tensor(rng.normal(size=(k, d)) / 4)
+    b64 = torch.tensor(rng.normal(size=k)) if with_bias else None
     y = random_multihot(rng, b, k, p=0.01)
     tgt = Positives.from_lists([np.flatnonzero(r).tolist() for r in y], k)
     errs = {}
     for name in ("fp64", "naive", "ours"):
         dt = torch.float64 if name == "fp64" else dtype
         h, w = h64.to(dt, copy=True).requires_grad_(), w64.to(dt, copy=True).requires_grad_()
+        bias = None if b64 is None else b64.to(dt, copy=True).requires_grad_()
         if name == "ours":
-            out = linear_multilabel_softmax_loss(h, w, tgt, **_route(route, 4 if route.startswith("triton_rows") else 128))
+            out = linear_multilabel_softmax_loss(h, w, tgt, bias=bias,
+                                                 **_route(route, 4 if route.startswith("triton_rows") else 128))
         else:
-            out = multilabel_softmax_loss(h @ w.T, tgt, impl="torch")
+            out = multilabel_softmax_loss(F.linear(h, w, bias), tgt, impl="torch")
         out.backward()
-        errs[name] = (out.double(), w.grad.double())
-    ref_l, ref_w = errs.pop("fp64")
-    naive_l, naive_w = (errs["naive"][0] - ref_l).abs().item(), (errs["naive"][1] - ref_w).norm().item()
-    ours_l, ours_w = (errs["ours"][0] - ref_l).abs().item(), (errs["ours"][1] - ref_w).norm().item()
-    assert ours_w <= 2 * naive_w + 1e-6
-    assert ours_l <= 2 * naive_l + 1e-3
+        errs[name] = [out] + [t.grad for t in (w, bias) if t is not None]
+    ref = errs.pop("fp64")
+    for ours, naive, exact in zip(errs["ours"], errs["naive"], ref):
+        err, err_naive = ((t.double() - exact).norm().item() for t in (ours, naive))
+        assert err <= 2 * err_naive + (1e-3 if exact.dim() == 0 else 1e-6)
+
+
+@pytest.mark.parametrize("route", [r for r in ROUTES if r.startswith("triton_rows") and not r.endswith("+e")])
+def test_rows_route_rounds_the_logits_once_like_f_linear(route, rng):
+    """bf16 with a bias: the rows route stores the logits that ``F.linear`` gives (bias added in the GEMM, rounded
+    once), so its per-row losses are PyTorch's own bf16 logits' losses to fp32 accuracy."""
+    b, d, k = 8, 24, 300
+    h, w, bias = (torch.tensor(rng.normal(size=s)).to(torch.bfloat16) for s in ((b, d), (k, d), (k,)))
+    y = random_multihot(rng, b, k, p=0.02)
+    tgt = Positives.from_lists([np.flatnonzero(r).tolist() for r in y], k)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # for an fp32 result: no rounding of the losses themselves
+        ours = linear_multilabel_softmax_loss(h, w, tgt, bias=bias, reduction="none", **_route(route, 3))
+    z = F.linear(h, w, bias).double().numpy()  # PyTorch's bf16 logits
+    np.testing.assert_allclose(ours.numpy(), R.loss(z, y), rtol=1e-5)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backward_inside", [False, True])
+def test_autocast_like_f_linear(route, hidden_dtype, backward_inside, rng):
+    """Under ``torch.autocast`` (CPU, bf16) with an fp32 weight and bias, as in mixed-precision training: the GEMMs
+    take bf16 operands as ``F.linear``'s would, the loss is fp32 and each gradient has its tensor's dtype. Errors
+    against the fp64 oracle on the bf16-rounded operands are within 2x of PyTorch's own autocast composition,
+    ``F.cross_entropy(F.linear(h, w, b), probs)``. (A CPU backward inside the region runs under it too.)"""
+    b, d, k = 16, 32, 700
+    h64, w64 = torch.tensor(rng.normal(size=(b, d))), torch.tensor(rng.normal(size=(k, d)) / 4)
+    b64 = torch.tensor(rng.normal(size=k))
+    y = random_multihot(rng, b, k, p=0.01)
+    tgt = Positives.from_lists([np.flatnonzero(r).tolist() for r in y], k)
+    probs = torch.from_numpy(y / y.sum(1, keepdims=True)).float()
+    hr, wr, br = (t.to(torch.bfloat16).double().numpy() for t in (h64, w64, b64))  # what autocast hands the GEMM
+    exp_out, (dx, dw, db, _) = _oracle(hr, wr, br, 1.0, y.astype(np.float64))
+    errs = {}
+    for name in ("naive", "ours"):
+        h = h64.to(hidden_dtype).requires_grad_()
+        w, bias = w64.float().requires_grad_(), b64.float().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if name == "ours":
+                out = linear_multilabel_softmax_loss(h, w, tgt, bias=bias,
+                                                     **_route(route, 4 if route.startswith("triton_rows") else 128))
+            else:
+                out = F.cross_entropy(F.linear(h, w, bias), probs)
+            if backward_inside:
+                out.backward()
+        if not backward_inside:
+            out.backward()
+        assert out.dtype == torch.float32
+        assert (h.grad.dtype, w.grad.dtype, bias.grad.dtype) == (hidden_dtype, torch.float32, torch.float32)
+        errs[name] = [abs(out.item() - exp_out)] + [np.linalg.norm(t.grad.double().numpy() - ref)
+                                                    for t, ref in ((h, dx), (w, dw), (bias, db))]
+    for ours, naive in zip(errs["ours"], errs["naive"]):
+        assert ours <= 2 * naive + 1e-6
+
+
+def test_autocast_is_off_inside(monkeypatch):
+    """The routes set their own precision (fp32 products where they ask for them): autocast must not recast them,
+    in the forward or in a CPU backward run inside the region."""
+    from mlsoftmax.kernels import torch_linear
+
+    seen = []
+    for name in ("forward", "backward"):
+        def spy(*args, _f=getattr(torch_linear, name), **kwargs):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return _f(*args, **kwargs)
+        monkeypatch.setattr(torch_linear, name, spy)
+    h, w = torch.randn(4, 3, requires_grad=True), torch.randn(9, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear_multilabel_softmax_loss(h, w, Positives.from_lists([[1], [4], [8], [0, 2]], 9), impl="torch").backward()
+    assert seen == [False, False]
+
+
+def test_mixed_dtypes_need_autocast():
+    h, w, y = torch.randn(2, 3, dtype=torch.bfloat16), torch.randn(5, 3), Positives.from_lists([[1], [4]], 5)
+    with pytest.raises(TypeError, match="Expected `weight` to have the dtype of `hidden` \\(torch.bfloat16\\)"):
+        linear_multilabel_softmax_loss(h, w, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear_multilabel_softmax_loss(h, w, y).dtype == torch.float32
+        with pytest.raises(TypeError, match="under autocast"):  # fp64 is left as it is, as autocast leaves it
+            linear_multilabel_softmax_loss(h.double(), w, y)
 
 
 @pytest.mark.parametrize("route", ROUTES)

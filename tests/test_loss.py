@@ -194,6 +194,37 @@ def test_low_precision_no_worse_than_pytorch(impl, dtype, sparse, rng):
     assert rel[np.abs(ref_g) > 1e-3].max() <= 2.0 ** -7
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("shape", [(3, 423), (64, 14)])
+def test_autocast_gives_fp32_loss_of_the_logits_as_they_are(impl, sparse, shape, rng):
+    """Under ``torch.autocast`` (CPU, bf16) the loss is fp32, as ``F.cross_entropy``'s is there; the bf16 logits are
+    read as they are, so the value is the fp64 oracle's on them, and their gradient stays bf16 (backward inside the
+    region, where a CPU backward runs under it)."""
+    b, k = shape
+    y = random_multihot(rng, b, k, p=0.05)
+    x_lp = torch.tensor(rng.normal(scale=2.0, size=(b, k))).to(torch.bfloat16)
+    s64 = x_lp.double().numpy()
+    x1 = x_lp.clone().requires_grad_()
+    x2 = x_lp.clone().requires_grad_()
+    tgt = _positives_from_dense(y) if sparse else torch.from_numpy(y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = multilabel_softmax_loss(x1, tgt, label_smoothing=0.1, impl=impl)
+        ours.backward()
+        theirs = F.cross_entropy(x2, torch.from_numpy(y / y.sum(1, keepdims=True)).float(), label_smoothing=0.1)
+        theirs.backward()
+    assert ours.dtype == theirs.dtype == torch.float32
+    assert x1.grad.dtype == torch.bfloat16
+    ref_l = R.reduce(R.loss(s64, y, label_smoothing=0.1), y)
+    ref_g = R.grad(s64, y, label_smoothing=0.1) / b
+    np.testing.assert_allclose(ours.item(), ref_l, rtol=2e-6)
+    np.testing.assert_allclose(theirs.item(), ref_l, rtol=2e-6)
+    # each entry rounded once from fp32: within half a bf16 ulp (2^-8 relative), as F.cross_entropy's under autocast
+    err = np.abs(x1.grad.double().numpy() - ref_g)
+    assert (err <= np.abs(ref_g) * 2.0 ** -8 + 1e-12).all()
+    assert err.max() <= np.abs(x2.grad.double().numpy() - ref_g).max() + 1e-12
+
+
 # ----------------------------------------------------------------------------- numerics and edge cases
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("sparse", [False, True])

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _validation as V
+from . import _amp, _validation as V
 from .kernels import resolve_impl, torch_chunked, torch_linear
 from .linear import LINEAR_IMPLS, _check_linear, default_chunk, labels_chunk
 from .loss import _check_options, _row_scale
@@ -153,6 +153,7 @@ class _ShardedLoss(torch.autograd.Function):
         return loss * row_scale
 
     @staticmethod
+    @_amp.off_in_backward
     def backward(ctx, grad_rows):
         x, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale = ctx.saved_tensors
         g = _kernels(ctx.triton).backward((grad_rows * row_scale).contiguous(), x, lse, coef, inv_mass, dense, idx,
@@ -225,14 +226,18 @@ def sharded_multilabel_softmax_loss(
         b, k_local, local_logits.dtype, local_logits.device, target, weight, sample_weight, class_start, reduction,
         empty, label_smoothing, group, validate,
     )
-    out = _ShardedLoss.apply(local_logits, dense, idx, rows, vals, w_local, wsum, row_scale, k,
-                             float(label_smoothing), group, triton)
-    return out.to(local_logits.dtype) if reduction == "none" else out.sum().to(local_logits.dtype)
+    out_dtype = _amp.result_dtype(local_logits.dtype, _amp.autocast_dtype(local_logits.device))
+    with _amp.off(local_logits.device):
+        out = _ShardedLoss.apply(local_logits, dense, idx, rows, vals, w_local, wsum, row_scale, k,
+                                 float(label_smoothing), group, triton)
+    return out.to(out_dtype) if reduction == "none" else out.sum().to(out_dtype)
 
 
 class _ShardedLinearLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, bias, dense, idx, rows, vals, w_local, wsum, row_scale, k, eps, chunk, group, triton):
+    def forward(ctx, h, w, bias, dense, idx, rows, vals, w_local, wsum, row_scale, k, eps, chunk, group, triton, amp):
+        ctx.dtypes = [None if t is None else t.dtype for t in (h, w, bias)]  # the gradients' dtypes
+        h, w, bias = (_amp.cast(t, amp) for t in (h, w, bias))  # under autocast, as F.linear takes them
         smooth = eps > 0
         xg = None
         if triton:
@@ -248,10 +253,12 @@ class _ShardedLinearLoss(torch.autograd.Function):
         return loss * row_scale
 
     @staticmethod
+    @_amp.off_in_backward
     def backward(ctx, grad_rows):
         h, w, bias, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale, xg = ctx.saved_tensors
         args = (grad_rows * row_scale, h, w, bias, None, lse, coef, inv_mass)
-        opts = dict(need_w=ctx.needs_input_grad[1], need_x=ctx.needs_input_grad[0], num_classes=ctx.k)
+        opts = dict(need_w=ctx.needs_input_grad[1], need_x=ctx.needs_input_grad[0], num_classes=ctx.k,
+                    dw_dtype=_amp.master_grad_dtype(ctx.dtypes[1], w.dtype))
         if ctx.triton:
             from .kernels import triton_linear
 
@@ -262,8 +269,9 @@ class _ShardedLinearLoss(torch.autograd.Function):
         # the only collective of the backward: every shard's part of dX (skipped on every rank for a frozen input)
         if dx is not None:
             dist.all_reduce(dx, group=ctx.group)
-        return (None if dx is None else dx.to(h.dtype), None if dw is None else dw.to(w.dtype),
-                None if bias is None else db.to(bias.dtype)) + (None,) * 12
+        hdt, wdt, bdt = ctx.dtypes
+        return (None if dx is None else dx.to(hdt), None if dw is None else dw.to(wdt),
+                None if bias is None else db.to(bdt)) + (None,) * 13
 
 
 def sharded_linear_multilabel_softmax_loss(
@@ -316,19 +324,23 @@ def sharded_linear_multilabel_softmax_loss(
         True
         >>> dist.destroy_process_group()
     """
-    _check_linear(hidden, local_weight, bias, None)
+    amp = _amp.autocast_dtype(hidden.device)
+    _check_linear(hidden, local_weight, bias, None, amp)
     if hidden.dim() != 2:
         raise ValueError(f"Expected `hidden` to have shape [B, D], but got {tuple(hidden.shape)}")
     b, k_local = hidden.shape[0], local_weight.shape[0]
     triton = _use_triton(impl, hidden)
+    cdt = _amp.compute_dtype(hidden, amp)  # the GEMMs' dtype
     k, dense, (idx, rows, vals), w_local, wsum, row_scale = _prepare(
-        b, k_local, hidden.dtype, hidden.device, target, weight, sample_weight, class_start, reduction, empty,
+        b, k_local, cdt, hidden.device, target, weight, sample_weight, class_start, reduction, empty,
         label_smoothing, group, validate,
     )
     if triton:
-        chunk = chunk_size or labels_chunk(b, hidden.shape[1], k_local, hidden.dtype, device=hidden.device)
+        chunk = chunk_size or labels_chunk(b, hidden.shape[1], k_local, cdt, device=hidden.device)
     else:
-        chunk = chunk_size or default_chunk(b, k_local, hidden.dtype, device=hidden.device)
-    out = _ShardedLinearLoss.apply(hidden, local_weight, bias, dense, idx, rows, vals, w_local, wsum, row_scale, k,
-                                   float(label_smoothing), chunk, group, triton)
-    return out.to(hidden.dtype) if reduction == "none" else out.sum().to(hidden.dtype)
+        chunk = chunk_size or default_chunk(b, k_local, cdt, device=hidden.device)
+    with _amp.off(hidden.device):
+        out = _ShardedLinearLoss.apply(hidden, local_weight, bias, dense, idx, rows, vals, w_local, wsum, row_scale,
+                                       k, float(label_smoothing), chunk, group, triton, amp)
+    out_dtype = _amp.result_dtype(hidden.dtype, amp)
+    return out.to(out_dtype) if reduction == "none" else out.sum().to(out_dtype)

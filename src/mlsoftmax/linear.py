@@ -20,7 +20,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import _validation as V
+from . import _amp, _validation as V
 from .kernels import resolve_impl, torch_chunked, torch_linear
 from .loss import _canonical_target, _check_options, _check_weights, _once, _row_scale
 from .targets import Positives
@@ -113,12 +113,15 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, scale, dense, indices, offsets, row_ids, values, class_weight, row_scale,
-                label_smoothing, impl, chunk, reduce):
+                label_smoothing, impl, chunk, reduce, amp):
         needs = ctx.needs_input_grad[:4]
         # which products the backward needs: dX (also for the logit scale's gradient) and dW
         ctx.need = dict(need_x=needs[0] or needs[3], need_w=needs[1])
         ctx.impl, ctx.reduce, ctx.chunk, ctx.label_smoothing = impl, reduce, chunk, label_smoothing
-        ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias, scale)]
+        ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias, scale)]  # the gradients' dtypes
+        # under autocast the GEMMs take the autocast dtype, as F.linear's would (the gradients go back as they came)
+        hidden, weight, bias = (_amp.cast(t, amp) for t in (hidden, weight, bias))
+        ctx.dw_dtype = _amp.master_grad_dtype(ctx.dtypes[1], weight.dtype)
         if impl == "triton_rows":
             from .kernels import triton_linear
 
@@ -151,6 +154,7 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
         return loss.sum() if reduce else loss
 
     @staticmethod
+    @_amp.off_in_backward
     def backward(ctx, grad):
         needs = ctx.needs_input_grad[:4]
         if ctx.impl == "triton_rows" and ctx.eager:
@@ -166,7 +170,7 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
                 elif need:
                     t = t * grad.to(t.dtype)
                 out.append(t if need else None)
-            return tuple(out) + (None,) * 11
+            return tuple(out) + (None,) * 12
         if ctx.impl == "triton_rows":
             from .kernels import triton_linear
 
@@ -185,18 +189,19 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
 
                 grads = triton_linear.labels_backward(
                     g, hidden, weight, bias, scale, lse, coef, inv_mass, xg, dense, indices, row_ids, values, cw,
-                    ctx.label_smoothing, ctx.chunk, **ctx.need,
+                    ctx.label_smoothing, ctx.chunk, **ctx.need, dw_dtype=ctx.dw_dtype,
                 )
             else:
                 grads = torch_linear.backward(
                     g, hidden, weight, bias, scale, lse, coef, inv_mass, dense, indices, row_ids, values,
-                    cw, ctx.label_smoothing, ctx.chunk, **ctx.need,
+                    cw, ctx.label_smoothing, ctx.chunk, **ctx.need, dw_dtype=ctx.dw_dtype,
                 )
         out = [g.to(dt) if (need and g is not None) else None for g, dt, need in zip(grads, ctx.dtypes, needs)]
-        return tuple(out) + (None,) * 11
+        return tuple(out) + (None,) * 12
 
 
-def _check_linear(hidden, weight, bias, weight_scale) -> None:
+def _check_linear(hidden, weight, bias, weight_scale, amp: Optional[torch.dtype] = None) -> None:
+    """The checks of the fused linear losses' classifier arguments; ``amp``: the autocast dtype, if on."""
     V.check_float_tensor("hidden", hidden)
     V.check_float_tensor("weight", weight)
     if hidden.dim() < 1:
@@ -205,8 +210,10 @@ def _check_linear(hidden, weight, bias, weight_scale) -> None:
         raise ValueError(
             f"Expected `weight` to have shape [K, {hidden.shape[-1]}] (D of `hidden`), but got {tuple(weight.shape)}"
         )
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"Expected `weight` to have the dtype of `hidden` ({hidden.dtype}), but got {weight.dtype}")
+    hdt, wdt = _amp.compute_dtype(hidden, amp), _amp.compute_dtype(weight, amp)  # as the GEMMs take them
+    if wdt != hdt:
+        raise TypeError(f"Expected `weight` to have the dtype of `hidden` ({hdt}), but got {wdt}"
+                        + (" (under autocast)" if amp is not None else ""))
     if weight.device != hidden.device:
         raise ValueError(f"Expected `weight` to be on {hidden.device} like `hidden`, but got {weight.device}")
     if bias is not None:
@@ -254,7 +261,10 @@ def linear_multilabel_softmax_loss(
 
     Args:
         hidden: ``[..., D]`` features.
-        weight: ``[K, D]`` classifier weight (same dtype and device as ``hidden``).
+        weight: ``[K, D]`` classifier weight (same dtype and device as ``hidden``;
+            under ``torch.autocast`` both, and ``bias``, are cast to its dtype, as
+            ``F.linear``'s inputs are, and their gradients come back in their
+            own dtypes: an fp32 weight gets its fp32 gradient).
         target: ``Positives`` with one row per ``hidden`` row (the main form), or
             a dense ``[..., K]`` tensor.
         bias: ``[K]`` classifier bias.
@@ -275,7 +285,8 @@ def linear_multilabel_softmax_loss(
         impl: ``"auto"`` (Triton routes on CUDA, else torch), ``"torch"`` or ``"triton"``.
 
     Returns:
-        A scalar, or ``[...]`` for ``reduction="none"``.
+        A scalar, or ``[...]`` for ``reduction="none"``, in ``hidden``'s dtype
+        (fp32 at least under ``torch.autocast``).
 
     Example:
         >>> import torch
@@ -286,7 +297,8 @@ def linear_multilabel_softmax_loss(
         >>> torch.allclose(fused, multilabel_softmax_loss(h @ w.T, y))
         True
     """
-    _check_linear(hidden, weight, bias, weight_scale)
+    amp = _amp.autocast_dtype(hidden.device)
+    _check_linear(hidden, weight, bias, weight_scale, amp)
     if weight.shape[0] == 0:  # (a shard of the sharded loss may hold no class; the whole classifier may not)
         raise ValueError(f"Expected `weight` to have shape [K, D] with K >= 1, but got {tuple(weight.shape)}")
     _check_options(reduction, empty, label_smoothing, impl)
@@ -302,7 +314,8 @@ def linear_multilabel_softmax_loss(
     V.check_choice("impl", impl, LINEAR_IMPLS)
     chosen = resolve_impl(impl, h)
     chosen = "torch" if chosen == "compile" else chosen  # the label-chunked torch path is the CPU route
-    acc = torch_chunked.acc_dtype(h.dtype)
+    cdt = _amp.compute_dtype(h, amp)  # the GEMMs' dtype
+    acc = torch_chunked.acc_dtype(cdt)
     row_scale = _row_scale(dense, indices, row_ids, values, h.shape[0], acc, h.device, sample_weight, reduction,
                            empty)
     scale = None
@@ -310,17 +323,17 @@ def linear_multilabel_softmax_loss(
         scale = (weight_scale if isinstance(weight_scale, Tensor) else torch.tensor(float(weight_scale)))
         scale = scale.to(device=h.device, dtype=acc).reshape(())
     if bias is not None and chosen == "triton":
-        bias = bias.to(h.dtype)
-    route, chunk = plan(chosen, h.shape[0], d, k, h.dtype, budget=memory_budget, device=h.device)
+        bias = bias.to(cdt)
+    route, chunk = plan(chosen, h.shape[0], d, k, cdt, budget=memory_budget, device=h.device)
     chunk = chunk_size or chunk
     offsets = target.offsets if isinstance(target, Positives) else None
-    out = LinearMultiLabelSoftmaxFunction.apply(
-        h, weight, bias, scale, dense, indices, offsets, row_ids, values, class_weight, row_scale,
-        float(label_smoothing), route, chunk, reduction != "none",
-    )
-    if reduction == "none":
-        return out.reshape(shape[:-1]).to(hidden.dtype)
-    return out.to(hidden.dtype)
+    with _amp.off(h.device):
+        out = LinearMultiLabelSoftmaxFunction.apply(
+            h, weight, bias, scale, dense, indices, offsets, row_ids, values, class_weight, row_scale,
+            float(label_smoothing), route, chunk, reduction != "none", amp,
+        )
+    out = out.to(_amp.result_dtype(hidden.dtype, amp))
+    return out.reshape(shape[:-1]) if reduction == "none" else out
 
 
 class LinearMultiLabelSoftmaxLoss(nn.Module):

@@ -17,7 +17,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import _validation as V
+from . import _amp, _validation as V
 from .kernels import torch_chunked
 from .kernels import resolve_impl, IMPLS, small_path
 from .targets import Positives
@@ -242,6 +242,7 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
         return loss * row_scale
 
     @staticmethod
+    @_amp.off_in_backward
     def backward(ctx, grad_rows):
         if not ctx.needs_input_grad[0]:
             return (None,) * 11
@@ -416,7 +417,9 @@ def multilabel_softmax_loss(
 
     Args:
         logits: ``[..., K]`` scores, float16/bfloat16/float32/float64. Accumulation
-            is fp32 (fp64 for fp64); the result has the logits' dtype.
+            is fp32 (fp64 for fp64); the result has the logits' dtype, or fp32
+            under ``torch.autocast`` (as ``F.cross_entropy``'s, but without an
+            fp32 copy of the logits).
         target: a dense ``[..., K]`` tensor (bool/int/float multi-hot, or
             non-negative soft weights, normalised per row), or a
             :class:`~mlsoftmax.Positives` with one row per logits row.
@@ -468,17 +471,19 @@ def multilabel_softmax_loss(
     offsets = target.offsets if isinstance(target, Positives) else None
     row_scale = _row_scale(dense, indices, row_ids, values, x.shape[0], acc, x.device, sample_weight, reduction, empty,
                            counts=target.counts() if row_ids is None and dense is None else None)
-    if small_path(impl, chosen, x):
-        # small CPU problems: the fixed cost per op is the time, so PyTorch's own loss on the dense target
-        rows = torch_chunked.small_rows(x, dense, indices, row_ids, values, weight, label_smoothing) * row_scale
-    else:
-        rows = MultiLabelSoftmaxFunction.apply(
-            x, dense, indices, offsets, row_ids, values, weight, row_scale, float(label_smoothing), chosen,
-            inplace,
-        )  # [B] row_scale * loss, accumulation dtype
+    out_dtype = _amp.result_dtype(logits.dtype, _amp.autocast_dtype(x.device))  # fp32 at least under autocast
+    with _amp.off(x.device):  # the logits as they are: the paths accumulate in fp32 already
+        if small_path(impl, chosen, x):
+            # small CPU problems: the fixed cost per op is the time, so PyTorch's own loss on the dense target
+            rows = torch_chunked.small_rows(x, dense, indices, row_ids, values, weight, label_smoothing) * row_scale
+        else:
+            rows = MultiLabelSoftmaxFunction.apply(
+                x, dense, indices, offsets, row_ids, values, weight, row_scale, float(label_smoothing), chosen,
+                inplace,
+            )  # [B] row_scale * loss, accumulation dtype
     if reduction == "none":
-        return rows.reshape(batch_shape).to(logits.dtype)
-    return rows.sum().to(logits.dtype)
+        return rows.reshape(batch_shape).to(out_dtype)
+    return rows.sum().to(out_dtype)
 
 
 class MultiLabelSoftmaxLoss(nn.Module):

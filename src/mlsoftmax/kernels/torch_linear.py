@@ -110,6 +110,41 @@ def partial_sums(h, w, bias, scale, dense, indices, row_ids, values, class_weigh
     return lse, dot, mass, wmass, sx
 
 
+_FUSED_ADDMM = [True]  # cuBLAS addmm with an fp32 out for bf16/fp16 inputs (newer PyTorch); off once it fails
+
+
+def addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor, beta: float = 1.0) -> Tensor:
+    """``acc = beta * acc + a @ b`` with ``acc`` fp32: in the GEMM's epilogue when PyTorch can, else via a product.
+
+    The fused form (``addmm`` with ``out_dtype=float32, out=acc``, as Liger-Kernel's
+    fused linear cross-entropy also accumulates its weight gradient) needs no
+    ``[M, N]`` fp32 temporary; PyTorch versions without it raise, and the
+    fallback is used from then on. With ``beta=0`` the old content of ``acc`` is
+    ignored (it may be uninitialised).
+    """
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b, beta=beta)
+    if a.is_cuda and _FUSED_ADDMM[0]:
+        try:
+            return torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError):
+            _FUSED_ADDMM[0] = False
+    prod = _mm_fp32(a, b)
+    return acc.copy_(prod) if beta == 0 else acc.add_(prod)
+
+
+def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in fp32: cuBLAS with an fp32 ``out_dtype`` (PyTorch >= 2.8), else the product in the input dtype."""
+    if not a.is_cuda:
+        return a.float() @ b.float()
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except TypeError:  # no out_dtype: each chunk's product is rounded once, like the naive path's
+        return (a @ b).float()
+
+
 def backward(
     grad_rows: Tensor,  # [B] d(total)/d(loss_i), row scale included
     h: Tensor,  # [B, D], the dtype of w
@@ -129,13 +164,16 @@ def backward(
     need_w: bool = True,
     num_classes: Optional[int] = None,
     need_x: bool = True,
+    dw_dtype: Optional[torch.dtype] = None,
 ):
-    """``(dX [B, D], db [K], ds [])`` in the accumulation dtype and ``dW [K, D]`` in ``w``'s dtype.
+    """``(dX [B, D], db [K], ds [])`` in the accumulation dtype and ``dW [K, D]`` in ``dw_dtype`` (``w``'s).
 
     ``dW`` is None unless ``need_w``; ``dX`` and ``ds`` are None unless
     ``need_x`` (their GEMM is skipped: a frozen encoder costs three GEMMs, not
     four); ``db`` is None without a bias. ``num_classes`` is the total ``K``
-    when ``w`` holds one shard of the classes.
+    when ``w`` holds one shard of the classes. A ``dw_dtype`` wider than ``w``'s
+    (fp32 master weights under autocast) takes each ``dW_c`` from its GEMM's fp32
+    result, unrounded.
     """
     k = w.shape[0] if num_classes is None else num_classes
     acc = torch_chunked.acc_dtype(h.dtype)
@@ -146,7 +184,7 @@ def backward(
     scale_p = scale_p[:, None]  # [B, 1]
     scale_s = None if scale_s is None else scale_s[:, None]  # [B, 1]
     gw = h.new_zeros(h.shape, dtype=acc) if need_x else None  # [B, D] G @ W, before the logit scale
-    dw = torch.empty_like(w) if need_w else None  # [K, D] G^T @ X, before the logit scale
+    dw = torch.empty_like(w, dtype=dw_dtype or w.dtype) if need_w else None  # [K, D] G^T @ X, before the logit scale
     db = h.new_empty(w.shape[0], dtype=acc) if bias is not None else None  # [K]
     if indices is not None:
         # the sparse target weights a_j = v_j w_k (1 - eps) / m_i * grad_i of the positives
@@ -172,8 +210,10 @@ def backward(
             gw.addmm_(gq, w[c0:c1])
         elif gw is not None:
             gw.add_(gq @ w[c0:c1])
-        if dw is not None:
+        if dw is not None and dw.dtype == gq.dtype:
             torch.mm(gq.T, h, out=dw[c0:c1])
+        elif dw is not None:
+            addmm_fp32_(dw[c0:c1], gq.T, h, beta=0.0)
         if db is not None:
             db[c0:c1] = gc.sum(0)
     # 3. the logit scale: dX = s G W, dW = s G^T X, ds = <X, G W>

@@ -55,6 +55,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import torch_chunked, triton_interpreting, triton_loss
+from .torch_linear import addmm_fp32_
 from .triton_loss import LOG2E, _sparse_stats, cdiv
 
 # --------------------------------------------------------------------------- constants
@@ -343,43 +344,14 @@ def _epilogue(dense: Optional[Tensor], indices: Optional[Tensor]) -> bool:
     return EPILOGUE and dense is None and indices is not None
 
 
-_FUSED_ADDMM = [True]  # cuBLAS addmm with an fp32 out for bf16/fp16 inputs (newer PyTorch); off once it fails
-
-
-def addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor, beta: float = 1.0) -> Tensor:
-    """``acc = beta * acc + a @ b`` with ``acc`` fp32: in the GEMM's epilogue when PyTorch can, else via a product.
-
-    The fused form (``addmm`` with ``out_dtype=float32, out=acc``, as Liger-Kernel's
-    fused linear cross-entropy also accumulates its weight gradient) needs no
-    ``[M, N]`` fp32 temporary; PyTorch versions without it raise, and the
-    fallback is used from then on. With ``beta=0`` the old content of ``acc`` is
-    ignored (it may be uninitialised).
-    """
-    if a.dtype == acc.dtype:
-        return acc.addmm_(a, b, beta=beta)
-    if a.is_cuda and _FUSED_ADDMM[0]:
-        try:
-            return torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, TypeError):
-            _FUSED_ADDMM[0] = False
-    prod = _mm_fp32(a, b)
-    return acc.copy_(prod) if beta == 0 else acc.add_(prod)
-
-
-def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` in fp32: cuBLAS with an fp32 ``out_dtype`` (PyTorch >= 2.8), else the product in the input dtype."""
-    if not a.is_cuda:
-        return a.float() @ b.float()
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except TypeError:  # no out_dtype: each chunk's product is rounded once, like the naive path's
-        return (a @ b).float()
-
-
 def _logits(h: Tensor, w: Tensor, bias: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
-    """``s * h @ w.T + b`` (``[R, C]``) in the input dtype: the GEMM, then scale and bias in place."""
+    """``s * h @ w.T + b`` (``[R, C]``) in the input dtype: the GEMM, then scale and bias in place.
+
+    Without a scale the bias is added in the GEMM's epilogue, as ``F.linear`` does: the logits are rounded once, not
+    twice, and no second pass over them is made.
+    """
+    if bias is not None and scale is None:
+        return torch.addmm(bias.to(h.dtype), h, w.T)  # [R, C]
     z = h @ w.T  # [R, C]
     if scale is not None:
         z.mul_(scale.to(z.dtype))
@@ -544,12 +516,13 @@ def labels_backward(
     need_w: bool = True,
     num_classes: Optional[int] = None,
     need_x: bool = True,
+    dw_dtype: Optional[torch.dtype] = None,
 ):
     """The labels route's backward: ``(dX [B, D] fp32, dW [K, D], db [K] fp32, ds [] fp32)``.
 
-    As :func:`.torch_linear.backward`: ``dW`` only if ``need_w``, ``dX`` and
-    ``ds`` only if ``need_x``, ``db`` only with a bias. ``num_classes`` is the
-    total ``K`` when ``w`` holds one shard of the classes.
+    As :func:`.torch_linear.backward`: ``dW`` (in ``dw_dtype``, default ``w``'s)
+    only if ``need_w``, ``dX`` and ``ds`` only if ``need_x``, ``db`` only with a
+    bias. ``num_classes`` is the total ``K`` when ``w`` holds one shard of the classes.
     """
     k = w.shape[0] if num_classes is None else num_classes
     eps = float(label_smoothing)
@@ -562,7 +535,7 @@ def labels_backward(
         # the positives' gradient entries, exact in fp32 (written over each chunk's pass)
         ent = torch_chunked.target_entries(xg, lse, a, bt, bs, indices, row_ids, values, cw)  # [nnz]
     dx = h.new_empty(h.shape, dtype=torch.float32) if need_x else None  # [B, D] G @ W, before the logit scale
-    dw = torch.empty_like(w) if need_w else None  # [K, D]
+    dw = torch.empty_like(w, dtype=dw_dtype or w.dtype) if need_w else None  # [K, D]
     db = h.new_empty(w.shape[0], dtype=torch.float32) if bias is not None else None  # [K]
     epi = _epilogue(dense, indices)
     for c0 in range(0, w.shape[0], chunk):
@@ -580,8 +553,10 @@ def labels_backward(
         # 2. the products: dX accumulated in fp32, dW_c in one GEMM over all rows
         if dx is not None:
             addmm_fp32_(dx, z, w[c0:c1], beta=0.0 if c0 == 0 else 1.0)
-        if dw is not None:
+        if dw is not None and dw.dtype == z.dtype:
             torch.mm(z.T, h, out=dw[c0:c1])
+        elif dw is not None:  # an fp32 master weight's gradient under autocast: the GEMM's fp32 result
+            addmm_fp32_(dw[c0:c1], z.T, h, beta=0.0)
         if db is not None:
             db[c0:c1] = z.sum(0, dtype=torch.float32)
     # 3. the logit scale: dX = s G W, dW = s G^T X, ds = <X, G W>
