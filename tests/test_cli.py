@@ -164,6 +164,21 @@ def test_fused_head_trains_like_plain_linear(tmp_path):
     assert main(["predict", "--checkpoint", str(tmp_path / "fused"), "--input", str(f), "--top-k", "2"]) == 0
 
 
+def test_amp_trains_in_bf16_and_the_fused_head_follows_the_plain_one(tmp_path):
+    """--amp: the forward runs under bf16 autocast (the run departs from the fp32 one), the weights stay fp32, and
+    the fused head follows the plain linear head under autocast (PyTorch's own F.linear in bf16, then the loss)."""
+    import torch
+
+    common = ["train", "--model", "linear", "--epochs", "2"]
+    for name, extra in (("fp32", []), ("plain", ["--amp"]), ("fused", ["--amp", "--fused"])):
+        assert main(common + extra + ["--out", str(tmp_path / name)]) == 0
+    fp32, plain, fused = (_weights(tmp_path / n / "last.pt") for n in ("fp32", "plain", "fused"))
+    assert all(v.dtype == torch.float32 for v in plain.values()) and all(v.dtype == torch.float32 for v in fused.values())
+    assert not torch.equal(plain["head.weight"], fp32["head.weight"])
+    _assert_same_weights(plain, fused, atol=1e-4)
+    assert json.loads((tmp_path / "fused" / "config.json").read_text())["amp"] is True
+
+
 def test_fused_needs_softmax_loss(tmp_path, capsys):
     assert main(["train", "--fused", "--loss", "bce", "--epochs", "1", "--out", str(tmp_path)]) == 2
     assert "--fused and --shard-labels need --loss softmax" in capsys.readouterr().err

@@ -8,6 +8,7 @@ Commands (each also runs as ``python -m mlsoftmax ...``):
     mlsoftmax compare --losses softmax,bce,warp,ranking,asl,zlpr --seeds 5 --out runs/compare
     mlsoftmax predict --checkpoint runs/train --input features.csv --top-k 3
     mlsoftmax train --model linear --fused --out runs/fused             # fused linear + loss head
+    mlsoftmax train --amp --device cuda --out runs/amp                  # bf16 autocast (mixed precision)
     mlsoftmax train --resume runs/train --out runs/train                # continue after the last finished epoch
     torchrun --nproc-per-node 2 -m mlsoftmax train --out runs/ddp       # data-parallel (DDP), gloo on CPU
     torchrun --nproc-per-node 2 -m mlsoftmax train --model linear --shard-labels --out runs/sharded
@@ -393,7 +394,8 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
         tot = torch.zeros(2, dtype=torch.float64)  # [sum of loss * rows, rows]
         for xb, tb in loader:
             xb = xb.to(device)
-            loss = step_loss(xb, tb.to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                loss = step_loss(xb, tb.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -592,6 +594,8 @@ def _common(p):
                    help="decoding rule for F1/Hamming, fitted on validation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: the training forward under bf16 autocast (the weights stay fp32)")
     p.add_argument("--fused", action="store_true",
                    help=f"fused linear + loss head (no [b, K] logits); automatic for --model linear "
                         f"from {FUSED_MIN_CLASSES} labels")
