@@ -173,7 +173,7 @@ def test_amp_trains_in_bf16_and_the_fused_head_follows_the_plain_one(tmp_path):
     for name, extra in (("fp32", []), ("plain", ["--amp"]), ("fused", ["--amp", "--fused"])):
         assert main(common + extra + ["--out", str(tmp_path / name)]) == 0
     fp32, plain, fused = (_weights(tmp_path / n / "last.pt") for n in ("fp32", "plain", "fused"))
-    assert all(v.dtype == torch.float32 for v in plain.values()) and all(v.dtype == torch.float32 for v in fused.values())
+    assert all(v.dtype == torch.float32 for m in (plain, fused) for v in m.values())
     assert not torch.equal(plain["head.weight"], fp32["head.weight"])
     _assert_same_weights(plain, fused, atol=1e-4)
     assert json.loads((tmp_path / "fused" / "config.json").read_text())["amp"] is True

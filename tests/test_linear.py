@@ -322,6 +322,8 @@ def test_plan_picks_the_route_from_the_budget():
     assert plan("triton", 8192, 1024, 262_144, bf16, device="cuda") == ("triton_labels", 12288)
     # fp32 weights need no accumulator; small problems fit whole
     assert plan("triton", 8192, 1024, 262_144, torch.float32, budget=2 << 30) == ("triton_rows", 2048)
+    # nor an fp32 master weight under autocast: its fp32 gradient is the accumulator
+    assert plan("triton", 8192, 1024, 262_144, bf16, budget=2 << 30, grad_dtype=torch.float32) == ("triton_rows", 4096)
     assert plan("triton", 300, 128, 50_000, bf16, device="cuda") == ("triton_rows", 300)
     # a tiny budget still gets a useful chunk; torch always chunks the labels
     assert plan("triton", 64, 16, 1000, bf16, budget=1) == ("triton_labels", 128)

@@ -61,15 +61,22 @@ def default_chunk(b: int, k: int, dtype: torch.dtype, budget: Optional[int] = No
 
 
 def plan(impl: str, b: int, d: int, k: int, dtype: torch.dtype, *, budget: Optional[int] = None,
-         device: Union[str, torch.device] = "cpu") -> tuple[str, int]:
+         device: Union[str, torch.device] = "cpu", grad_dtype: Optional[torch.dtype] = None) -> tuple[str, int]:
     """The route and its chunk for a concrete ``impl`` (``"torch"`` or ``"triton"``) under a memory budget.
+
+    ``dtype`` is the GEMMs' and ``grad_dtype`` that of ``dW`` (the weight's own:
+    fp32 for an fp32 master weight under autocast; default ``dtype``).
 
     * ``("torch", C)``: label chunks of ``C`` classes (:func:`default_chunk`).
     * ``("triton_rows", R)``, the fast route: three GEMMs, chunks of ``R`` rows;
       needs ``R K`` logits plus, for bf16/fp16, a ``4 K D``-byte fp32 ``dW``
-      accumulator. Chosen when ``R >= min(B, FAST_MIN_ROWS)`` fits the budget.
+      accumulator, unless ``dW`` is fp32 itself: then the accumulator is the
+      gradient. Chosen when ``R >= min(B, FAST_MIN_ROWS)`` fits the budget.
     * ``("triton_labels", C)``, the lean route: four GEMMs, chunks of ``C``
       classes; needs ``B C`` logits plus two ``[B, D]`` fp32 buffers.
+
+    (Under autocast the bf16 copies of the operands, which ``F.linear`` makes too,
+    come on top of the budget.)
 
     Example:
         >>> plan("triton", 8192, 1024, 262_144, torch.bfloat16, budget=2 << 30)
@@ -81,7 +88,7 @@ def plan(impl: str, b: int, d: int, k: int, dtype: torch.dtype, *, budget: Optio
     if impl != "triton":
         return "torch", default_chunk(b, k, dtype, budget)
     elt = torch.finfo(dtype).bits // 8
-    acc = 0 if dtype == torch.float32 else 4 * k * d  # the fp32 dW accumulator
+    acc = 0 if torch.float32 in (dtype, grad_dtype) else 4 * k * d  # the fp32 dW accumulator, if not dW itself
     rows = min(max(b, 1), max(0, budget - acc) // max(k * elt, 1))
     if rows >= min(max(b, 1), FAST_MIN_ROWS):
         return "triton_rows", rows
@@ -324,7 +331,7 @@ def linear_multilabel_softmax_loss(
         scale = scale.to(device=h.device, dtype=acc).reshape(())
     if bias is not None and chosen == "triton":
         bias = bias.to(cdt)
-    route, chunk = plan(chosen, h.shape[0], d, k, cdt, budget=memory_budget, device=h.device)
+    route, chunk = plan(chosen, h.shape[0], d, k, cdt, budget=memory_budget, device=h.device, grad_dtype=weight.dtype)
     chunk = chunk_size or chunk
     offsets = target.offsets if isinstance(target, Positives) else None
     with _amp.off(h.device):
