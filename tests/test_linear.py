@@ -197,6 +197,40 @@ def test_rows_route_rounds_the_logits_once_like_f_linear(route, rng):
     np.testing.assert_allclose(ours.numpy(), R.loss(z, y), rtol=1e-5)
 
 
+def _check_autocast(route, hidden_dtype, backward_inside, rng, device="cpu", shape=(16, 32, 700), chunk=None):
+    """The fused loss under bf16 autocast with an fp32 weight and bias against the fp64 oracle on the bf16-rounded
+    operands: dtypes as autocast gives them, errors within 2x of PyTorch's own autocast composition."""
+    b, d, k = shape
+    h64, w64 = torch.tensor(rng.normal(size=(b, d))), torch.tensor(rng.normal(size=(k, d)) / 4)
+    b64 = torch.tensor(rng.normal(size=k))
+    y = random_multihot(rng, b, k, p=min(0.01, 8 / k))
+    tgt = Positives.from_lists([np.flatnonzero(r).tolist() for r in y], k).to(device)
+    probs = torch.from_numpy(y / y.sum(1, keepdims=True)).float().to(device)
+    hr, wr, br = (t.to(torch.bfloat16).double().numpy() for t in (h64, w64, b64))  # what autocast hands the GEMM
+    exp_rows, (dx, dw, db, _) = _oracle(hr, wr, br, 1.0, y.astype(np.float64), reduction="none",
+                                        upstream=np.full(b, 1.0 / b))  # per-row losses; gradients of their mean
+    chunk = chunk or (4 if route.startswith("triton_rows") else 128)
+    errs = {}
+    for name in ("naive", "ours"):
+        h = h64.to(device, hidden_dtype).requires_grad_()
+        w, bias = w64.to(device, torch.float32).requires_grad_(), b64.to(device, torch.float32).requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            if name == "ours":
+                rows = linear_multilabel_softmax_loss(h, w, tgt, bias=bias, reduction="none", **_route(route, chunk))
+            else:
+                rows = F.cross_entropy(F.linear(h, w, bias), probs, reduction="none")
+            if backward_inside:
+                rows.mean().backward()
+        if not backward_inside:
+            rows.mean().backward()
+        assert rows.dtype == torch.float32
+        assert (h.grad.dtype, w.grad.dtype, bias.grad.dtype) == (hidden_dtype, torch.float32, torch.float32)
+        errs[name] = [np.linalg.norm(t.detach().double().cpu().numpy() - ref)
+                      for t, ref in ((rows, exp_rows), (h.grad, dx), (w.grad, dw), (bias.grad, db))]
+    for ours, naive in zip(errs["ours"], errs["naive"]):
+        assert ours <= 2 * naive + 1e-6
+
+
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backward_inside", [False, True])
@@ -205,34 +239,7 @@ def test_autocast_like_f_linear(route, hidden_dtype, backward_inside, rng):
     take bf16 operands as ``F.linear``'s would, the loss is fp32 and each gradient has its tensor's dtype. Errors
     against the fp64 oracle on the bf16-rounded operands are within 2x of PyTorch's own autocast composition,
     ``F.cross_entropy(F.linear(h, w, b), probs)``. (A CPU backward inside the region runs under it too.)"""
-    b, d, k = 16, 32, 700
-    h64, w64 = torch.tensor(rng.normal(size=(b, d))), torch.tensor(rng.normal(size=(k, d)) / 4)
-    b64 = torch.tensor(rng.normal(size=k))
-    y = random_multihot(rng, b, k, p=0.01)
-    tgt = Positives.from_lists([np.flatnonzero(r).tolist() for r in y], k)
-    probs = torch.from_numpy(y / y.sum(1, keepdims=True)).float()
-    hr, wr, br = (t.to(torch.bfloat16).double().numpy() for t in (h64, w64, b64))  # what autocast hands the GEMM
-    exp_out, (dx, dw, db, _) = _oracle(hr, wr, br, 1.0, y.astype(np.float64))
-    errs = {}
-    for name in ("naive", "ours"):
-        h = h64.to(hidden_dtype).requires_grad_()
-        w, bias = w64.float().requires_grad_(), b64.float().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            if name == "ours":
-                out = linear_multilabel_softmax_loss(h, w, tgt, bias=bias,
-                                                     **_route(route, 4 if route.startswith("triton_rows") else 128))
-            else:
-                out = F.cross_entropy(F.linear(h, w, bias), probs)
-            if backward_inside:
-                out.backward()
-        if not backward_inside:
-            out.backward()
-        assert out.dtype == torch.float32
-        assert (h.grad.dtype, w.grad.dtype, bias.grad.dtype) == (hidden_dtype, torch.float32, torch.float32)
-        errs[name] = [abs(out.item() - exp_out)] + [np.linalg.norm(t.grad.double().numpy() - ref)
-                                                    for t, ref in ((h, dx), (w, dw), (bias, db))]
-    for ours, naive in zip(errs["ours"], errs["naive"]):
-        assert ours <= 2 * naive + 1e-6
+    _check_autocast(route, hidden_dtype, backward_inside, rng)
 
 
 def test_autocast_is_off_inside(monkeypatch):
@@ -383,6 +390,15 @@ def test_gpu_triton_route_matches_fp32_torch_route(route, chunk, dtype):
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
     torch.testing.assert_close(hh.grad.float(), ref_h.grad, rtol=tol * 10, atol=tol)
     torch.testing.assert_close(ww.grad.float(), ref_w.grad, rtol=tol * 10, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("route,chunk", [("triton_rows", 64), ("triton_labels", 4096), ("torch", 4096)])
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_autocast_like_f_linear(route, chunk, hidden_dtype, rng):
+    """CUDA autocast (bf16), fp32 master weight and bias: cuBLAS's fp32-output GEMMs for dW, errors within 2x of
+    PyTorch's own ``F.linear`` + ``F.cross_entropy`` under autocast."""
+    _check_autocast(route, hidden_dtype, False, rng, device="cuda", shape=(300, 128, 50_000), chunk=chunk)
 
 
 @pytest.mark.skipif("triton_rows" not in ROUTES, reason="Triton not installed")
