@@ -204,8 +204,9 @@ def sharded_multilabel_softmax_loss(
             ``"triton"``: the local statistics and gradient in one fused pass each.
 
     Returns:
-        The single-process loss (identical on every rank); the gradient of
-        ``local_logits`` is this rank's slice of the single-process gradient.
+        The single-process loss (identical on every rank; fp32 at least under
+        ``torch.autocast``); the gradient of ``local_logits`` is this rank's
+        slice of the single-process gradient.
 
     Example:
         >>> import os, tempfile, torch, torch.distributed as dist
@@ -312,7 +313,9 @@ def sharded_linear_multilabel_softmax_loss(
             as in :func:`sharded_multilabel_softmax_loss`.
 
     Returns:
-        The single-process loss, identical on every rank.
+        The single-process loss, identical on every rank (fp32 at least under
+        ``torch.autocast``, which casts ``hidden``, ``local_weight`` and ``bias``
+        as it would for ``F.linear``; gradients keep their tensors' dtypes).
 
     Example:
         >>> import os, tempfile, torch, torch.distributed as dist
