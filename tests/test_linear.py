@@ -156,13 +156,15 @@ def test_batch_dims_and_only_some_grads(route, frozen, rng):
 
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_low_precision_no_worse_than_naive(route, dtype, with_bias, rng):
+@pytest.mark.parametrize("extras", ["none", "bias", "bias+scale"])
+def test_low_precision_no_worse_than_naive(route, dtype, extras, rng):
     """bf16/fp16 inputs: loss, dW and db errors (vs fp64) within 2x of the naive path in the same dtype,
-    ``F.linear`` (which adds the bias in its GEMM, rounding the logits once) and the loss."""
+    ``F.linear`` (which adds the bias in its GEMM, rounding the logits once) and the loss; with a logit scale
+    ``s``, ``F.linear(s * h, w, b)``."""
     b, d, k = 16, 32, 700
     h64, w64 = torch.tensor(rng.normal(size=(b, d))), torch.tensor(rng.normal(size=(k, d)) / 4)
-    b64 = torch.tensor(rng.normal(size=k)) if with_bias else None
+    b64 = torch.tensor(rng.normal(size=k)) if extras != "none" else None
+    s = 1.7 if extras == "bias+scale" else None
     y = random_multihot(rng, b, k, p=0.01)
     tgt = Positives.from_lists([np.flatnonzero(r).tolist() for r in y], k)
     errs = {}
@@ -171,10 +173,10 @@ def test_low_precision_no_worse_than_naive(route, dtype, with_bias, rng):
         h, w = h64.to(dt, copy=True).requires_grad_(), w64.to(dt, copy=True).requires_grad_()
         bias = None if b64 is None else b64.to(dt, copy=True).requires_grad_()
         if name == "ours":
-            out = linear_multilabel_softmax_loss(h, w, tgt, bias=bias,
+            out = linear_multilabel_softmax_loss(h, w, tgt, bias=bias, weight_scale=s,
                                                  **_route(route, 4 if route.startswith("triton_rows") else 128))
         else:
-            out = multilabel_softmax_loss(F.linear(h, w, bias), tgt, impl="torch")
+            out = multilabel_softmax_loss(F.linear(h if s is None else s * h, w, bias), tgt, impl="torch")
         out.backward()
         errs[name] = [out] + [t.grad for t in (w, bias) if t is not None]
     ref = errs.pop("fp64")

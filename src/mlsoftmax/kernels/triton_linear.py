@@ -345,19 +345,16 @@ def _epilogue(dense: Optional[Tensor], indices: Optional[Tensor]) -> bool:
 
 
 def _logits(h: Tensor, w: Tensor, bias: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
-    """``s * h @ w.T + b`` (``[R, C]``) in the input dtype: the GEMM, then scale and bias in place.
+    """``s * h @ w.T + b`` (``[R, C]``) in the input dtype, in one GEMM: rounded once, as ``F.linear``'s.
 
-    Without a scale the bias is added in the GEMM's epilogue, as ``F.linear`` does: the logits are rounded once, not
-    twice, and no second pass over them is made.
+    The scale goes on the small operand (``s * h``, ``[R, D]``, rounded once) and the bias into the GEMM's
+    epilogue, so no pass over the logits follows the GEMM (each would read and write all of them).
     """
-    if bias is not None and scale is None:
-        return torch.addmm(bias.to(h.dtype), h, w.T)  # [R, C]
-    z = h @ w.T  # [R, C]
     if scale is not None:
-        z.mul_(scale.to(z.dtype))
+        h = (h.to(scale.dtype) * scale).to(h.dtype)  # [R, D]
     if bias is not None:
-        z.add_(bias)
-    return z
+        return torch.addmm(bias.to(h.dtype), h, w.T)  # [R, C]
+    return h @ w.T  # [R, C]
 
 
 def run(
