@@ -128,6 +128,8 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
         ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias, scale)]  # the gradients' dtypes
         # under autocast the GEMMs take the autocast dtype, as F.linear's would (the gradients go back as they came)
         hidden, weight, bias = (_amp.cast(t, amp) for t in (hidden, weight, bias))
+        if bias is not None and impl != "torch":
+            bias = bias.to(hidden.dtype)  # the Triton routes add it in the GEMM (the torch route in fp32)
         ctx.dw_dtype = _amp.master_grad_dtype(ctx.dtypes[1], weight.dtype)
         if impl == "triton_rows":
             from .kernels import triton_linear
@@ -329,8 +331,6 @@ def linear_multilabel_softmax_loss(
     if weight_scale is not None:
         scale = (weight_scale if isinstance(weight_scale, Tensor) else torch.tensor(float(weight_scale)))
         scale = scale.to(device=h.device, dtype=acc).reshape(())
-    if bias is not None and chosen == "triton":
-        bias = bias.to(cdt)
     route, chunk = plan(chosen, h.shape[0], d, k, cdt, budget=memory_budget, device=h.device, grad_dtype=weight.dtype)
     chunk = chunk_size or chunk
     offsets = target.offsets if isinstance(target, Positives) else None
