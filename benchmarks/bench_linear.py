@@ -10,6 +10,8 @@ Commands:
     python benchmarks/bench_linear.py --device cuda --dtype bf16 --B 8192 --D 1024 --K 262144
     python benchmarks/bench_linear.py --device cuda --dtype bf16 --B 8192 --D 1024 --K 262144 --profile \
         --cases ours-fast ours-lean                                    # where the time goes, kernel by kernel
+    python benchmarks/bench_linear.py --device cuda --dtype bf16 --B 8192 --D 1024 --K 262144 --amp \
+        --cases gemms naive ours-fast ours-lean                        # mixed precision: fp32 weight, bf16 autocast
 
 Cases: ``gemms`` (the three GEMMs alone), ``naive`` (explicit logits +
 F.cross_entropy with a probability target), ``ours`` (impl=auto, default
@@ -25,6 +27,11 @@ its epilogue, ``triton_linear.EPILOGUE``),
 elementwise step in PyTorch), ``cce`` (Apple's Cut Cross-Entropy, first positive
 only) and ``liger`` (Liger's fused linear cross-entropy, first positive only)
 when installed.
+
+``--amp``: mixed-precision training as it is usually run. The weight is fp32
+(a master weight), ``hidden`` is in ``--dtype`` (from an autocast backbone),
+and every case's forward runs under ``torch.autocast`` in ``--dtype``; the
+backward runs outside it. ``gemms`` then casts the weight too.
 """
 
 from __future__ import annotations
@@ -40,13 +47,13 @@ import torch.nn.functional as F
 from _common import DTYPES, median_seconds, profile_table, reset_peak_rss, rss_kb, split_knobs, with_knobs
 
 
-def make_inputs(b, d, k, npos, dtype, device, seed=0):
+def make_inputs(b, d, k, npos, dtype, device, seed=0, wdtype=None):
     from mlsoftmax import Positives
 
     g = torch.Generator().manual_seed(seed)
     gd = torch.Generator(device=device).manual_seed(seed)  # drawn where they live
     h = torch.randn(b, d, generator=gd, device=device).to(dtype)
-    w = (torch.randn(k, d, generator=gd, device=device) / d**0.5).to(dtype)
+    w = (torch.randn(k, d, generator=gd, device=device) / d**0.5).to(wdtype or dtype)
     idx = torch.randint(0, k, (b, npos), generator=g)
     idx[:, 1:] = (idx[:, :1] + torch.arange(1, npos) * 7919) % k  # distinct within a row
     return h, w, Positives.from_padded(idx.to(device))
@@ -67,8 +74,22 @@ class _ThreeGemms(torch.autograd.Function):
         return z @ w, z.T @ h
 
 
-def case_fn(name, h, w, pos, k):
-    """A closure ``(h, w) -> loss`` for one case (its backward gives dX and dW)."""
+def case_fn(name, h, w, pos, k, amp=False):
+    """A closure ``(h, w) -> loss`` for one case (its backward gives dX and dW); with ``amp``, run under autocast."""
+    if not amp:
+        return _case_fn(name, h, w, pos, k)
+    if name == "gemms":
+        return lambda hh, ww: _ThreeGemms.apply(hh, ww.to(hh.dtype))
+    fn = _case_fn(name, h, w, pos, k)
+
+    def autocast(hh, ww):
+        with torch.autocast(hh.device.type, dtype=h.dtype):
+            return fn(hh, ww)
+
+    return autocast
+
+
+def _case_fn(name, h, w, pos, k):
     from mlsoftmax import linear_multilabel_softmax_loss, multilabel_softmax_loss
 
     if name == "gemms":
@@ -142,9 +163,10 @@ def run_memory(args, cases):
 
 def run_profile(args, cases):
     """One profiler table per case: the GEMMs against our kernels and the elementwise rest."""
-    h, w, pos = make_inputs(args.B, args.D, args.K, args.npos, DTYPES[args.dtype], args.device)
+    h, w, pos = make_inputs(args.B, args.D, args.K, args.npos, DTYPES[args.dtype], args.device,
+                            wdtype=torch.float32 if args.amp else None)
     for c in cases:
-        fn = case_fn(c, h, w, pos, args.K)
+        fn = case_fn(c, h, w, pos, args.K, amp=args.amp)
         print(f"\n== profile: {c}, B={args.B} D={args.D} K={args.K} {args.dtype}, forward + backward x3")
         print(profile_table(lambda fn=fn: run_once(fn, h, w), args.device == "cuda"))
 
@@ -157,10 +179,12 @@ def dw_error(fn, h, w, ref_dw):
 def run_time(args, cases):
     cuda = args.device == "cuda"
     dtype = DTYPES[args.dtype]
-    h, w, pos = make_inputs(args.B, args.D, args.K, args.npos, dtype, args.device)
+    h, w, pos = make_inputs(args.B, args.D, args.K, args.npos, dtype, args.device,
+                            wdtype=torch.float32 if args.amp else None)
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{name}, torch {torch.__version__}; B={args.B} D={args.D} K={args.K} {args.dtype}, "
-          f"{args.npos} positives/row, forward + backward, median of {args.reps}")
+    print(f"{name}, torch {torch.__version__}; B={args.B} D={args.D} K={args.K} {args.dtype}"
+          f"{' autocast, fp32 weight' if args.amp else ''}, {args.npos} positives/row, forward + backward, "
+          f"median of {args.reps}")
     ref_dw = None
     if cuda:  # dW of the naive PyTorch path in fp32, the reference for the dW error column
         _, ref_dw = run_once(case_fn("naive", h.float(), w.float(), pos, args.K), h.float(), w.float())
@@ -169,11 +193,11 @@ def run_time(args, cases):
     res = {}
     for c in cases:
         try:
-            fn = case_fn(c, h, w, pos, args.K)
+            fn = case_fn(c, h, w, pos, args.K, amp=args.amp)
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-                m0 = torch.cuda.memory_allocated() + 2 * (h.numel() + w.numel()) * h.element_size()
+                m0 = torch.cuda.memory_allocated() + 2 * (h.numel() * h.element_size() + w.numel() * w.element_size())
             t = time_case(fn, h, w, args.reps, cuda)
             peak = (torch.cuda.max_memory_allocated() - m0) / 2**20 if cuda else float("nan")
             err = dw_error(fn, h, w, ref_dw) if (ref_dw is not None and c != "gemms") else float("nan")
@@ -198,12 +222,15 @@ def main():
     p.add_argument("--cases", nargs="+", default=None)
     p.add_argument("--memory", action="store_true", help="CPU peak RSS, one subprocess per case")
     p.add_argument("--profile", action="store_true", help="a torch.profiler table per case instead of timings")
+    p.add_argument("--amp", action="store_true", help="an fp32 weight, each forward under autocast in --dtype")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return memory_child(args)
     gpu = ["gemms", "naive", "ours-fast", "ours-lean", "ours-torch", "cce", "liger"]
     cases = args.cases or (gpu if args.device == "cuda" else ["gemms", "naive", "naive-ours", "ours"])
+    if args.memory and args.amp:
+        p.error("--amp times and profiles (--memory measures the plain dtypes)")
     if args.memory:
         return run_memory(args, [c for c in cases if c != "gemms"])
     if args.profile:

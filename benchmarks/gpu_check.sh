@@ -60,3 +60,6 @@ timeout 200 $F --reps 5 --cases gemms naive ours-fast $(o ours-fast-o)ours-fast-
 # 5. The sweep (K 1k..1M, B 1..16k, 1 and 8 positives), eager, ours and the one-read kernel, last and capped:
 #    about 10 minutes in all, inside one device call
 timeout 60 $L --dtype bf16 --sweep --reps 5 --cases torch ours $(o ours-o)2>&1 | tee "$OUT/bench_sweep.txt"
+# 6. Mixed precision as training runs it (fp32 master weight, bf16 autocast): the fused routes against PyTorch's own
+#    autocast composition; an fp32 weight's gradient is the rows route's accumulator, with no final cast
+timeout 60 $F --amp --reps 3 --cases gemms naive ours-fast ours-lean 2>&1 | tee "$OUT/bench_linear_amp.txt"

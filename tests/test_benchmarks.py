@@ -62,6 +62,15 @@ def test_linear_benchmark_runs_every_case_of_the_gpu_check():
     assert rows == set(cases) and "skipped" not in out, out
 
 
+def test_linear_benchmark_amp_mode():
+    """--amp: an fp32 weight and every forward under autocast (the CPU's bf16 here)."""
+    cases = ["gemms", "naive", "ours-fast", "ours-lean"]
+    out = _run("bench_linear.py", "--device", "cpu", "--dtype", "bf16", "--amp", "--B", "8", "--D", "16", "--K", "300",
+               "--reps", "1", "--cases", *cases)
+    rows = {line.split()[0] for line in out.splitlines()[2:]}
+    assert "autocast, fp32 weight" in out and rows == set(cases) and "skipped" not in out, out
+
+
 def test_dw_accumulation_study_runs():
     out = _run("dw_accumulation.py", "--B", "256", "--D", "32", "--K", "512", "--chunks", "1", "4")
     assert len(out.splitlines()) == 4, out
