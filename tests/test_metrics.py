@@ -188,6 +188,25 @@ def test_evaluator_sync_all_reduces_to_the_single_process_metrics(world, tmp_pat
         assert "mean_average_precision" not in out
 
 
+@pytest.mark.gpu
+def test_gpu_evaluator_sync_over_nccl(tmp_path):
+    """One NCCL rank: the CPU states travel through CUDA (NCCL reduces CUDA tensors only) and come back to the CPU."""
+    import torch.distributed as dist
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        s, y = _data(np.random.default_rng(0), n=57, k=11, ties=True, empty=True)
+        ev = M.MultilabelEvaluator(ks=(1, 3), annotation_k=3, label_ap=False)
+        ev.update(torch.from_numpy(s), torch.from_numpy(y))
+        ev.sync()
+        out = ev.compute()
+    finally:
+        dist.destroy_process_group()
+    assert out["average_precision"] == pytest.approx(skm.label_ranking_average_precision_score(y, s), abs=1e-12)
+    assert out["ranking_loss"] == pytest.approx(skm.label_ranking_loss(y, s), abs=1e-12)
+
+
 def test_evaluator_sync_refuses_label_ap():
     with pytest.raises(ValueError, match="label_ap=False"):
         M.MultilabelEvaluator().sync()

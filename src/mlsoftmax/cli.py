@@ -391,7 +391,8 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
     for epoch in bar:
         model.train()
         sampler.set_epoch(epoch)
-        tot = torch.zeros(2, dtype=torch.float64)  # [sum of loss * rows, rows]
+        # [sum of loss * rows, rows], on the model's device: no host sync a step, and NCCL all-reduces CUDA tensors only
+        tot = torch.zeros(2, dtype=torch.float64, device=device)
         for xb, tb in loader:
             xb = xb.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
@@ -400,7 +401,8 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
             loss.backward()
             opt.step()
             sched.step()
-            tot += torch.tensor([float(loss.detach()) * len(xb), len(xb)], dtype=torch.float64)
+            tot[0] += loss.detach().double() * len(xb)
+            tot[1] += len(xb)
         if not args.shard_labels:  # sharded: the loss is already the global batch's
             dd.all_reduce_(tot)
         # validation on every rank (the same scores everywhere: no communication)

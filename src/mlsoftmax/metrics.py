@@ -427,7 +427,11 @@ class MultilabelEvaluator:
                 continue
             keys = sorted(st)
             flat = torch.cat([torch.as_tensor(st[k], dtype=torch.float64).reshape(-1) for k in keys])
+            home = flat.device
+            if str(dist.get_backend(group)) == "nccl":  # NCCL reduces CUDA tensors only
+                flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
             dist.all_reduce(flat, group=group)
+            flat = flat.to(home)
             out, i = {}, 0
             for k in keys:
                 n = torch.as_tensor(st[k]).numel()
