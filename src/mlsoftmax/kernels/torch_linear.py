@@ -127,9 +127,9 @@ def addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor, beta: float = 1.0) -> Tensor:
     if a.is_cuda and _FUSED_ADDMM[0]:
         try:
             return torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, TypeError):
+        except (RuntimeError, TypeError) as e:  # no out_dtype here (TypeError), or not for these dtypes
+            if isinstance(e, torch.OutOfMemoryError) or "dtype" not in str(e):
+                raise  # anything else (a shape, a CUDA fault) is the caller's error, not a missing feature
             _FUSED_ADDMM[0] = False
     prod = _mm_fp32(a, b)
     return acc.copy_(prod) if beta == 0 else acc.add_(prod)
