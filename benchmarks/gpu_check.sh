@@ -25,7 +25,7 @@ timeout 120 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_kernel
 o() { [ -n "$O" ] && printf '%s ' "$@"; }   # the case names given, or nothing without a working one-read kernel
 # 1. GPU tests (the compiled kernels, not the interpreter)
 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_linear.py \
-  tests/test_distributed.py tests/test_metrics.py -k "not one_read" 2>&1 | tee "$OUT/tests.txt"
+  tests/test_distributed.py tests/test_metrics.py tests/test_cli.py -k "not one_read" 2>&1 | tee "$OUT/tests.txt"
 # 2. The loss at the point (B=4096, K=131072, bf16 and fp32): ours, the one-read kernel (-o; with 4096 or
 #    16384 columns a program, -q<N>, and ptxas capped at 32 registers, -m32, for more programs a SM), the gradient
 #    pass reversed (-r), against eager and compiled PyTorch; then Liger on its own single-label case

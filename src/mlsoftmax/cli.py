@@ -326,6 +326,20 @@ def _collective_failure(e: RuntimeError) -> bool:
         s in msg for s in ("gloo", "Connection closed", "Connection reset", "imed out", "NCCL", "Broken pipe"))
 
 
+def _rng_state(device) -> dict:
+    """This rank's random state for an exact resume: the CPU generator's, and on CUDA the device's (dropout there)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(state, device) -> None:
+    """Restore :func:`_rng_state` (or a bare CPU state, as older checkpoints hold); ``torch.load`` may have mapped
+    the states to the device, and generators take CPU byte tensors."""
+    state = state if isinstance(state, dict) else {"cpu": state, "cuda": None}
+    torch.set_rng_state(state["cpu"].cpu())
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
 def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, average_precision):
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -373,7 +387,7 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         history, best, start = ck["history"], ck["best"], ck["epoch"] + 1
-        torch.set_rng_state(ck["rng"][dd.rank])
+        _set_rng_state(ck["rng"][dd.rank], device)
 
     def evaluator_model():
         return full_model(model, dd, k, args, d) if args.shard_labels else model
@@ -413,7 +427,7 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
         bar.set_postfix(loss=f"{history['train_loss'][-1]:.4f}", val_ap=f"{val_ap:.4f}")
         if val_ap > best[0]:
             best = (val_ap, {kk: v.detach().clone() for kk, v in model.state_dict().items()}, epoch)
-        rngs = dd.gather_object(torch.get_rng_state())  # every rank's dropout RNG, for an exact resume
+        rngs = dd.gather_object(_rng_state(device))  # every rank's dropout RNG, for an exact resume
         if last:
             os.makedirs(args.out, exist_ok=True)
             atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
