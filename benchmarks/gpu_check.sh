@@ -48,6 +48,10 @@ timeout -k 10 200 $F --reps 5 --cases gemms naive ours-fast $(o ours-fast-o)ours
   timeout -k 10 40 python3 benchmarks/bench_overhead.py --device cuda --B 1 --K 131072 --n 200 | head -5
   [ -n "$O" ] && timeout -k 10 40 python3 benchmarks/bench_overhead.py --device cuda --B 1 --K 131072 --n 200 --one-read \
     | head -5
+  echo "== host-bound sizes: eager, compiled, ours, ours under CUDA graphs (torch.compile mode=reduce-overhead)"
+  for bk in "4096 32768" "1024 131072"; do set -- $bk
+    timeout -k 10 45 $L --dtype bf16 --B "$1" --K "$2" --npos 8 --cases torch compile ours ours-cg
+  done
   timeout -k 10 60 $L --dtype bf16 --B 4096 --K 131072 --npos 8 --profile --cases ours $(o ours-o)
   timeout -k 10 90 $F --profile --cases ours-fast $(o ours-fast-o)ours-fast-e ours-lean-e
   M=dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum

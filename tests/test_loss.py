@@ -327,6 +327,27 @@ def test_torch_compile(impl, backend, sparse, rng):
     np.testing.assert_allclose(x.grad.numpy(), 2 * R.grad(s, y) / nonempty.sum(), atol=1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gpu_torch_compile_with_cuda_graphs(sparse, rng):
+    """CUDA: the Triton path in one graph under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs: the host's
+    cost per call is gone), captured and then replayed on new inputs, against the oracle."""
+    torch._dynamo.reset()
+    b, k = 64, 1000
+    y = random_multihot(rng, b, k, p=0.01, empty_rows=[0])
+    tgt = (_positives_from_dense(y) if sparse else torch.from_numpy(y)).to("cuda")
+    step = torch.compile(lambda z: multilabel_softmax_loss(z, tgt, validate=False), mode="reduce-overhead",
+                         fullgraph=True)
+    nonempty = y.sum(1) > 0
+    for _ in range(4):  # warm-up, capture, replays
+        s = rng.normal(size=(b, k)).astype(np.float32)
+        x = torch.tensor(s, device="cuda", requires_grad=True)
+        out = step(x)
+        out.backward()
+        np.testing.assert_allclose(out.item(), R.loss(s, y)[nonempty].mean(), rtol=1e-5)
+        np.testing.assert_allclose(x.grad.cpu().numpy(), R.grad(s, y) / nonempty.sum(), atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- property tests
 @settings(max_examples=40, deadline=None)
 @given(
