@@ -225,6 +225,33 @@ def test_autocast_gives_fp32_loss_of_the_logits_as_they_are(impl, sparse, shape,
     assert err.max() <= np.abs(x2.grad.double().numpy() - ref_g).max() + 1e-12
 
 
+def test_autocast_query_works_without_the_per_device_form(monkeypatch):
+    """A PyTorch whose ``is_autocast_enabled`` takes no device type (the older form): the CPU's own query is used."""
+    import warnings
+
+    from mlsoftmax import _amp
+
+    modern = torch.is_autocast_enabled
+
+    def older(*args):
+        if args:
+            raise TypeError("is_autocast_enabled() takes 0 positional arguments")
+        return modern("cuda")
+
+    cpu = torch.device("cpu")
+    got = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the older CPU query is deprecated in this PyTorch
+        for on in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
+                monkeypatch.setattr(torch, "is_autocast_enabled", older)  # only around the query: torch uses it too
+                try:
+                    got.append(_amp.autocast_dtype(cpu))
+                finally:
+                    monkeypatch.undo()
+    assert got == [None, torch.bfloat16]
+
+
 # ----------------------------------------------------------------------------- numerics and edge cases
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("sparse", [False, True])

@@ -24,6 +24,12 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
         return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     except RuntimeError:  # a device type that autocast does not know
         return None
+    except (TypeError, AttributeError):  # a PyTorch without the per-device-type forms: the CPU/CUDA ones
+        if device.type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        if device.type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return None
 
 
 def compute_dtype(t: Tensor, amp: Optional[torch.dtype]) -> torch.dtype:
