@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_check.sh                 # every step, most wanted first, inside one time budget
 #   bash benchmarks/gpu_check.sh sweep amp       # only the steps named (say, those a first call did not reach)
 #   BUDGET=300 bash benchmarks/gpu_check.sh      # seconds for all the steps together (default 560)
+#   SWEEP_CASES="ours ours-o" LINEAR_CASES="gemms ours-fast" bash benchmarks/gpu_check.sh sweep linear   # other cases
 # Writes each step's output to $OUT (or ./gpu_out) as well as stdout.
 # Liger-Kernel and Cut Cross-Entropy join the tables when importable (wheels in .whl/ are installed first).
 # Each step has its own time cap, cut further to what is left of BUDGET (and a KILL 10 s after it: a hung kernel
@@ -53,8 +54,8 @@ point() {
 #    carrying the loss in its epilogue (-e: Triton GEMMs, autotuned on the first call); against the GEMMs alone,
 #    naive and Cut Cross-Entropy (Liger and the pure-torch route, 248 and 99 ms on an H100, are left out)
 linear() {
-  run 150 bench_linear.txt $F --reps 5 --cases gemms naive ours-fast $(o ours-fast-o)ours-fast-r ours-fast-e \
-    ours-lean ours-lean-e cce
+  run 150 bench_linear.txt $F --reps 5 --cases ${LINEAR_CASES:-gemms naive ours-fast $(o ours-fast-o)ours-fast-r \
+    ours-fast-e ours-lean ours-lean-e cce}
 }
 # 3. The other GPU tests (the compiled kernels, not the interpreter)
 tests() {
@@ -62,7 +63,9 @@ tests() {
     tests/test_loss.py tests/test_distributed.py tests/test_metrics.py tests/test_cli.py -k "not one_read"
 }
 # 4. The sweep (K 1k..1M, B 1..16k, 1 and 8 positives): eager, ours and the one-read kernel
-sweep() { run 100 bench_sweep.txt $L --dtype bf16 --sweep --reps 5 --cases torch ours $(o ours-o); }
+sweep() { run 100 bench_sweep.txt $L --dtype bf16 --sweep --reps 5 --cases ${SWEEP_CASES:-torch ours $(o ours-o)}; }
+# 3b. Only the CLI's exact resume on CUDA (its own data file, a kill after the first epoch)
+resume() { run 60 tests.txt python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cli.py -k resume; }
 # 5. Host-bound sizes (small inputs: the host's cost per call shows): eager, compiled, ours, ours under CUDA graphs
 #    (torch.compile mode=reduce-overhead); compiled PyTorch at the point too
 host() {
@@ -75,12 +78,14 @@ host() {
 # 6. Mixed precision as training runs it (fp32 master weight, bf16 autocast): the fused routes against PyTorch's own
 #    autocast composition; an fp32 weight's gradient is the rows route's accumulator, with no final cast
 amp() { run 60 bench_linear_amp.txt $F --amp --reps 3 --cases gemms naive ours-fast ours-lean; }
-# 7. Where the time goes: torch.profiler on the loss kernel and the linear routes, then Nsight Compute on one
-#    launch of the loss kernel (DRAM bytes: does the gradient pass re-read rows from L2, does the one-read kernel
-#    read once? L2 hit rate, time, registers, occupancy)
+# 7. Where the time goes: torch.profiler on the loss kernel and the linear routes
 profile() {
   run 60 profile.txt $L --dtype bf16 --B 4096 --K 131072 --npos 8 --profile --cases ours $(o ours-o)
   run 90 profile.txt $F --profile --cases ours-fast $(o ours-fast-o)ours-fast-e ours-lean-e
+}
+# 8. Nsight Compute on one launch of the loss kernel (DRAM bytes: does the gradient pass re-read rows from L2, does
+#    the one-read kernel read once? L2 hit rate, time, registers, occupancy)
+ncu_loss() {
   local M=dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum
   M=$M,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread
   M=$M,sm__warps_active.avg.pct_of_peak_sustained_active,launch__occupancy_limit_registers
@@ -90,6 +95,6 @@ profile() {
   done
 }
 STEPS=("$@")
-[ ${#STEPS[@]} -gt 0 ] || STEPS=(one_read point linear tests sweep host amp profile)
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(one_read point linear tests sweep host amp profile ncu_loss)
 for s in "${STEPS[@]}"; do "$s"; done
 echo "== done at $SECONDS s; cut for time:${SKIPPED:- nothing}" | tee -a "$OUT/gpu.txt"

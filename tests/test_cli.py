@@ -90,17 +90,22 @@ def test_compare_two_losses(tmp_path, capsys):
     assert len(res["softmax"]) == 2
 
 
-def test_train_on_a_user_file(tmp_path):
+def _write_xc(path, n, num_features, num_classes):
+    """A synthetic data set as an XC-format text file (header, then ``labels feat:value ...`` lines)."""
     from mlsoftmax.data import synthetic
 
-    ds = synthetic(n=200, num_features=6, num_classes=9, seed=0)
-    lines = ["200 6 9"]
-    for i in range(200):
+    ds = synthetic(n=n, num_features=num_features, num_classes=num_classes, seed=0)
+    lines = [f"{n} {num_features} {num_classes}"]
+    for i in range(n):
         labs = ",".join(str(j) for j in ds[i][1].tolist())
         feats = " ".join(f"{j}:{v:.4f}" for j, v in enumerate(ds.features[i].tolist()))
         lines.append(f"{labs} {feats}")
-    p = tmp_path / "syn.txt"
-    p.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_train_on_a_user_file(tmp_path):
+    p = _write_xc(tmp_path / "syn.txt", 200, 6, 9)
     out = tmp_path / "run"
     assert main(["train", "--data", str(p), "--format", "xc", "--model", "linear", "--epochs", "2",
                  "--loss", "warp", "--out", str(out)]) == 0
@@ -188,6 +193,12 @@ def _cli(*args):
     return [sys.executable, "-m", "mlsoftmax", *args]
 
 
+def _run_ok(cmd):
+    """Run ``cmd``; on a non-zero exit, fail with what it printed."""
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_resume_after_kill_matches_uninterrupted_run(device, tmp_path):
     """Kill a run (SIGKILL) after its first epoch; --resume reaches the uninterrupted run's weights. (On CUDA the
@@ -196,8 +207,11 @@ def test_resume_after_kill_matches_uninterrupted_run(device, tmp_path):
 
     import torch
 
-    args = ["train", "--epochs", "12", "--hidden", "512", "--seed", "3", "--device", device]
-    subprocess.run(_cli(*args, "--out", str(tmp_path / "full")), check=True, capture_output=True)
+    # a data file of the test's own (the default data set, yeast, comes from river, which a GPU machine may lack)
+    data = _write_xc(tmp_path / "data.txt", 2400, 64, 14)
+    args = ["train", "--data", str(data), "--format", "xc", "--epochs", "12", "--hidden", "512", "--seed", "3",
+            "--device", device]
+    _run_ok(_cli(*args, "--out", str(tmp_path / "full")))
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli(*args, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last, deadline = out / "last.pt", time.time() + 120
@@ -210,7 +224,7 @@ def test_resume_after_kill_matches_uninterrupted_run(device, tmp_path):
     proc.wait()
     done = torch.load(last, weights_only=False)["epoch"]
     assert 1 <= done < 12
-    subprocess.run(_cli(*args, "--out", str(out), "--resume", str(out)), check=True, capture_output=True)
+    _run_ok(_cli(*args, "--out", str(out), "--resume", str(out)))
     exact = device == "cpu"  # cuBLAS need not repeat its rounding bit for bit; other dropout masks would be far off
     _assert_same_weights(_weights(tmp_path / "full" / "checkpoint.pt"), _weights(out / "checkpoint.pt"),
                          atol=0 if exact else 1e-5)

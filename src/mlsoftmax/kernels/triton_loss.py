@@ -141,7 +141,10 @@ def _target_entries(x_row, IDX, VALS, W, SCRATCH, p0, p1, lo, hi, lse, a, bt, bs
                     HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK_P: tl.constexpr):
     """Exact fp32 gradient entries of the positives in columns ``[lo, hi)``, into ``SCRATCH`` ``[nnz]``.
 
-    Run before the gradient pass, so that an in-place pass cannot have overwritten their logits.
+    Run before the gradient pass, so that an in-place pass cannot have overwritten their logits; it ends at a
+    barrier, since the pass's stores come from other threads (other warps) than these loads, and a warp that ran
+    ahead could overwrite a positive's logit before it is read (seen on an H200 under load: a positive's
+    entry lost its softmax term).
     """
     for j0 in range(p0, p1, BLOCK_P):
         pj, pm, idx, xg, v = _load_positives(x_row, IDX, VALS, j0, p1, HAS_VALUES, BLOCK_P)
@@ -157,6 +160,7 @@ def _target_entries(x_row, IDX, VALS, W, SCRATCH, p0, p1, lo, hi, lse, a, bt, bs
             if HAS_SMOOTH:
                 val = val - bs
         tl.store(SCRATCH + pj, val, mask=mine)
+    tl.debug_barrier()
 
 
 @triton.jit
