@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_check.sh                 # every step, most wanted first, inside one time budget
 #   bash benchmarks/gpu_check.sh sweep amp       # only the steps named (say, those a first call did not reach)
 #   BUDGET=300 bash benchmarks/gpu_check.sh      # seconds for all the steps together (default 560)
-#   SWEEP_CASES="ours ours-o" LINEAR_CASES="gemms ours-fast" bash benchmarks/gpu_check.sh sweep linear   # other cases
+#   SWEEP_CASES="ours ours-o" LINEAR_CASES="gemms ours-fast" POINT_CASES="ours ours-r" bash benchmarks/gpu_check.sh sweep linear point
 # Writes each step's output to $OUT (or ./gpu_out) as well as stdout.
 # Liger-Kernel and Cut Cross-Entropy join the tables when importable (wheels in .whl/ are installed first).
 # Each step has its own time cap, cut further to what is left of BUDGET (and a KILL 10 s after it: a hung kernel
@@ -45,8 +45,8 @@ one_read() { run 90 tests.txt python3 -m pytest -q -x -m gpu -p no:cacheprovider
 #    16384 columns a program, -q<N>, and ptxas capped at 32 registers, -m32, for more programs a SM), the gradient
 #    pass reversed (-r), the dense target, against eager PyTorch; then Liger on its own single-label case
 point() {
-  run 120 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 --cases torch ours \
-    $(o ours-o ours-o-m32 ours-o-q4096 ours-o-q16384-m32)ours-r ours-dense
+  run 120 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 --cases ${POINT_CASES:-torch ours \
+    $(o ours-o ours-o-m32 ours-o-q4096 ours-o-q16384-m32)ours-r ours-dense}
   run 45 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 1 --cases torch ours $(o ours-o)liger
 }
 # 2. The fused linear + loss at the issue's point (B=8192, D=1024, K=262144 bf16): both routes as they are; the
@@ -64,6 +64,8 @@ tests() {
 }
 # 4. The sweep (K 1k..1M, B 1..16k, 1 and 8 positives): eager, ours and the one-read kernel
 sweep() { run 100 bench_sweep.txt $L --dtype bf16 --sweep --reps 5 --cases ${SWEEP_CASES:-torch ours $(o ours-o)}; }
+# 3a. Only the loss kernels' GPU tests
+kernel_tests() { run 120 tests.txt python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_loss.py; }
 # 3b. Only the CLI's exact resume on CUDA (its own data file, a kill after the first epoch)
 resume() { run 60 tests.txt python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cli.py -k resume; }
 # 5. Host-bound sizes (small inputs: the host's cost per call shows): eager, compiled, ours, ours under CUDA graphs
