@@ -70,11 +70,14 @@ def profile_table(step, cuda: bool, reps: int = 3, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
-# Kernel knobs a case name can set for its calls (``ours-p132``, ``ours-r``, ``ours-fast-e-r``): a letter, then
-# the value (none for a switch), on a module of :mod:`mlsoftmax.kernels` ("" for the package itself).
+# Kernel knobs a case name can set for its calls (``ours-p132``, ``ours-f``, ``ours-fast-e-r``): a letter, then
+# the value (none for a switch), on modules of :mod:`mlsoftmax.kernels` ("" for the package itself).
 _ON = lambda _: True  # noqa: E731 - a switch takes no value
+_OFF = lambda _: False  # noqa: E731
 KNOBS = {"p": ("triton_loss", "ROW_PROGRAMS", int), "b": ("triton_loss", "MAX_BLOCK", int),
-         "r": ("triton_loss", "REVERSE_GRAD", _ON), "e": ("triton_linear", "EPILOGUE", _ON),
+         # the gradient pass backwards (the loss's default; the fused linear routes' too, with -r) or forwards
+         "r": (("triton_loss", "triton_linear"), "REVERSE_GRAD", _ON), "f": ("triton_loss", "REVERSE_GRAD", _OFF),
+         "e": ("triton_linear", "EPILOGUE", _ON),
          "o": ("triton_loss", "ONE_READ", _ON), "m": ("triton_loss", "ONE_READ_MAXNREG", int),
          "q": ("triton_loss", "ONE_READ_BLOCKS", lambda v: (int(v),))}
 
@@ -82,13 +85,14 @@ KNOBS = {"p": ("triton_loss", "ROW_PROGRAMS", int), "b": ("triton_loss", "MAX_BL
 def split_knobs(name: str) -> tuple[str, dict]:
     """``"ours-fast-e-p132"`` -> ``("ours-fast", {("triton_linear", "EPILOGUE"): True, ("triton_loss",
     "ROW_PROGRAMS"): 132})``: a case's name and the kernel knobs its suffixes set (a letter and a number, or
-    a switch's letter alone)."""
+    a switch's letter alone; a letter may set an attribute on several modules)."""
     base, knobs = [], {}
     for part in name.split("-"):
         letter, rest = part[:1], part[1:]
-        if base and letter in KNOBS and (rest.isdigit() if KNOBS[letter][2] is not _ON else rest == ""):
-            module, attr, conv = KNOBS[letter]
-            knobs[module, attr] = conv(rest)
+        if base and letter in KNOBS and (rest.isdigit() if KNOBS[letter][2] not in (_ON, _OFF) else rest == ""):
+            modules, attr, conv = KNOBS[letter]
+            for module in (modules,) if isinstance(modules, str) else modules:
+                knobs[module, attr] = conv(rest)
         else:
             base.append(part)
     return "-".join(base), knobs

@@ -14,12 +14,13 @@ Commands:
 
 Cases: ``ours`` (impl=auto, sparse Positives), ``ours-small``, ``ours-torch`` and ``ours-compile`` (CPU: what
 "auto" chooses between: F.cross_entropy on the dense target below ``SMALL_MAX_ELEMS`` logits, the chunked torch
-path, then the fused compiled kernel from ``COMPILE_MIN_ELEMS``), ``ours-dense`` (dense target),
+path, then the fused compiled kernel from ``COMPILE_MIN_ELEMS``), ``ours-triton`` (impl="triton": on CUDA,
+"auto" takes ``ours-small`` below ``CUDA_SMALL_MAX_ELEMS`` logits and this above), ``ours-dense`` (dense target),
 ``ours-p<N>`` (CUDA: the one-row kernel on N programs that loop over the rows,
 capping the rows in flight so that their second read can stay in L2), ``ours-b<N>``
-(CUDA: the kernel with N elements of a row per step, ``MAX_BLOCK``), ``ours-r`` (CUDA:
-the gradient pass walks each row backwards, ``REVERSE_GRAD``; knobs combine, as in
-``ours-r-p132``), ``ours-o`` (CUDA: the one-read kernel, ``ONE_READ``; ``ours-o-q<N>``: N columns a
+(CUDA: the kernel with N elements of a row per step, ``MAX_BLOCK``), ``ours-f`` (CUDA:
+the gradient pass walks each row forwards; ``ours-r``: backwards, ``REVERSE_GRAD``, the default; knobs combine,
+as in ``ours-r-p132``), ``ours-o`` (CUDA: the one-read kernel, ``ONE_READ``; ``ours-o-q<N>``: N columns a
 program, ``ours-o-m<N>``: ptxas capped at N registers a thread), ``ours-cg`` (ours under
 ``torch.compile(mode="reduce-overhead")``: CUDA graphs, so no host cost per call), ``torch``
 (F.cross_entropy(x, probs) eager), ``compile`` (the same under torch.compile),
@@ -55,13 +56,13 @@ def case_fn(name, x, pos, k):
     """A closure running one forward + backward for case ``name``."""
     from mlsoftmax import multilabel_softmax_loss
 
-    if name in ("ours", "ours-torch", "ours-compile"):
+    if name in ("ours", "ours-torch", "ours-compile", "ours-triton"):
         impl = "auto" if name == "ours" else name[5:]
         return lambda z: multilabel_softmax_loss(z, pos, impl=impl, validate=False)
     if name == "ours-cg":  # under torch.compile with CUDA graphs: no host cost per call left (inputs are copied in)
         return torch.compile(lambda z: multilabel_softmax_loss(z, pos, validate=False), mode="reduce-overhead")
     if name == "ours-small":  # "auto"'s path for small CPU problems (F.cross_entropy on the dense target), any size
-        big = {("", "SMALL_MAX_ELEMS"): 1 << 62, ("", "COMPILE_MIN_ELEMS"): 1 << 62}
+        big = {("", "SMALL_MAX_ELEMS"): 1 << 62, ("", "COMPILE_MIN_ELEMS"): 1 << 62, ("", "CUDA_SMALL_MAX_ELEMS"): 1 << 62}
         return with_knobs(lambda z: multilabel_softmax_loss(z, pos, validate=False), big)
     base, knobs = split_knobs(name)
     if knobs:  # ours-p<N>, ours-b<N>, ours-r, ours-o: kernel knobs set for the call (the kernel runs inside the forward)

@@ -35,8 +35,8 @@ def build(fn, sig, consts, num_warps=4, num_stages=3, aligned=(), **options):
 def loss_variants():
     """Target forms as the launchers pass them: dense xor sparse (values only with sparse), every option.
 
-    Every form in bf16; fp32 and fp16 get the common one (sparse positives, no options), which alone is also
-    built with the gradient pass reversed (``REVERSE``, a benchmark knob)."""
+    Every form in bf16; fp32 and fp16 get the common one (sparse positives, no options). Each is built with its
+    gradient pass both ways (``REVERSE``: backwards in the loss, forwards in the fused linear routes)."""
     for dense, values, weight, smooth in itertools.product((False, True), repeat=4):
         if dense and values:
             continue
@@ -60,7 +60,7 @@ def main():
                        OFFS="*i64", VALS="*fp32", SCRATCH="*fp32", W="*fp32", RS="*fp32", LOSS="*fp32", B="i32",
                        K="i32", eps="fp32")
             common = dt != "bf16" or flags == dict(zip(FLAGS, (False, True, False, False, False)))
-            for grad, rev in ((False, False), (True, False)) + (((True, True),) if common else ()):
+            for grad, rev in ((False, False), (True, False), (True, True)):
                 build(tl_._msl_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=grad, REVERSE=rev, **blocks), num_warps=16)
                 n += 1
             sig = dict(X=x, stride_x="i32", T="*fp32", stride_t="i32", IDX="*i64", OFFS="*i64", VALS="*fp32",
@@ -68,7 +68,7 @@ def main():
             build(tl_._msl_split_stats_kernel, sig, dict(flags, **blocks), num_warps=16)
             sig = dict(X=x, stride_x="i32", G=x, stride_g="i32", T="*fp32", stride_t="i32", IDX="*i64",
                        OFFS="*i64", VALS="*fp32", SCRATCH="*fp32", W="*fp32", COEF="*fp32", K="i32", SPAN="i32")
-            for rev in (False, True) if common else (False,):  # the reversed pass: a benchmark knob, common form
+            for rev in (False, True):
                 build(tl_._msl_split_grad_kernel, sig, dict(flags, REVERSE=rev, **blocks), num_warps=16)
                 n += rev
             # the one-read kernel (a benchmark knob): its GPU form, with the barrier; both widths for the common form

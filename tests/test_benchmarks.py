@@ -25,10 +25,12 @@ def test_case_names_parse_into_kernel_knobs():
     assert split_knobs("ours-torch") == ("ours-torch", {})
     assert split_knobs("ours-dense") == ("ours-dense", {})
     assert split_knobs("naive-ours") == ("naive-ours", {})
-    assert split_knobs("ours-r-p132") == ("ours", {(loss, "REVERSE_GRAD"): True, (loss, "ROW_PROGRAMS"): 132})
+    assert split_knobs("ours-r-p132") == ("ours", {(loss, "REVERSE_GRAD"): True, (linear, "REVERSE_GRAD"): True,
+                                                   (loss, "ROW_PROGRAMS"): 132})
+    assert split_knobs("ours-f") == ("ours", {(loss, "REVERSE_GRAD"): False})
     assert split_knobs("ours-b8192") == ("ours", {(loss, "MAX_BLOCK"): 8192})
     assert split_knobs("ours-fast-e") == ("ours-fast", {(linear, "EPILOGUE"): True})
-    assert split_knobs("ours-lean-r") == ("ours-lean", {(loss, "REVERSE_GRAD"): True})
+    assert split_knobs("ours-lean-r") == ("ours-lean", {(loss, "REVERSE_GRAD"): True, (linear, "REVERSE_GRAD"): True})
     assert split_knobs("ours-fast-o") == ("ours-fast", {(loss, "ONE_READ"): True})
     assert split_knobs("ours-o-q4096-m32") == ("ours", {(loss, "ONE_READ"): True, (loss, "ONE_READ_BLOCKS"): (4096,),
                                                         (loss, "ONE_READ_MAXNREG"): 32})
@@ -45,7 +47,7 @@ def _run(script, *args):
 
 @pytest.mark.skipif("triton" not in IMPLS, reason="Triton not installed")
 def test_loss_benchmark_runs_every_case_of_the_gpu_check():
-    cases = ["torch", "ours", "ours-small", "ours-dense", "ours-r", "ours-r-p2", "ours-b64", "ours-o", "ours-o-m32",
+    cases = ["torch", "ours", "ours-triton", "ours-small", "ours-dense", "ours-r", "ours-f", "ours-r-p2", "ours-b64", "ours-o", "ours-o-m32",
              "ours-o-q4096", "ours-o-q16384-m32", "compile", "ours-cg"]
     out = _run("bench_loss.py", "--device", "cpu", "--B", "3", "--K", "300", "--npos", "2", "--reps", "1",
                "--cases", *cases)

@@ -436,6 +436,9 @@ def multilabel_softmax_loss(
             picks Triton on CUDA when installed; on the CPU it picks the fused
             ``torch.compile`` kernel (``"compile"``) for problems of at least
             2^18 logits when a C++ compiler is found, else the pure-torch path.
+            Small problems (under 2^15 logits on the CPU, 2^26 on CUDA), whose
+            time is the host's cost per op, go to PyTorch's own
+            ``F.cross_entropy`` on the dense target.
         inplace: Triton only: write the gradient over ``logits`` (no extra
             ``[B, K]`` memory). This destroys the logits: do not use them after
             the call.
@@ -463,8 +466,9 @@ def multilabel_softmax_loss(
     chosen = resolve_impl(impl, x)
     if inplace and chosen != "triton":
         raise ValueError(f"Expected impl='triton' (a CUDA tensor) for inplace=True, but got impl={chosen!r}")
+    small = small_path(impl, chosen, x, inplace)
     # the Triton kernel reads the CSR offsets; row ids only for the other paths (or soft values' row sums)
-    need_rows = chosen != "triton" or (isinstance(target, Positives) and target.values is not None)
+    need_rows = small or chosen != "triton" or (isinstance(target, Positives) and target.values is not None)
     dense, indices, row_ids, values = _canonical_target(target, logits, validate, row_ids=need_rows)
     acc = torch_chunked.acc_dtype(x.dtype)
 
@@ -473,8 +477,8 @@ def multilabel_softmax_loss(
                            counts=target.counts() if row_ids is None and dense is None else None)
     out_dtype = _amp.result_dtype(logits.dtype, _amp.autocast_dtype(x.device))  # fp32 at least under autocast
     with _amp.off(x.device):  # the logits as they are: the paths accumulate in fp32 already
-        if small_path(impl, chosen, x):
-            # small CPU problems: the fixed cost per op is the time, so PyTorch's own loss on the dense target
+        if small:
+            # small problems: the host's fixed cost per op is the time, so PyTorch's own loss on the dense target
             rows = torch_chunked.small_rows(x, dense, indices, row_ids, values, weight, label_smoothing) * row_scale
         else:
             rows = MultiLabelSoftmaxFunction.apply(

@@ -7,10 +7,10 @@
   ``torch.compile`` (Inductor C++/OpenMP); needs a C++ compiler.
 * ``"auto"``: ``"triton"`` on CUDA when Triton imports; on the CPU
   ``"compile"`` for at least ``COMPILE_MIN_ELEMS`` logits when a compiler is
-  found, else ``"torch"``; below ``SMALL_MAX_ELEMS`` logits the loss then takes
-  PyTorch's own ``F.cross_entropy`` on the dense target
-  (:func:`.torch_chunked.small_rows`): there the fixed cost per op sets the
-  time, and it has the fewest ops.
+  found, else ``"torch"``. Below ``SMALL_MAX_ELEMS`` logits on the CPU, or
+  ``CUDA_SMALL_MAX_ELEMS`` on CUDA, the loss then takes PyTorch's own
+  ``F.cross_entropy`` on the dense target (:func:`.torch_chunked.small_rows`):
+  there the host's fixed cost per op sets the time, and it has the fewest ops.
 """
 
 from __future__ import annotations
@@ -27,6 +27,12 @@ IMPLS = ("auto", "torch", "triton", "compile")
 # compiled kernel (when a C++ compiler is found)
 SMALL_MAX_ELEMS = 1 << 15
 COMPILE_MIN_ELEMS = 1 << 18
+# CUDA "auto": below this many logits a call's time is the host's (about 0.9 ms a call for the Triton path's
+# launches and small ops, against about 0.2-0.4 ms for eager F.cross_entropy, on an H200 machine's host), so
+# PyTorch's own loss on the dense target; measured crossover of eager and Triton in the sweep (BENCHMARKS.md):
+# eager faster up to 2^26 logits (64 x 1M bf16: 0.83 against 1.0 ms), Triton from 2^27 (4096 x 32768: 0.57
+# against 1.0 ms). The small path's temporaries (fp32 copies) are a few times the logits: 1 GB at most here.
+CUDA_SMALL_MAX_ELEMS = 1 << 26
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp64 uses the torch path
 
 
@@ -58,10 +64,15 @@ def available_impls(device: torch.device) -> tuple[str, ...]:
     return tuple(out)
 
 
-def small_path(impl: str, chosen: str, x: torch.Tensor) -> bool:
+def small_path(impl: str, chosen: str, x: torch.Tensor, inplace: bool = False) -> bool:
     """Whether ``impl="auto"``, resolved to ``chosen``, takes :func:`.torch_chunked.small_rows` for ``x``: a CPU
-    problem below ``SMALL_MAX_ELEMS`` logits."""
-    return impl == "auto" and chosen == "torch" and x.device.type == "cpu" and x.numel() < SMALL_MAX_ELEMS
+    problem below ``SMALL_MAX_ELEMS`` logits, or a CUDA one below ``CUDA_SMALL_MAX_ELEMS`` (not in place: the
+    caller asked for the Triton kernel's in-place gradient)."""
+    if impl != "auto" or inplace:
+        return False
+    if x.device.type == "cpu":
+        return chosen == "torch" and x.numel() < SMALL_MAX_ELEMS
+    return x.device.type == "cuda" and chosen == "triton" and x.numel() < CUDA_SMALL_MAX_ELEMS
 
 
 def resolve_impl(impl: str, x: torch.Tensor) -> str:

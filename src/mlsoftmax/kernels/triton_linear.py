@@ -32,7 +32,8 @@ but each chunk's elementwise work is one Triton pass over the cuBLAS logits:
 
 Four GEMMs, and extra memory ``B C`` elements plus two ``[B, D]`` fp32 buffers.
 
-**The epilogue GEMM** (``EPILOGUE``, off until measured on a GPU; sparse targets).
+**The epilogue GEMM** (``EPILOGUE``, off: measured slower than cuBLAS plus the loss pass on an H200; sparse
+targets).
 One Triton GEMM (:func:`_gemm_loss_kernel`) computes a tile of logits in fp32
 and, before anything is stored, reduces it: per row, the tile's max and sum-exp
 (and ``sum w z`` for smoothing), merged over 8 tiles into partial statistics
@@ -63,9 +64,13 @@ BLOCK_N = 64  # positives per program
 BLOCK_D = 128  # features per step of the positives' dot products
 INTERPRET_BLOCK_D = 16  # small under the interpreter, so tests cover the loop over D
 # The logits GEMM with the loss in its epilogue (:func:`gemm_stats`, :func:`gemm_grad`) instead of cuBLAS and a
-# separate pass over the logits: off until measured on a GPU (``ours-fast-e`` / ``ours-lean-e`` in
+# separate pass over the logits. Off: measured slower on an H200 at B=8192, D=1024, K=262144 bf16 (BENCHMARKS.md;
+# fast route 26.7 against 22.0 ms, lean 30.3 against 29.8; ``ours-fast-e`` / ``ours-lean-e`` in
 # benchmarks/bench_linear.py). Sparse targets only; a dense target keeps the cuBLAS routes.
 EPILOGUE = False
+# The loss kernels' gradient pass backwards in these routes (``triton_loss.REVERSE_GRAD`` is the loss's own):
+# off, measured slower in the rows route on an H200 at the point above (23.0-23.6 against 21.8-22.2 ms, 3 runs).
+REVERSE_GRAD = False
 TILE_N = 128  # classes per GEMM tile (fixed, with STATS_TILES: it sets the statistics' shape)
 STATS_TILES = 8  # tiles of classes per program when reducing to statistics: one slot per 1024 classes
 INTERPRET_TILE = 16  # tiles (M, N and the D step) under the interpreter
@@ -405,7 +410,7 @@ def run(
             )
             block, span = triton_loss.grad_span(r1 - r0, k, h.device)
             triton_loss.finish_from_stats(z, z, loss[r0:r1], st, None, indices, offs, values, cw,
-                                          row_scale[r0:r1], scratch, eps, need_grad, span, block)
+                                          row_scale[r0:r1], scratch, eps, need_grad, span, block, REVERSE_GRAD)
         else:
             # 1. the chunk's logits
             z = _logits(hr, w, bias, scale)  # [R, K]
@@ -413,6 +418,7 @@ def run(
             loss[r0:r1] = triton_loss.forward(
                 z, None if dense is None else dense[r0:r1], indices, None if offsets is None else offsets[r0:r1 + 1],
                 values, class_weight, row_scale[r0:r1], label_smoothing, compute_grad=need_grad, inplace=need_grad,
+                reverse=REVERSE_GRAD,
             )[0]
         if not need_grad:
             continue
@@ -544,7 +550,8 @@ def labels_backward(
             z = gemm_grad(h, w[c0:c1], bc, scale, cwc if eps > 0 else None, eps > 0, coefs)  # [B, C]
         else:
             z = _logits(h, w[c0:c1], bc, scale)  # [B, C]
-            triton_loss.slab_grad(z, coefs, None if dense is None else dense[:, c0:c1], cwc, eps > 0)
+            triton_loss.slab_grad(z, coefs, None if dense is None else dense[:, c0:c1], cwc, eps > 0,
+                                  reverse=REVERSE_GRAD)
         if ent is not None:
             write_entries_(z, indices, row_ids, ent, c0)
         # 2. the products: dX accumulated in fp32, dW_c in one GEMM over all rows

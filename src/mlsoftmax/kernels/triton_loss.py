@@ -4,8 +4,8 @@ One program handles one row (or, capped at ``ROW_PROGRAMS``, loops over rows).
 Pass 1 streams the row once (online max and sum-exp, plus the dense target's
 sums), reading with ``evict_last`` so that the row (and a dense target's row)
 stays in L2; the positives are gathered from their CSR indices. Pass 2 re-reads
-the row (``evict_first``, from L2 when it fits; from its end with
-``REVERSE_GRAD``) and writes the gradient
+the row (``evict_first``, from its end by default, ``REVERSE_GRAD``, so that the
+blocks read last, the likeliest still in L2, come first) and writes the gradient
 ``row_scale * (c * softmax - T)`` in the output dtype, each entry formed in fp32
 and rounded once. The target entries of sparse targets are computed in fp32 into
 a small ``[nnz]`` scratch before pass 2 (so that ``inplace=True``, where the
@@ -15,7 +15,7 @@ after a barrier.
 The backward only scales the gradient by ``grad_out``; a row whose ``grad_out``
 is exactly 1 is skipped inside the kernel (no host sync, no memory traffic).
 
-``ONE_READ`` (a knob, off until measured) replaces both passes with a kernel
+``ONE_READ`` (a knob, off: measured 2.6x slower on an H200) replaces both passes with a kernel
 that reads the logits once: a row's slices go to programs that keep them in
 registers, meet at a per-row barrier (an atomic counter) to merge their
 statistics, then write the gradient from registers.
@@ -52,12 +52,16 @@ BLOCK_P = 32  # positives per step
 ROW_PROGRAMS = None
 # The gradient pass walks each row (and the split-row programs) backwards, so that what the first pass read last,
 # the likeliest to be still in L2, is re-read first (a forward re-read of a row larger than its share of L2 finds
-# each block already evicted, as a cyclic scan does under LRU). Off until measured on a GPU: a benchmark knob
-# (``ours-r`` in benchmarks/bench_loss.py, ``ours-fast-r`` in bench_linear.py).
-REVERSE_GRAD = False
+# each block already evicted, as a cyclic scan does under LRU). Measured on an H200 (BENCHMARKS.md) at B=4096,
+# K=131072: DRAM reads 1.70 GB against 1.92 (Nsight Compute), 0.746-0.749 ms against 0.78 ms in bf16 and 1.503
+# against 1.575 ms in fp32, three runs each (``ours-r`` / ``ours-f`` in benchmarks/bench_loss.py). The fused
+# linear routes keep their own switch (``triton_linear.REVERSE_GRAD``), off: measured slower there.
+REVERSE_GRAD = True
 # One read of the logits: each row is shared by programs that hold their slice in registers, publish its
 # statistics, wait at a per-row barrier for the rest, and write the gradient from registers (no second read, from
-# L2 or DRAM). Off until measured on a GPU: a benchmark knob (``ours-o``, ``ours-fast-o``).
+# L2 or DRAM). Off: on an H200 it read the logits once (1.07 GB from DRAM, Nsight Compute) but took 1.9-2.0 ms
+# against 0.75 ms in bf16 at B=4096, K=131072, its programs waiting at their rows' barriers (BENCHMARKS.md);
+# a benchmark knob (``ours-o``, ``ours-fast-o``).
 ONE_READ = False
 ONE_READ_BLOCKS = (8192, 16384)  # columns a program holds, 16 a thread (benchmarks/kernel_registers.py)
 ONE_READ_MAXNREG = None  # a register cap for ptxas (32: four 8192-column programs a SM, with spills); a knob
@@ -773,16 +777,16 @@ def slab_stats(x: Tensor, dense: Optional[Tensor], weight: Optional[Tensor], smo
 
 
 def slab_grad(x: Tensor, coefs: Tensor, dense: Optional[Tensor], weight: Optional[Tensor], smooth: bool,
-              out: Optional[Tensor] = None) -> Tensor:
+              out: Optional[Tensor] = None, reverse: Optional[bool] = None) -> Tensor:
     """``a softmax - w (bt t + bs)`` of a slab ``x`` ``[B, C]``, ``coefs = [lse, a, bt, bs]`` ``[B, 4]``, into ``out``.
 
     ``out`` defaults to ``x`` itself (in place). Each entry is formed in fp32 and
     rounded once; positives of a sparse target are left to the caller (they get
-    ``a softmax - w bs`` here).
+    ``a softmax - w bs`` here). ``reverse`` defaults to ``REVERSE_GRAD``.
     """
     block, span = grad_span(x.shape[0], x.shape[1], x.device)
     out = x if out is None else out
-    _split_grad(x, out, coefs, _slab_target(x, dense), None, None, None, None, weight, smooth, span, block)
+    _split_grad(x, out, coefs, _slab_target(x, dense), None, None, None, None, weight, smooth, span, block, reverse)
     return out
 
 
