@@ -2,8 +2,9 @@
 
 At small inputs the GPU waits for the host, so the time per call is the host's.
 This prints the host time per call (many calls queued, one sync at the end) for
-``F.cross_entropy``, ours and a bare launch of one of our Triton kernels, then a
-``cProfile`` of ours (top functions by own time).
+``F.cross_entropy``, ours (on CUDA: the Triton path, and what ``impl="auto"`` picks)
+and a bare launch of one of our Triton kernels, then a ``cProfile`` of ours (top
+functions by own time).
 
 Commands:
     python benchmarks/bench_overhead.py --device cuda            # B=64, K=1024 bf16
@@ -79,9 +80,9 @@ def main():
         z = x.detach().requires_grad_()
         F.cross_entropy(z, probs).backward()
 
-    def ours_step():
+    def ours_step(impl="triton" if (args.stub or cuda) else "auto"):  # the Triton path on CUDA, whatever the size
         z = x.detach().requires_grad_()
-        multilabel_softmax_loss(z, pos, validate=False, impl="triton" if args.stub else "auto").backward()
+        multilabel_softmax_loss(z, pos, validate=False, impl=impl).backward()
 
     g, go = torch.zeros_like(x), torch.ones((), device=args.device)
 
@@ -92,9 +93,10 @@ def main():
     where += ", one-read kernel" if args.one_read else ""
     print(f"{where}, torch {torch.__version__}; B={args.B} K={args.K} "
           f"{args.dtype}: host microseconds per call ({args.n} calls queued, one sync)")
-    steps = [("F.cross_entropy fwd+bwd", torch_step), ("ours fwd+bwd", ours_step)]
-    if cuda:  # a Triton launch needs a GPU (or the interpreter, whose cost is not a launch's)
-        steps.append(("one bare Triton launch", launch_step))
+    steps = [("F.cross_entropy fwd+bwd", torch_step), ("ours fwd+bwd" + (", Triton" if cuda else ""), ours_step)]
+    if cuda:  # "auto" (PyTorch's own loss below CUDA_SMALL_MAX_ELEMS); a Triton launch needs a GPU (or the
+        # interpreter, whose cost is not a launch's)
+        steps += [("ours fwd+bwd, impl=auto", lambda: ours_step("auto")), ("one bare Triton launch", launch_step)]
     for name, step in steps:
         print(f"  {name:<26}{per_call_us(step, args.n, cuda):>10.1f}")
     prof = cProfile.Profile()
