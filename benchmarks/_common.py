@@ -73,13 +73,14 @@ def profile_table(step, cuda: bool, reps: int = 3, rows: int = 15) -> str:
 # Kernel knobs a case name can set for its calls (``ours-p132``, ``ours-f``, ``ours-fast-e-r``): a letter, then
 # the value (none for a switch), on modules of :mod:`mlsoftmax.kernels` ("" for the package itself).
 _ON = lambda _: True  # noqa: E731 - a switch takes no value
-_OFF = lambda _: False  # noqa: E731
+_OFF = lambda _: False
 KNOBS = {"p": ("triton_loss", "ROW_PROGRAMS", int), "b": ("triton_loss", "MAX_BLOCK", int),
          # the gradient pass backwards (the loss's default; the fused linear routes' too, with -r) or forwards
          "r": (("triton_loss", "triton_linear"), "REVERSE_GRAD", _ON), "f": ("triton_loss", "REVERSE_GRAD", _OFF),
          "e": ("triton_linear", "EPILOGUE", _ON),
          "o": ("triton_loss", "ONE_READ", _ON), "m": ("triton_loss", "ONE_READ_MAXNREG", int),
-         "q": ("triton_loss", "ONE_READ_BLOCKS", lambda v: (int(v),))}
+         "q": ("triton_loss", "ONE_READ_BLOCKS", lambda v: (int(v),)),
+         "w": ("triton_loss", "ROW_WARPS", int), "s": ("triton_loss", "STORE_EVICT_FIRST", _ON)}
 
 
 def split_knobs(name: str) -> tuple[str, dict]:

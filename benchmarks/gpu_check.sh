@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_check.sh                 # every step, most wanted first, inside one time budget
 #   bash benchmarks/gpu_check.sh sweep amp       # only the steps named (say, those a first call did not reach)
 #   BUDGET=300 bash benchmarks/gpu_check.sh      # seconds for all the steps together (default 560)
-#   SWEEP_CASES="ours ours-o" LINEAR_CASES="gemms ours-fast" POINT_CASES="ours ours-r" bash benchmarks/gpu_check.sh sweep linear point
+#   SWEEP_CASES="ours ours-f" LINEAR_CASES="gemms ours-fast" POINT_CASES="ours ours-w32" bash benchmarks/gpu_check.sh sweep linear point
 # Writes each step's output to $OUT (or ./gpu_out) as well as stdout.
 # Liger-Kernel and Cut Cross-Entropy join the tables when importable (wheels in .whl/ are installed first).
 # Each step has its own time cap, cut further to what is left of BUDGET (and a KILL 10 s after it: a hung kernel
@@ -34,36 +34,31 @@ run() {  # run CAP FILE CMD...: CMD under the cap, its output to stdout and appe
   timeout -k 10 "$t" "$@" 2>&1 | tee -a "$OUT/$f"
   return "${PIPESTATUS[0]}"
 }
-O=o
-o() { [ -n "$O" ] && printf '%s ' "$@"; }   # the case names given, or nothing without a working one-read kernel
-
-# 0. The one-read kernel's GPU tests first, on their own: its programs wait at a per-row barrier, so a fault
-#    there could hang rather than fail. If they do not pass, its cases (-o) are left out below.
-one_read() { run 90 tests.txt python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_kernels.py -k one_read \
-  || O=""; }
-# 1. The loss at the issue's point (B=4096, K=131072, bf16 and fp32): ours, the one-read kernel (-o; with 4096 or
-#    16384 columns a program, -q<N>, and ptxas capped at 32 registers, -m32, for more programs a SM), the gradient
-#    pass reversed (-r), the dense target, against eager PyTorch; then Liger on its own single-label case
+# 0. The one-read kernel's GPU tests on their own (not a default step: the kernel is off, measured slower): its
+#    programs wait at a per-row barrier, so a fault there could hang rather than fail
+one_read() { run 90 tests.txt python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_kernels.py -k one_read; }
+# 1. The loss at the issue's point (B=4096, K=131072, bf16 and fp32): ours, its gradient pass forwards (-f), the
+#    one-row kernel at 32 warps (-w32: one program a SM, half the rows in flight), the gradient stored evict_first
+#    (-s), both, the dense target, against eager PyTorch; then Liger on its own single-label case
 point() {
   run 120 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 --cases ${POINT_CASES:-torch ours \
-    $(o ours-o ours-o-m32 ours-o-q4096 ours-o-q16384-m32)ours-r ours-dense}
-  run 45 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 1 --cases torch ours $(o ours-o)liger
+    ours-f ours-w32 ours-s ours-w32-s ours-s-p264 ours-dense}
+  run 45 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 1 --cases torch ours liger
 }
-# 2. The fused linear + loss at the issue's point (B=8192, D=1024, K=262144 bf16): both routes as they are; the
-#    rows route with the one-read loss kernel (-o) or its gradient pass reversed (-r); both with the logits GEMM
-#    carrying the loss in its epilogue (-e: Triton GEMMs, autotuned on the first call); against the GEMMs alone,
-#    naive and Cut Cross-Entropy (Liger and the pure-torch route, 248 and 99 ms on an H100, are left out)
+# 2. The fused linear + loss at the issue's point (B=8192, D=1024, K=262144 bf16): both routes, against the GEMMs
+#    alone, naive and Cut Cross-Entropy (Liger and the pure-torch route, 248 and 99 ms on an H100, are left out;
+#    the knobs measured slower on an H200, -e, -o and -r, too)
 linear() {
-  run 150 bench_linear.txt $F --reps 5 --cases ${LINEAR_CASES:-gemms naive ours-fast $(o ours-fast-o)ours-fast-r \
-    ours-fast-e ours-lean ours-lean-e cce}
+  run 150 bench_linear.txt $F --reps 5 --cases ${LINEAR_CASES:-gemms naive ours-fast ours-lean cce}
 }
 # 3. The other GPU tests (the compiled kernels, not the interpreter)
 tests() {
   run 170 tests.txt python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_linear.py \
-    tests/test_loss.py tests/test_distributed.py tests/test_metrics.py tests/test_cli.py -k "not one_read"
+    tests/test_loss.py tests/test_distributed.py tests/test_metrics.py tests/test_cli.py
 }
-# 4. The sweep (K 1k..1M, B 1..16k, 1 and 8 positives): eager, ours and the one-read kernel
-sweep() { run 100 bench_sweep.txt $L --dtype bf16 --sweep --reps 5 --cases ${SWEEP_CASES:-torch ours $(o ours-o)}; }
+# 4. The sweep (K 1k..1M, B 1..16k, 1 and 8 positives): eager, ours ("auto": PyTorch's own loss below 2^26
+#    logits) and the Triton path at every size
+sweep() { run 100 bench_sweep.txt $L --dtype bf16 --sweep --reps 5 --cases ${SWEEP_CASES:-torch ours ours-triton}; }
 # 3a. Only the loss kernels' GPU tests
 kernel_tests() { run 120 tests.txt python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_loss.py; }
 # 3b. Only the CLI's exact resume on CUDA (its own data file, a kill after the first epoch)
@@ -82,21 +77,22 @@ host() {
 amp() { run 60 bench_linear_amp.txt $F --amp --reps 3 --cases gemms naive ours-fast ours-lean; }
 # 7. Where the time goes: torch.profiler on the loss kernel and the linear routes
 profile() {
-  run 60 profile.txt $L --dtype bf16 --B 4096 --K 131072 --npos 8 --profile --cases ours $(o ours-o)
-  run 90 profile.txt $F --profile --cases ours-fast $(o ours-fast-o)ours-fast-e ours-lean-e
+  run 60 profile.txt $L --dtype bf16 --B 4096 --K 131072 --npos 8 --profile --cases ours
+  run 90 profile.txt $F --profile --cases ours-fast ours-lean
 }
-# 8. Nsight Compute on one launch of the loss kernel (DRAM bytes: does the gradient pass re-read rows from L2, does
-#    the one-read kernel read once? L2 hit rate, time, registers, occupancy)
+# 8. Nsight Compute on one launch of the loss kernel (DRAM bytes: how much of the second read comes from DRAM, with
+#    each knob? L2 hit rate, time, registers, occupancy)
 ncu_loss() {
   local M=dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum
   M=$M,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread
   M=$M,sm__warps_active.avg.pct_of_peak_sustained_active,launch__occupancy_limit_registers
-  for args in "--dtype bf16" ${O:+"--dtype bf16 --one-read" "--dtype fp32 --one-read"} "--dtype bf16 --reverse"; do
+  for args in "--dtype bf16" "--dtype bf16 --row-warps 32" "--dtype bf16 --evict-store" "--dtype fp32" \
+              "--dtype fp32 --row-warps 32 --evict-store"; do
     run 60 profile.txt ncu --clock-control none -k regex:_msl_ -s 2 -c 1 --metrics "$M" \
       python3 benchmarks/ncu_loss.py $args
   done
 }
 STEPS=("$@")
-[ ${#STEPS[@]} -gt 0 ] || STEPS=(one_read point linear tests sweep host amp profile ncu_loss)
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(point ncu_loss tests linear sweep host amp profile)
 for s in "${STEPS[@]}"; do "$s"; done
 echo "== done at $SECONDS s; cut for time:${SKIPPED:- nothing}" | tee -a "$OUT/gpu.txt"

@@ -48,15 +48,16 @@ def ptxas_usage(ptx: str) -> tuple[int, int]:
 def main():
     from mlsoftmax.kernels import triton_loss as tl_
 
-    print(f"{'kernel':<12}{'dtype':<6}{'columns':>8}{'warps':>6}{'regs':>6}{'spills':>7}{'progs/SM':>9}"
+    print(f"{'kernel':<14}{'dtype':<6}{'columns':>8}{'warps':>6}{'regs':>6}{'spills':>7}{'progs/SM':>9}"
           f"{'cols/SM':>9}")
     for dt in ("bf16", "fp32"):
         x = f"*{dt}"
         common = dict(X=x, stride_x="i32", G=x, stride_g="i32", T="*fp32", stride_t="i32", IDX="*i64",
                       OFFS="*i64", VALS="*fp32", SCRATCH="*fp32", W="*fp32")
         runs = [("two-pass", tl_._msl_fwd_kernel, dict(common, RS="*fp32", LOSS="*fp32", B="i32", K="i32", eps="fp32"),
-                 dict(SPARSE, COMPUTE_GRAD=True, REVERSE=False, BLOCK=tl_.MAX_BLOCK, BLOCK_P=tl_.BLOCK_P),
+                 dict(SPARSE, COMPUTE_GRAD=True, REVERSE=True, EVICT_STORE=False, BLOCK=tl_.MAX_BLOCK, BLOCK_P=tl_.BLOCK_P),
                  tl_._num_warps(tl_.MAX_BLOCK), tl_.MAX_BLOCK, {})]
+        runs.append(("two-pass/32w", *runs[0][1:4], 32, tl_.MAX_BLOCK, {}))  # the ROW_WARPS=32 knob
         for width, cap in [(2048, None), (4096, None)] + [(w, None) for w in tl_.ONE_READ_BLOCKS] + [(8192, 32)]:
             runs.append(("one-read" + (f"/{cap}" if cap else ""), tl_._msl_one_read_kernel,
                          dict(common, WSUM="*fp32", RS="*fp32", LOSS="*fp32", STATS="*fp32", ARRIVED="*i32", K="i32",
@@ -68,8 +69,8 @@ def main():
             regs, spills = ptxas_usage(kernel.asm["ptx"])
             threads = 32 * warps
             per_sm = min(65536 // (threads * -(-regs // 8) * 8), 2048 // threads)  # registers go in units of 8
-            held = per_sm * width if name.startswith("one-read") else "-"  # the two-pass kernel streams its row
-            print(f"{name:<12}{dt:<6}{width:>8}{warps:>6}{regs:>6}{spills:>7}{per_sm:>9}{held:>9}")
+            held = per_sm * width if name.startswith("one-read") else "-"  # the two-pass kernel streams its rows
+            print(f"{name:<14}{dt:<6}{width:>8}{warps:>6}{regs:>6}{spills:>7}{per_sm:>9}{held:>9}")
 
 
 if __name__ == "__main__":

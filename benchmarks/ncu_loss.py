@@ -5,9 +5,10 @@ for bf16 at B=4096, K=131072 is 1 GiB read and 1 GiB written.
 
     ncu --clock-control none -k regex:_msl_ -s 2 -c 1 \\
         --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \\
-        python benchmarks/ncu_loss.py --dtype bf16            # --reverse: the backwards gradient pass
+        python benchmarks/ncu_loss.py --dtype bf16            # --forward: the gradient pass forwards
 
 With ``--one-read`` the one-read kernel (``_msl_one_read_kernel``) runs instead; ``regex:_msl_`` names either.
+``--row-warps 32`` and ``--evict-store`` set the one-row kernel's knobs (``ROW_WARPS``, ``STORE_EVICT_FIRST``).
 """
 
 import argparse
@@ -22,13 +23,17 @@ def main():
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--B", type=int, default=4096)
     p.add_argument("--K", type=int, default=131072)
-    p.add_argument("--reverse", action="store_true", help="the gradient pass walks each row backwards")
+    p.add_argument("--forward", action="store_true", help="the gradient pass walks each row forwards")
     p.add_argument("--one-read", action="store_true", help="the one-read kernel (ONE_READ)")
+    p.add_argument("--row-warps", type=int, default=None, help="warps of the one-row kernel (ROW_WARPS)")
+    p.add_argument("--evict-store", action="store_true", help="the gradient stored evict_first (STORE_EVICT_FIRST)")
     args = p.parse_args()
     from mlsoftmax.kernels import triton_loss
 
-    triton_loss.REVERSE_GRAD = args.reverse
+    triton_loss.REVERSE_GRAD = not args.forward
     triton_loss.ONE_READ = args.one_read
+    triton_loss.ROW_WARPS = args.row_warps
+    triton_loss.STORE_EVICT_FIRST = args.evict_store
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     x = torch.randn(args.B, args.K, device="cuda").to(dtype)
     pos = Positives.from_padded(torch.randint(0, args.K, (args.B, 8), device="cuda"))

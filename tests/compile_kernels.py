@@ -60,8 +60,14 @@ def main():
                        OFFS="*i64", VALS="*fp32", SCRATCH="*fp32", W="*fp32", RS="*fp32", LOSS="*fp32", B="i32",
                        K="i32", eps="fp32")
             common = dt != "bf16" or flags == dict(zip(FLAGS, (False, True, False, False, False)))
-            for grad, rev in ((False, False), (True, False), (True, True)):
-                build(tl_._msl_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=grad, REVERSE=rev, **blocks), num_warps=16)
+            for grad, rev, evict in ((False, False, False), (True, False, False), (True, True, False)) + (
+                    ((True, True, True),) if common else ()):  # evict: the STORE_EVICT_FIRST knob
+                build(tl_._msl_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=grad, REVERSE=rev, EVICT_STORE=evict, **blocks),
+                      num_warps=16)
+                n += 1
+            if common:  # the ROW_WARPS knob at 32
+                build(tl_._msl_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=True, REVERSE=True, EVICT_STORE=False,
+                                                     **blocks), num_warps=32)
                 n += 1
             sig = dict(X=x, stride_x="i32", T="*fp32", stride_t="i32", IDX="*i64", OFFS="*i64", VALS="*fp32",
                        W="*fp32", STATS="*fp32", K="i32", SPAN="i32", S="i32")

@@ -28,6 +28,7 @@ def test_case_names_parse_into_kernel_knobs():
     assert split_knobs("ours-r-p132") == ("ours", {(loss, "REVERSE_GRAD"): True, (linear, "REVERSE_GRAD"): True,
                                                    (loss, "ROW_PROGRAMS"): 132})
     assert split_knobs("ours-f") == ("ours", {(loss, "REVERSE_GRAD"): False})
+    assert split_knobs("ours-w32-s") == ("ours", {(loss, "ROW_WARPS"): 32, (loss, "STORE_EVICT_FIRST"): True})
     assert split_knobs("ours-b8192") == ("ours", {(loss, "MAX_BLOCK"): 8192})
     assert split_knobs("ours-fast-e") == ("ours-fast", {(linear, "EPILOGUE"): True})
     assert split_knobs("ours-lean-r") == ("ours-lean", {(loss, "REVERSE_GRAD"): True, (linear, "REVERSE_GRAD"): True})
@@ -47,7 +48,8 @@ def _run(script, *args):
 
 @pytest.mark.skipif("triton" not in IMPLS, reason="Triton not installed")
 def test_loss_benchmark_runs_every_case_of_the_gpu_check():
-    cases = ["torch", "ours", "ours-triton", "ours-small", "ours-dense", "ours-r", "ours-f", "ours-r-p2", "ours-b64", "ours-o", "ours-o-m32",
+    cases = ["torch", "ours", "ours-triton", "ours-small", "ours-dense", "ours-r", "ours-f", "ours-w32", "ours-s",
+             "ours-w32-s", "ours-s-p264", "ours-r-p2", "ours-b64", "ours-o", "ours-o-m32",
              "ours-o-q4096", "ours-o-q16384-m32", "compile", "ours-cg"]
     out = _run("bench_loss.py", "--device", "cpu", "--B", "3", "--K", "300", "--npos", "2", "--reps", "1",
                "--cases", *cases)
@@ -93,5 +95,5 @@ def test_kernel_registers_reports_every_kernel():
                           env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines()[1:]]
-    assert [(r[0], r[1]) for r in rows] == [(k, d) for d in ("bf16", "fp32") for k in ["two-pass"] + ["one-read"] * 4 + ["one-read/32"]]
+    assert [(r[0], r[1]) for r in rows] == [(k, d) for d in ("bf16", "fp32") for k in ["two-pass", "two-pass/32w"] + ["one-read"] * 4 + ["one-read/32"]]
     assert all(int(r[4]) > 0 and int(r[6]) >= 1 for r in rows), proc.stdout

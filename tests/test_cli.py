@@ -195,7 +195,7 @@ def _cli(*args):
 
 def _run_ok(cmd):
     """Run ``cmd``; on a non-zero exit, fail with what it printed."""
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
 
 

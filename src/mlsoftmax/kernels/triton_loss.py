@@ -63,6 +63,14 @@ REVERSE_GRAD = True
 # against 0.75 ms in bf16 at B=4096, K=131072, its programs waiting at their rows' barriers (BENCHMARKS.md);
 # a benchmark knob (``ours-o``, ``ours-fast-o``).
 ONE_READ = False
+# Two more knobs of the one-program-per-row kernel, aimed at the 0.63 GB of its second read that an H200 fetched
+# from DRAM instead of L2 (BENCHMARKS.md), and off until measured on a GPU (cases ``ours-w32``, ``ours-s``):
+# ROW_WARPS, its warps (None: 16 for a 16384-column block; 32 makes one program a SM, by registers, so half as many
+# rows are in flight, 33 MB of bf16 rows against an L2 of 50 MB, with as many warps a SM loading), and
+# STORE_EVICT_FIRST, the gradient's stores marked evict_first, so that its dirty lines leave L2 before the logits
+# that wait for their second read.
+ROW_WARPS = None
+STORE_EVICT_FIRST = False
 ONE_READ_BLOCKS = (8192, 16384)  # columns a program holds, 16 a thread (benchmarks/kernel_registers.py)
 ONE_READ_MAXNREG = None  # a register cap for ptxas (32: four 8192-column programs a SM, with spills); a knob
 
@@ -169,8 +177,9 @@ def _target_entries(x_row, IDX, VALS, W, SCRATCH, p0, p1, lo, hi, lse, a, bt, bs
 
 @triton.jit
 def _grad_block(x_row, g_row, t_row, W, k0, hi, lse, a, bt, bs, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                HAS_SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
-    """Columns ``[k0, k0 + BLOCK)`` (below ``hi``) of ``a softmax - bt w t - bs w``, each entry in fp32, rounded once."""
+                HAS_SMOOTH: tl.constexpr, EVICT_STORE: tl.constexpr, BLOCK: tl.constexpr):
+    """Columns ``[k0, k0 + BLOCK)`` (below ``hi``) of ``a softmax - bt w t - bs w``, each entry in fp32, rounded once;
+    stored ``evict_first`` with ``EVICT_STORE``."""
     offs = k0 + tl.arange(0, BLOCK)
     mask = offs < hi
     x = tl.load(x_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
@@ -182,22 +191,26 @@ def _grad_block(x_row, g_row, t_row, W, k0, hi, lse, a, bt, bs, HAS_DENSE: tl.co
         g = g - (t * w if HAS_WEIGHT else t) * bt
     if HAS_SMOOTH:
         g = g - (bs * w if HAS_WEIGHT else bs)
-    tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=mask)
+    if EVICT_STORE:
+        tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+    else:
+        tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _grad_pass(x_row, g_row, t_row, W, lo, hi, lse, a, bt, bs, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-               HAS_SMOOTH: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+               HAS_SMOOTH: tl.constexpr, REVERSE: tl.constexpr, EVICT_STORE: tl.constexpr, BLOCK: tl.constexpr):
     """Second pass over columns ``[lo, hi)``; with ``REVERSE`` from the last block back, so that the blocks that the
     first pass read last (the likeliest still in L2) are re-read first."""
     if REVERSE:
         nb = tl.cdiv(hi - lo, BLOCK)
         for j in range(0, nb):
             _grad_block(x_row, g_row, t_row, W, lo + (nb - 1 - j) * BLOCK, hi, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT,
-                        HAS_SMOOTH, BLOCK)
+                        HAS_SMOOTH, EVICT_STORE, BLOCK)
     else:
         for k0 in range(lo, hi, BLOCK):
-            _grad_block(x_row, g_row, t_row, W, k0, hi, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH, BLOCK)
+            _grad_block(x_row, g_row, t_row, W, k0, hi, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH, EVICT_STORE,
+                        BLOCK)
 
 
 @triton.jit
@@ -269,8 +282,8 @@ def _msl_fwd_kernel(
     LOSS,  # [B] fp32 out: row_scale * loss
     B, K, eps,
     HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_VALUES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, COMPUTE_GRAD: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, COMPUTE_GRAD: tl.constexpr, REVERSE: tl.constexpr, EVICT_STORE: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # 0. a persistent loop: program p takes rows p, p + P, ... (P = B: one row each; fewer caps rows in flight)
     for row in range(tl.program_id(0).to(tl.int64), B, tl.num_programs(0)):  # int64 rows: B * K may pass 2^31
@@ -301,7 +314,7 @@ def _msl_fwd_kernel(
                                 HAS_SMOOTH, BLOCK_P)
             # 5. second pass: the gradient, re-reading the row from L2 where it fits
             _grad_pass(x_row, g_row, t_row, W, 0, K, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH, REVERSE,
-                       BLOCK)
+                       EVICT_STORE, BLOCK)
             if HAS_SPARSE:
                 # 6. the exact target entries, over pass 2's
                 _write_target_entries(g_row, IDX, SCRATCH, p0, p1, 0, K, BLOCK_P)
@@ -398,7 +411,7 @@ def _msl_split_grad_kernel(
                         HAS_SMOOTH, BLOCK_P)
     # 2. this slice of the gradient
     _grad_pass(x_row, g_row, T + row * stride_t, W, lo, hi, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH,
-               REVERSE, BLOCK)
+               REVERSE, False, BLOCK)
     if HAS_SPARSE:
         # 3. this slice's exact target entries, over the pass's
         _write_target_entries(g_row, IDX, SCRATCH, p0, p1, lo, hi, BLOCK_P)
@@ -611,7 +624,8 @@ def forward(
             row_scale, loss, b, k, float(label_smoothing),
             HAS_DENSE=dense is not None, HAS_SPARSE=sparse, HAS_VALUES=values is not None,
             HAS_WEIGHT=weight is not None, HAS_SMOOTH=label_smoothing > 0, COMPUTE_GRAD=compute_grad,
-            REVERSE=reverse, BLOCK=block, BLOCK_P=BLOCK_P, num_warps=_num_warps(block),
+            REVERSE=reverse, EVICT_STORE=STORE_EVICT_FIRST, BLOCK=block, BLOCK_P=BLOCK_P,
+            num_warps=ROW_WARPS or _num_warps(block),
         )
     return loss, grad
 
