@@ -83,11 +83,14 @@ def test_triton_rejects_fp64_and_inplace_needs_triton():
 @needs_triton
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("one_read", [False, True])
-def test_inplace_gradient_overwrites_logits(sparse, dtype, one_read, rng, monkeypatch):
+@pytest.mark.parametrize("knobs", [{}, {"ONE_READ": True}, {"REVERSE_GRAD": False},
+                                   {"STORE_EVICT_FIRST": True, "ROW_WARPS": 32}], ids=["default", "one_read",
+                                                                                   "forward", "evict_store_32w"])
+def test_inplace_gradient_overwrites_logits(sparse, dtype, knobs, rng, monkeypatch):
     from mlsoftmax.kernels import triton_loss
 
-    monkeypatch.setattr(triton_loss, "ONE_READ", one_read)
+    for name, value in knobs.items():
+        monkeypatch.setattr(triton_loss, name, value)
     b, k = 5, 300  # several blocks per row under the interpreter (several programs per row with one_read)
     y = random_multihot(rng, b, k, p=0.03, empty_rows=[2])
     s = torch.tensor(rng.normal(size=(b, k))).to(dtype)
