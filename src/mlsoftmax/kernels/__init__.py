@@ -31,7 +31,7 @@ COMPILE_MIN_ELEMS = 1 << 18
 # launches and small ops, against about 0.2-0.4 ms for eager F.cross_entropy, on an H200 machine's host), so
 # PyTorch's own loss on the dense target; measured crossover of eager and Triton in the sweep (BENCHMARKS.md):
 # eager faster up to 2^26 logits (64 x 1M bf16: 0.83 against 1.0 ms), Triton from 2^27 (4096 x 32768: 0.57
-# against 1.0 ms). The small path's temporaries (fp32 copies) are a few times the logits: 1 GB at most here.
+# against 1.0 ms). The small path's temporaries (fp32 copies) are a few times the logits: about 1 GB at 2^26.
 CUDA_SMALL_MAX_ELEMS = 1 << 26
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp64 uses the torch path
 

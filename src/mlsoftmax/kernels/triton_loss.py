@@ -53,8 +53,8 @@ ROW_PROGRAMS = None
 # The gradient pass walks each row (and the split-row programs) backwards, so that what the first pass read last,
 # the likeliest to be still in L2, is re-read first (a forward re-read of a row larger than its share of L2 finds
 # each block already evicted, as a cyclic scan does under LRU). Measured on an H200 (BENCHMARKS.md) at B=4096,
-# K=131072: DRAM reads 1.70 GB against 1.92 (Nsight Compute), 0.746-0.749 ms against 0.78 ms in bf16 and 1.503
-# against 1.575 ms in fp32, three runs each (``ours-r`` / ``ours-f`` in benchmarks/bench_loss.py). The fused
+# K=131072: DRAM reads 1.70 GB against 1.92 (Nsight Compute), 0.746-0.824 ms against 0.782-1.051 ms in bf16 and
+# 1.503 against 1.575 ms in fp32, three runs each (``ours-r`` / ``ours-f`` in benchmarks/bench_loss.py). The fused
 # linear routes keep their own switch (``triton_linear.REVERSE_GRAD``), off: measured slower there.
 REVERSE_GRAD = True
 # One read of the logits: each row is shared by programs that hold their slice in registers, publish its
