@@ -38,11 +38,13 @@ run() {  # run CAP FILE CMD...: CMD under the cap, its output to stdout and appe
 #    programs wait at a per-row barrier, so a fault there could hang rather than fail
 one_read() { run 90 tests.txt python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_kernels.py -k one_read; }
 # 1. The loss at the point (B=4096, K=131072, bf16 and fp32): ours, its gradient pass forwards (-f), the
-#    one-row kernel at 32 warps (-w32: one program a SM, half the rows in flight), the gradient stored evict_first
-#    (-s), both, the dense target, against eager PyTorch; then Liger on its own single-label case
+#    one-row kernel at 32 warps (-w32; with one program a SM, -p132, half the rows in flight on any Triton), the
+#    gradient stored evict_first (-s), both, the dense target, against eager PyTorch; then an odd K (131071: rows
+#    peeled to a 16-byte boundary, PEEL), whose time should be the aligned K's; then Liger on its single-label case
 point() {
   run 120 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 --cases ${POINT_CASES:-torch ours \
-    ours-f ours-w32 ours-s ours-w32-s ours-s-p264 ours-dense}
+    ours-f ours-w32 ours-w32-p132 ours-s ours-w32-s ours-dense}
+  run 45 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131071 --npos 8 --cases torch ours
   run 45 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 1 --cases torch ours liger
 }
 # 2. The fused linear + loss at the point (B=8192, D=1024, K=262144 bf16): both routes, against the GEMMs

@@ -1,11 +1,16 @@
-"""Registers, spills and residency of the loss kernels on an H100 (sm_90), from Triton's compiler alone: no GPU.
+"""Registers, spills, residency and access width of the loss kernels on an H100 (sm_90), from Triton's compiler
+alone: no GPU.
 
-The one-read kernel holds each program's slice of a row in registers, so how many columns an SM can hold at once
-(programs per SM x columns per program) bounds the bytes it has in flight. This compiles the kernels as the
-launchers call them at the issue's point (sparse positives, no options; pointers and strides aligned to 16, as
-Triton specializes them), runs ``ptxas -v`` on each, and prints registers per thread, spills, programs per SM
-(limited by 64K registers and 2048 threads per SM) and columns resident per SM. ``one-read/32`` is the one-read
-kernel with ptxas capped at 32 registers a thread (``ONE_READ_MAXNREG``, a benchmark knob).
+Each kernel is compiled as the launchers call it with sparse positives and no options, specialized as Triton's
+launcher specializes its arguments: pointers aligned to 16 bytes, and every integer argument that is a multiple
+of 16 marked so. Two points: the issue's K = 131072 (the rows, ``K`` and the stride whole 16-byte vectors, so
+``PEEL`` is off) and K = 131071 (any row start, ``PEEL`` on: each row is streamed from its first 16-byte
+boundary). For each this runs ``ptxas -v`` and prints registers per thread, spills, programs per SM (64K
+registers and 2048 threads per SM), and the global loads and stores of the logits and gradient in the PTX that
+are 128-bit vectors against those that are not (the two-pass kernel's row streams: four vector accesses of x
+and g per step; scalar ones there mean a 16-bit or 32-bit access per column). ``one-read/32`` is the one-read
+kernel with ptxas capped at 32 registers a thread (``ONE_READ_MAXNREG``, a benchmark knob). Run it with another
+Triton on the path to see that version's figures (the device's was 3.6, this repository's is 3.9).
 
     python benchmarks/kernel_registers.py
 """
@@ -24,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from compile_kernels import build  # noqa: E402
 
-ALIGNED = ("X", "stride_x", "G", "stride_g", "IDX", "OFFS", "SCRATCH", "RS", "LOSS", "STATS", "ARRIVED")
+POINTERS = ("X", "G", "T", "IDX", "OFFS", "VALS", "SCRATCH", "W", "WSUM", "RS", "LOSS", "STATS", "ARRIVED")
 SPARSE = dict(HAS_DENSE=False, HAS_SPARSE=True, HAS_VALUES=False, HAS_WEIGHT=False, HAS_SMOOTH=False)
 
 
@@ -45,32 +50,51 @@ def ptxas_usage(ptx: str) -> tuple[int, int]:
     return regs, spills
 
 
+def access_widths(ptx: str) -> tuple[int, int]:
+    """``(vector, narrow)``: global loads and stores in the PTX that move 128 bits, and those of one 16- or 32-bit
+    element (the loss's positives and per-row scalars are among the latter whatever the alignment)."""
+    ops = re.findall(r"\b(?:ld|st)\.global[.\w:]*", ptx)
+    vector = sum(".v4" in op or ".v2.b64" in op for op in ops)
+    narrow = sum(op.endswith((".b16", ".b32")) and ".v" not in op for op in ops)
+    return vector, narrow
+
+
 def main():
+    import triton
+
     from mlsoftmax.kernels import triton_loss as tl_
 
-    print(f"{'kernel':<14}{'dtype':<6}{'columns':>8}{'warps':>6}{'regs':>6}{'spills':>7}{'progs/SM':>9}"
-          f"{'cols/SM':>9}")
+    print(f"Triton {triton.__version__}, sm_90")
+    print(f"{'kernel':<14}{'dtype':<6}{'K':>8}{'columns':>8}{'warps':>6}{'regs':>6}{'spills':>7}{'progs/SM':>9}"
+          f"{'vector/narrow':>15}")
     for dt in ("bf16", "fp32"):
         x = f"*{dt}"
         common = dict(X=x, stride_x="i32", G=x, stride_g="i32", T="*fp32", stride_t="i32", IDX="*i64",
                       OFFS="*i64", VALS="*fp32", SCRATCH="*fp32", W="*fp32")
-        runs = [("two-pass", tl_._msl_fwd_kernel, dict(common, RS="*fp32", LOSS="*fp32", B="i32", K="i32", eps="fp32"),
-                 dict(SPARSE, COMPUTE_GRAD=True, REVERSE=True, EVICT_STORE=False, BLOCK=tl_.MAX_BLOCK, BLOCK_P=tl_.BLOCK_P),
-                 tl_._num_warps(tl_.MAX_BLOCK), tl_.MAX_BLOCK, {})]
-        runs.append(("two-pass/32w", *runs[0][1:4], 32, tl_.MAX_BLOCK, {}))  # the ROW_WARPS=32 knob
-        for width, cap in [(2048, None), (4096, None)] + [(w, None) for w in tl_.ONE_READ_BLOCKS] + [(8192, 32)]:
-            runs.append(("one-read" + (f"/{cap}" if cap else ""), tl_._msl_one_read_kernel,
-                         dict(common, WSUM="*fp32", RS="*fp32", LOSS="*fp32", STATS="*fp32", ARRIVED="*i32", K="i32",
-                              S="i32", eps="fp32"),
-                         dict(SPARSE, PHASE=2, BLOCK=width, BLOCK_P=tl_.BLOCK_P, BLOCK_S=64),
-                         tl_._one_read_warps(width), width, {"maxnreg": cap} if cap else {}))
-        for name, fn, sig, consts, warps, width, options in runs:
-            kernel = build(fn, sig, consts, num_warps=warps, aligned=[a for a in ALIGNED if a in sig], **options)
-            regs, spills = ptxas_usage(kernel.asm["ptx"])
-            threads = 32 * warps
-            per_sm = min(65536 // (threads * -(-regs // 8) * 8), 2048 // threads)  # registers go in units of 8
-            held = per_sm * width if name.startswith("one-read") else "-"  # the two-pass kernel streams its rows
-            print(f"{name:<14}{dt:<6}{width:>8}{warps:>6}{regs:>6}{spills:>7}{per_sm:>9}{held:>9}")
+        for k, peel in ((131072, False), (131071, True)):
+            # integers that Triton marks divisible by 16 at this K (B = 4096, strides K, spans of whole blocks)
+            ints = {"B", "S"} | ({"K", "stride_x", "stride_g"} if k % 16 == 0 else set())
+            two_pass = dict(common, RS="*fp32", LOSS="*fp32", B="i32", K="i32", eps="fp32")
+            flags = dict(SPARSE, COMPUTE_GRAD=True, REVERSE=True, EVICT_STORE=False, PEEL=peel, G_ALIGNED=peel,
+                         BLOCK=tl_.MAX_BLOCK, BLOCK_P=tl_.BLOCK_P)
+            runs = [("two-pass", tl_._msl_fwd_kernel, two_pass, flags, tl_._num_warps(tl_.MAX_BLOCK), tl_.MAX_BLOCK,
+                     {}),
+                    ("two-pass/32w", tl_._msl_fwd_kernel, two_pass, flags, 32, tl_.MAX_BLOCK, {})]  # ROW_WARPS=32
+            for width, cap in [(w, None) for w in tl_.ONE_READ_BLOCKS] + [(8192, 32)] if not peel else []:
+                runs.append(("one-read" + (f"/{cap}" if cap else ""), tl_._msl_one_read_kernel,
+                             dict(common, WSUM="*fp32", RS="*fp32", LOSS="*fp32", STATS="*fp32", ARRIVED="*i32",
+                                  K="i32", S="i32", eps="fp32"),
+                             dict(SPARSE, PHASE=2, BLOCK=width, BLOCK_P=tl_.BLOCK_P, BLOCK_S=64),
+                             tl_._one_read_warps(width), width, {"maxnreg": cap} if cap else {}))
+            for name, fn, sig, consts, warps, width, options in runs:
+                aligned = [a for a in sig if a in POINTERS or a in ints]
+                kernel = build(fn, sig, consts, num_warps=warps, aligned=aligned, **options)
+                regs, spills = ptxas_usage(kernel.asm["ptx"])
+                vector, narrow = access_widths(kernel.asm["ptx"])
+                threads = 32 * warps
+                per_sm = min(65536 // (threads * -(-regs // 8) * 8), 2048 // threads)  # registers go in units of 8
+                print(f"{name:<14}{dt:<6}{k:>8}{width:>8}{warps:>6}{regs:>6}{spills:>7}{per_sm:>9}"
+                      f"{f'{vector}/{narrow}':>15}")
 
 
 if __name__ == "__main__":

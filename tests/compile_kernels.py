@@ -14,6 +14,7 @@ import os
 import sys
 
 FLAGS = ("HAS_DENSE", "HAS_SPARSE", "HAS_VALUES", "HAS_WEIGHT", "HAS_SMOOTH")
+BUILT = [0]  # variants compiled by this process
 
 
 def build(fn, sig, consts, num_warps=4, num_stages=3, aligned=(), **options):
@@ -28,6 +29,7 @@ def build(fn, sig, consts, num_warps=4, num_stages=3, aligned=(), **options):
     names = list(inspect.signature(fn.fn).parameters)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     sig = dict(sig, **{k: "constexpr" for k in consts})
+    BUILT[0] += 1
     return triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages, **options})
 
@@ -50,7 +52,6 @@ def main():
     from mlsoftmax.kernels import triton_linear as tlin
     from mlsoftmax.kernels import triton_loss as tl_
 
-    n = 0
     for dt in ("fp32", "bf16", "fp16"):
         x = f"*{dt}"
         ptrs = {"T": "*fp32", "IDX": "*i64", "OFFS": "*i64", "VALS": "*fp32", "SCRATCH": "*fp32", "W": "*fp32"}
@@ -60,23 +61,28 @@ def main():
                        OFFS="*i64", VALS="*fp32", SCRATCH="*fp32", W="*fp32", RS="*fp32", LOSS="*fp32", B="i32",
                        K="i32", eps="fp32")
             common = dt != "bf16" or flags == dict(zip(FLAGS, (False, True, False, False, False)))
+            # PEEL=False: the rows and K whole 16-byte vectors (evict: the STORE_EVICT_FIRST knob)
             for grad, rev, evict in ((False, False, False), (True, False, False), (True, True, False)) + (
-                    ((True, True, True),) if common else ()):  # evict: the STORE_EVICT_FIRST knob
-                build(tl_._msl_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=grad, REVERSE=rev, EVICT_STORE=evict, **blocks),
-                      num_warps=16)
-                n += 1
+                    ((True, True, True),) if common else ()):
+                build(tl_._msl_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=grad, REVERSE=rev, EVICT_STORE=evict,
+                                                     PEEL=False, G_ALIGNED=False, **blocks), num_warps=16)
+            # PEEL=True: rows peeled to a 16-byte boundary (any K, any row start); the gradient's rows aligned
+            # alike, or (common form) not
+            for g_aligned in (True, False) if common else (True,):
+                build(tl_._msl_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=True, REVERSE=True, EVICT_STORE=False,
+                                                     PEEL=True, G_ALIGNED=g_aligned, **blocks), num_warps=16)
             if common:  # the ROW_WARPS knob at 32
                 build(tl_._msl_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=True, REVERSE=True, EVICT_STORE=False,
-                                                     **blocks), num_warps=32)
-                n += 1
+                                                     PEEL=False, G_ALIGNED=False, **blocks), num_warps=32)
             sig = dict(X=x, stride_x="i32", T="*fp32", stride_t="i32", IDX="*i64", OFFS="*i64", VALS="*fp32",
                        W="*fp32", STATS="*fp32", K="i32", SPAN="i32", S="i32")
-            build(tl_._msl_split_stats_kernel, sig, dict(flags, **blocks), num_warps=16)
+            for peel in (False, True) if common else (False,):
+                build(tl_._msl_split_stats_kernel, sig, dict(flags, PEEL=peel, **blocks), num_warps=16)
             sig = dict(X=x, stride_x="i32", G=x, stride_g="i32", T="*fp32", stride_t="i32", IDX="*i64",
                        OFFS="*i64", VALS="*fp32", SCRATCH="*fp32", W="*fp32", COEF="*fp32", K="i32", SPAN="i32")
-            for rev in (False, True):
-                build(tl_._msl_split_grad_kernel, sig, dict(flags, REVERSE=rev, **blocks), num_warps=16)
-                n += rev
+            for rev, peel in itertools.product((False, True), (False, True) if common else (False,)):
+                build(tl_._msl_split_grad_kernel, sig, dict(flags, REVERSE=rev, PEEL=peel, G_ALIGNED=peel, **blocks),
+                      num_warps=16)
             # the one-read kernel (a benchmark knob): its GPU form, with the barrier; both widths for the common form
             sig = dict(X=x, stride_x="i32", G=x, stride_g="i32", T="*fp32", stride_t="i32", IDX="*i64", OFFS="*i64",
                        VALS="*fp32", SCRATCH="*fp32", W="*fp32", WSUM="*fp32", RS="*fp32", LOSS="*fp32",
@@ -86,11 +92,9 @@ def main():
                 build(tl_._msl_one_read_kernel, sig, dict(flags, PHASE=2, BLOCK=width, BLOCK_P=tl_.BLOCK_P,
                                                           BLOCK_S=64), num_warps=tl_._one_read_warps(width),
                       **({"maxnreg": cap} if cap else {}))
-                n += 1
             build(tl_._msl_split_combine_kernel, dict(STATS="*fp32", WSUM="*fp32", RS="*fp32", LOSS="*fp32",
                                                       COEF="*fp32", S="i32", K="i32", eps="fp32"),
                   dict(HAS_WEIGHT=flags["HAS_WEIGHT"], HAS_SMOOTH=flags["HAS_SMOOTH"], BLOCK_S=64))
-            n += 3
         build(tl_._scale_rows_kernel, dict(G=x, stride_g="i32", GO="*fp32", stride_go="i32", B="i32", K="i32"),
               dict(BLOCK=16384), num_warps=16)
         build(tlin._positive_logits_kernel, dict(H=x, stride_h="i32", Wt=x, stride_w="i32", IDX="*i64",
@@ -98,7 +102,6 @@ def main():
               dict(BLOCK_N=tlin.BLOCK_N, BLOCK_D=tlin.BLOCK_D))
         build(tlin._write_entries_kernel, dict(G=x, stride_g="i32", IDX="*i64", ROWS="*i64", VALS="*fp32",
                                                NNZ="i32", c0="i32", C="i32"), dict(BLOCK_N=tlin.BLOCK_N))
-        n += 3
         # the epilogue GEMM: the rows route's mode (logits and their statistics), the labels route's two (statistics
         # alone, the gradient), plain and with every option, in each autotuning configuration for bf16 (the first
         # mode and configuration alone for fp32 and fp16)
@@ -112,12 +115,10 @@ def main():
                          HAS_WEIGHT=opts, HAS_SMOOTH=opts, IEEE=dt == "fp32", EVEN_K=True, N_TILES=tlin.STATS_TILES if st else 1,
                          BLOCK_M=bm, BLOCK_N=tlin.TILE_N, BLOCK_K=bk)
             build(tlin._gemm_loss_kernel, sig, flags, num_warps=warps, num_stages=stages)
-            n += 1
         build(tlin._positive_sums_kernel, dict(X=x, stride_x="i32", IDX="*i64", OFFS="*i64", VALS="*fp32",
                                                W="*fp32", STATS="*fp32", S="i32"),
               dict(HAS_VALUES=False, HAS_WEIGHT=False, BLOCK_P=tl_.BLOCK_P))
-        n += 1
-    print(f"compiled {n} kernel variants for sm_90")
+    print(f"compiled {BUILT[0]} kernel variants for sm_90")
     return 0
 
 

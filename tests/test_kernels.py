@@ -1,5 +1,7 @@
 """Triton kernel specifics (under TRITON_INTERPRET=1 on the CPU), dispatch, and GPU-only checks."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -127,6 +129,95 @@ def test_no_gradient_buffer_without_requires_grad(rng):
     np.testing.assert_allclose(out.numpy(), R.loss(s.astype(np.float64), y), rtol=1e-5)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [320, 301])
+@pytest.mark.parametrize("b", [3, 9], ids=["split_rows", "row_per_program"])
+def test_rows_at_any_alignment_match_the_oracle(dtype, k, b, rng, monkeypatch):
+    """Rows that start at every offset from a 16-byte boundary (views into a wider buffer), K a multiple of 16 or
+    not, gradient pass either way, in place or not: the kernels peel each row to its first boundary where needed
+    (``needs_peel``), stream whole vectors and treat the edges apart; a gradient whose rows sit otherwise than
+    the logits' (a fresh buffer for a view) stores unhinted. Under the interpreter 3 rows take the split-row
+    kernels and 9 the one-row kernel. Loss and gradient against the fp64 oracle."""
+    from mlsoftmax.kernels import triton_loss
+
+    esize = torch.finfo(dtype).bits // 8
+    y = random_multihot(rng, b, k, p=0.03, empty_rows=[1])
+    tgt = Positives.from_lists([np.flatnonzero(r).tolist() for r in y])
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    # offsets of 0, 2, 4 and 14 bytes in 16-bit dtypes, 0, 4, 8 and 12 (mod 16) in fp32
+    for off, (reverse, inplace) in itertools.product((0, 1, 2, 7), ((True, False), (False, True), (True, True))):
+        monkeypatch.setattr(triton_loss, "REVERSE_GRAD", reverse)
+        buf = torch.tensor(rng.normal(size=(b, k + 16)) * 3).to(dtype)  # rows of 336 or 317 columns
+        x = buf[:, off:off + k]  # each row starts off columns past the buffer's
+        assert triton_loss.needs_peel(x) == (buf.data_ptr() % 16 != 0 or off * esize % 16 != 0 or k % 16 != 0)
+        s64 = x.double().numpy()
+        z = (buf.clone()[:, off:off + k] if inplace else x).requires_grad_()  # a copy at the same offsets to overwrite
+        leaf = z.detach()
+        out = multilabel_softmax_loss(z, tgt, reduction="sum", impl="triton", inplace=inplace)
+        np.testing.assert_allclose(out.double().item(), R.loss(s64, y).sum(), rtol=tol["rtol"])
+        out.backward()
+        grad = (leaf if inplace else z.grad).double().numpy()
+        np.testing.assert_allclose(grad, R.grad(s64, y), **tol, err_msg=f"offset {off}, reverse {reverse}")
+
+
+if "triton" in AVAILABLE:  # a kernel that reports _aligned_body's split of [lo, hi) for each row
+    import triton
+    import triton.language as tl
+
+    from mlsoftmax.kernels.triton_loss import _aligned_body
+
+    @triton.jit
+    def _probe_aligned_body(X, stride, LO, HI, OUT):
+        row = tl.program_id(0)
+        b0, v1 = _aligned_body(X + row * stride, tl.load(LO + row), tl.load(HI + row))
+        tl.store(OUT + row * 2, b0)
+        tl.store(OUT + row * 2 + 1, v1)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_aligned_body_starts_on_a_16_byte_boundary(dtype):
+    """``_aligned_body`` under the interpreter (which hands kernels the tensors' real addresses): for rows starting
+    anywhere, the body starts at the first 16-byte boundary at or past ``lo`` (fewer than a vector's columns in),
+    ends on a whole vector, and stays inside ``[lo, hi)``. The compiled kernels promise the compiler exactly this
+    (``tl.multiple_of``), so a wrong head would be a misaligned vector access on a GPU."""
+    esize = torch.finfo(dtype).bits // 8
+    vec = 16 // esize
+    buf = torch.zeros(40, 61, dtype=dtype)  # rows 122 or 244 bytes apart: every offset from a boundary
+    lo = torch.tensor([0, 1, 2, 3, 5, 8, 9, 17] * 5, dtype=torch.int32)
+    hi = torch.minimum(lo + torch.tensor([0, 1, 3, 7, 8, 9, 16, 23, 40, 44] * 4, dtype=torch.int32),
+                       torch.tensor(61, dtype=torch.int32))
+    out = torch.zeros(40, 2, dtype=torch.int32)
+    _probe_aligned_body[(40,)](buf, buf.stride(0), lo, hi, out)
+    for r, (b0, v1) in enumerate(out.tolist()):
+        start = buf.data_ptr() + (r * buf.stride(0) + lo[r].item()) * esize  # the address of column lo
+        head = (-start % 16) // esize  # columns to the first boundary
+        assert b0 == lo[r] + min(head, hi[r] - lo[r]), r
+        assert lo[r] <= b0 <= v1 <= hi[r] and (v1 - b0) % vec == 0 and hi[r] - v1 < vec, r
+        if b0 < v1:
+            assert (buf.data_ptr() + (r * buf.stride(0) + b0) * esize) % 16 == 0, r
+
+
+def test_peel_and_gradient_alignment_predicates():
+    """The launchers' host-side tests of alignment (no kernel): rows and K whole 16-byte vectors need no peeling;
+    a gradient buffer is aligned like the logits when its rows sit at the same offsets from a 16-byte boundary."""
+    from mlsoftmax.kernels.triton_loss import needs_peel, rows_aligned_alike
+
+    buf = torch.zeros(4, 48, dtype=torch.bfloat16)
+    assert buf.data_ptr() % 16 == 0  # PyTorch's CPU allocations are 64-byte aligned
+    assert not needs_peel(buf[:, :32])  # stride 48, K 32, aligned start
+    assert not needs_peel(buf[:, 8:40])  # 8 bf16 = 16 bytes in
+    assert needs_peel(buf[:, 1:33])  # starts 2 bytes past a boundary
+    assert needs_peel(buf[:, :31])  # K = 31
+    assert needs_peel(torch.zeros(4, 40, dtype=torch.bfloat16)[:, :32])  # stride 40
+    x = buf[:, 1:33]
+    assert rows_aligned_alike(x, x)  # in place
+    assert not rows_aligned_alike(x, torch.empty(4, 32, dtype=torch.bfloat16))  # fresh buffer: rows at 0, not 2
+    assert rows_aligned_alike(x, torch.zeros(4, 48, dtype=torch.bfloat16)[:, 1:33])  # the same view elsewhere
+    assert not rows_aligned_alike(x, torch.zeros(4, 44, dtype=torch.bfloat16)[:, 1:33])  # rows 8 bytes apart
+
+
 # ----------------------------------------------------------------------------- GPU only
 @needs_triton
 @pytest.mark.parametrize("splits,programs,reverse,one_read", [
@@ -241,6 +332,29 @@ def test_gpu_triton_matches_torch_path(dtype, sparse, knob, b, monkeypatch):
         grads[impl] = (loss.float(), z.grad.float())
     torch.testing.assert_close(grads["triton"][0], grads["torch"][0], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(grads["triton"][1], grads["torch"][1], rtol=2e-2, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b", [64, 600])
+def test_gpu_rows_at_any_alignment_match_torch_path(dtype, b):
+    """Compiled, where the alignment the kernels promise the compiler matters: rows of an odd K that start at
+    every offset from a 16-byte boundary (views into a wider buffer), split rows (64) and one program per row
+    (600), in place and not, against the torch path."""
+    g = torch.Generator().manual_seed(0)
+    k = 50_000 + 3
+    buf = torch.randn(b, k + 16, generator=g).to("cuda", dtype)
+    pos = Positives.from_padded(torch.stack([torch.randperm(k, generator=g)[:8] for _ in range(b)]).cuda())
+    for off, inplace in itertools.product(range(8), (False, True)):
+        view = buf[:, off:off + k]  # its rows start off columns past the buffer's
+        ref = view.float().requires_grad_()
+        multilabel_softmax_loss(ref, pos, impl="torch").backward()
+        x = (buf.clone()[:, off:off + k] if inplace else view).requires_grad_()  # in place: a copy to overwrite
+        loss = multilabel_softmax_loss(x, pos, impl="triton", inplace=inplace)
+        loss.backward()
+        torch.testing.assert_close(loss.float(), multilabel_softmax_loss(ref.detach(), pos, impl="torch"),
+                                   rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=0)  # a bf16 result
+        torch.testing.assert_close(x.grad.float(), ref.grad, rtol=2e-2, atol=1e-6, msg=f"offset {off}")
 
 
 def _long_rows(sparse):
@@ -395,7 +509,7 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu():
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 156 kernel variants" in proc.stdout
+    assert "compiled 182 kernel variants" in proc.stdout
 
 
 @needs_triton

@@ -12,6 +12,11 @@ a small ``[nnz]`` scratch before pass 2 (so that ``inplace=True``, where the
 gradient overwrites the logits, still reads the original logits) and written
 after a barrier.
 
+Rows are streamed in whole 128-bit vectors: where the row start, its stride or ``K`` is not a multiple of 16
+bytes (elements), each row is peeled to its first 16-byte boundary (``PEEL``) and its few edge columns go in one
+masked step, so that any ``K`` (say 131071) reads and writes as wide as an aligned one; otherwise Triton's own
+specialization of the arguments proves the alignment and the kernels stream as they are.
+
 The backward only scales the gradient by ``grad_out``; a row whose ``grad_out``
 is exactly 1 is skipped inside the kernel (no host sync, no memory traffic).
 
@@ -43,6 +48,8 @@ from . import torch_chunked, triton_interpreting
 
 # --------------------------------------------------------------------------- constants
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E); constexpr, so jit code can read it
+ALIGN_BYTES = tl.constexpr(16)  # a 128-bit access: each row is streamed in whole vectors from such a boundary
+EDGE_BLOCK = tl.constexpr(16)  # columns a step for a row's head and rest (at most 7 each, around its whole vectors)
 MAX_BLOCK = 16384  # elements of a row per step on the GPU (see BENCHMARKS.md: 32768 spills)
 INTERPRET_BLOCK = 128  # small blocks under the interpreter, so tests cover the multi-block loop
 BLOCK_P = 32  # positives per step
@@ -65,10 +72,11 @@ REVERSE_GRAD = True
 ONE_READ = False
 # Two more knobs of the one-program-per-row kernel, aimed at the 0.63 GB of its second read that an H200 fetched
 # from DRAM instead of L2 (BENCHMARKS.md), and off until measured on a GPU (cases ``ours-w32``, ``ours-s``):
-# ROW_WARPS, its warps (None: 16 for a 16384-column block; 32 makes one program a SM, by registers, so half as many
-# rows are in flight, 33 MB of bf16 rows against an L2 of 50 MB, with as many warps a SM loading), and
-# STORE_EVICT_FIRST, the gradient's stores marked evict_first, so that its dirty lines leave L2 before the logits
-# that wait for their second read.
+# ROW_WARPS, its warps (None: 16 for a 16384-column block; at 32 this repository's Triton 3.9 gives 44 registers,
+# one program a SM, so half as many rows are in flight, 33 MB of bf16 rows against an L2 of 50 MB; the device's
+# Triton 3.6 gives 32 registers and two programs a SM, as many rows as at 16 warps: benchmarks/kernel_registers.py;
+# ROW_PROGRAMS = the SM count caps the rows in flight on either), and STORE_EVICT_FIRST, the gradient's stores
+# marked evict_first, so that its dirty lines leave L2 before the logits that wait for their second read.
 ROW_WARPS = None
 STORE_EVICT_FIRST = False
 ONE_READ_BLOCKS = (8192, 16384)  # columns a program holds, 16 a thread (benchmarks/kernel_registers.py)
@@ -91,14 +99,74 @@ def _load_positives(x_row, IDX, VALS, j0, p1, HAS_VALUES: tl.constexpr, BLOCK_P:
 
 
 @triton.jit
+def _aligned_body(x_row, lo, hi):
+    """Columns ``[lo, hi)`` of a row as a head, a body of whole 16-byte vectors and a rest: ``(b0, v1)``, the body's
+    ends (the head and the rest have at most 7 columns each).
+
+    The body starts at the first column whose address is a multiple of ``ALIGN_BYTES`` and ends on a whole vector,
+    so that its accesses are 128-bit whatever ``K`` and the row stride are: a masked access is vectorized only where
+    the compiler can prove both the address aligned and the mask constant over a vector, which it cannot for rows
+    that start anywhere, or end at a ``K`` that is not a multiple of 16.
+    """
+    esize: tl.constexpr = x_row.dtype.element_ty.primitive_bitwidth // 8
+    vec: tl.constexpr = ALIGN_BYTES // esize  # columns a vector
+    addr = (x_row + lo).to(tl.int64, bitcast=True)  # a multiple of esize, as PyTorch aligns every tensor
+    head = ((addr + (ALIGN_BYTES - 1)) // ALIGN_BYTES * ALIGN_BYTES - addr) // esize  # up to the boundary, < vec
+    b0 = lo + tl.minimum(head.to(tl.int32), hi - lo)  # int32 like the columns: int64 offsets double their registers
+    return b0, b0 + (hi - b0) // vec * vec
+
+
+@triton.jit
+def _edges(lo, b0, v1, hi):
+    """The head ``[lo, b0)`` and the rest ``[v1, hi)`` of a row's columns in one masked step of ``EDGE_BLOCK``:
+    ``(offs, mask)``, each ``[EDGE_BLOCK]`` (lanes of the first half for the head, of the second for the rest)."""
+    lane = tl.arange(0, EDGE_BLOCK)  # [EDGE_BLOCK]
+    half = EDGE_BLOCK // 2
+    offs = tl.where(lane < half, lo + lane, v1 + lane - half)
+    return offs, offs < tl.where(lane < half, b0, hi)
+
+
+@triton.jit
+def _stats_block(x_base, t_base, w_base, offs, mask, m, s, mass, wmass, dot, sx, wsum, HAS_DENSE: tl.constexpr,
+                 HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr):
+    """The running sums of :func:`_stream_stats` after the columns ``offs`` (where ``mask``) of the bases.
+
+    The offsets are added to the base pointers as one tensor: a scalar ``base + k0`` would be folded into a new
+    pointer without the base's alignment hint.
+    """
+    x = tl.load(x_base + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+    m_new = tl.maximum(m, tl.max(x, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp2((m - m_safe) * LOG2E) + tl.sum(tl.exp2((x - m_safe) * LOG2E), 0)
+    m = m_new
+    if HAS_WEIGHT:
+        w = tl.load(w_base + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DENSE:
+        t = tl.load(t_base + offs, mask=mask, other=0, eviction_policy="evict_last").to(tl.float32)
+        tw = t * w if HAS_WEIGHT else t
+        mass += tl.sum(t, 0)
+        wmass += tl.sum(tw, 0)
+        dot += tl.sum(tl.where(t != 0, x, 0.0) * tw, 0)
+    if HAS_SMOOTH:
+        xs = tl.where(mask, x, 0.0)
+        if HAS_WEIGHT:
+            sx += tl.sum(xs * w, 0)
+            wsum += tl.sum(w, 0)
+        else:
+            sx += tl.sum(xs, 0)
+    return m, s, mass, wmass, dot, sx, wsum
+
+
+@triton.jit
 def _stream_stats(x_row, t_row, W, lo, hi, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                  HAS_SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
+                  HAS_SMOOTH: tl.constexpr, PEEL: tl.constexpr, BLOCK: tl.constexpr):
     """One streaming pass over columns ``[lo, hi)`` of a row (kept in L2 for a second pass).
 
     Returns the online max and sum-exp (relative to that max), the dense target's
     mass, weighted mass and ``sum w t x``, and for smoothing ``sum w x`` and ``sum w``.
+    ``PEEL``: the row is streamed from its first 16-byte boundary (:func:`_aligned_body`), its edges apart; else
+    the launcher found the rows and ``K`` whole vectors already, which Triton's specialization then proves.
     """
-    cols = tl.arange(0, BLOCK)
     m = float("-inf")
     s = 0.0
     mass = 0.0
@@ -106,29 +174,23 @@ def _stream_stats(x_row, t_row, W, lo, hi, HAS_DENSE: tl.constexpr, HAS_WEIGHT: 
     dot = 0.0
     sx = 0.0
     wsum = 0.0
-    for k0 in range(lo, hi, BLOCK):
-        offs = k0 + cols
-        mask = offs < hi
-        x = tl.load(x_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp2((m - m_safe) * LOG2E) + tl.sum(tl.exp2((x - m_safe) * LOG2E), 0)
-        m = m_new
-        if HAS_WEIGHT:
-            w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_DENSE:
-            t = tl.load(t_row + offs, mask=mask, other=0, eviction_policy="evict_last").to(tl.float32)
-            tw = t * w if HAS_WEIGHT else t
-            mass += tl.sum(t, 0)
-            wmass += tl.sum(tw, 0)
-            dot += tl.sum(tl.where(t != 0, x, 0.0) * tw, 0)
-        if HAS_SMOOTH:
-            xs = tl.where(mask, x, 0.0)
-            if HAS_WEIGHT:
-                sx += tl.sum(xs * w, 0)
-                wsum += tl.sum(w, 0)
-            else:
-                sx += tl.sum(xs, 0)
+    if PEEL:
+        b0, v1 = _aligned_body(x_row, lo, hi)
+    else:
+        b0 = lo
+        v1 = hi
+    # 1. the body, whole vectors from an aligned base (128-bit loads)
+    xb = tl.multiple_of(x_row + b0, ALIGN_BYTES) if PEEL else x_row + b0
+    for k0 in range(0, v1 - b0, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)  # [BLOCK]
+        m, s, mass, wmass, dot, sx, wsum = _stats_block(xb, t_row + b0, W + b0, offs, offs < v1 - b0, m, s, mass,
+                                                        wmass, dot, sx, wsum, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH)
+    # 2. the head and the rest around it (at most 7 columns each)
+    if PEEL:
+        if (b0 > lo) | (v1 < hi):
+            offs, mask = _edges(lo, b0, v1, hi)  # [EDGE_BLOCK]
+            m, s, mass, wmass, dot, sx, wsum = _stats_block(x_row, t_row, W, offs, mask, m, s, mass, wmass, dot,
+                                                            sx, wsum, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH)
     return m, s, mass, wmass, dot, sx, wsum
 
 
@@ -176,41 +238,50 @@ def _target_entries(x_row, IDX, VALS, W, SCRATCH, p0, p1, lo, hi, lse, a, bt, bs
 
 
 @triton.jit
-def _grad_block(x_row, g_row, t_row, W, k0, hi, lse, a, bt, bs, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                HAS_SMOOTH: tl.constexpr, EVICT_STORE: tl.constexpr, BLOCK: tl.constexpr):
-    """Columns ``[k0, k0 + BLOCK)`` (below ``hi``) of ``a softmax - bt w t - bs w``, each entry in fp32, rounded once;
-    stored ``evict_first`` with ``EVICT_STORE``."""
-    offs = k0 + tl.arange(0, BLOCK)
-    mask = offs < hi
-    x = tl.load(x_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
+def _grad_block(x_base, g_base, t_base, w_base, offs, mask, lse, a, bt, bs, HAS_DENSE: tl.constexpr,
+                HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVICT_STORE: tl.constexpr):
+    """The columns ``offs`` (where ``mask``) of the bases of ``a softmax - bt w t - bs w``, each entry in fp32,
+    rounded once; stored ``evict_first`` with ``EVICT_STORE``."""
+    x = tl.load(x_base + offs, mask=mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
     g = tl.exp2((x - lse) * LOG2E) * a
     if HAS_WEIGHT:
-        w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_base + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DENSE:
-        t = tl.load(t_row + offs, mask=mask, other=0, eviction_policy="evict_first").to(tl.float32)
+        t = tl.load(t_base + offs, mask=mask, other=0, eviction_policy="evict_first").to(tl.float32)
         g = g - (t * w if HAS_WEIGHT else t) * bt
     if HAS_SMOOTH:
         g = g - (bs * w if HAS_WEIGHT else bs)
-    if EVICT_STORE:
-        tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=mask, eviction_policy="evict_first")
-    else:
-        tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=mask)
+    tl.store(g_base + offs, g.to(g_base.dtype.element_ty), mask=mask,
+             eviction_policy="evict_first" if EVICT_STORE else "")
 
 
 @triton.jit
 def _grad_pass(x_row, g_row, t_row, W, lo, hi, lse, a, bt, bs, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-               HAS_SMOOTH: tl.constexpr, REVERSE: tl.constexpr, EVICT_STORE: tl.constexpr, BLOCK: tl.constexpr):
-    """Second pass over columns ``[lo, hi)``; with ``REVERSE`` from the last block back, so that the blocks that the
-    first pass read last (the likeliest still in L2) are re-read first."""
-    if REVERSE:
-        nb = tl.cdiv(hi - lo, BLOCK)
-        for j in range(0, nb):
-            _grad_block(x_row, g_row, t_row, W, lo + (nb - 1 - j) * BLOCK, hi, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT,
-                        HAS_SMOOTH, EVICT_STORE, BLOCK)
+               HAS_SMOOTH: tl.constexpr, REVERSE: tl.constexpr, EVICT_STORE: tl.constexpr, PEEL: tl.constexpr,
+               G_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Second pass over columns ``[lo, hi)``: the aligned body and the edges as in :func:`_stream_stats`; with
+    ``REVERSE`` from the last block back, so that the blocks that the first pass read last (the likeliest still in
+    L2) are re-read first. ``G_ALIGNED``: the gradient's rows are as far from a 16-byte boundary as the logits'
+    (the launcher checks), so that its body stores are 128-bit too."""
+    if PEEL:
+        b0, v1 = _aligned_body(x_row, lo, hi)
     else:
-        for k0 in range(lo, hi, BLOCK):
-            _grad_block(x_row, g_row, t_row, W, k0, hi, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH, EVICT_STORE,
-                        BLOCK)
+        b0 = lo
+        v1 = hi
+    xb = tl.multiple_of(x_row + b0, ALIGN_BYTES) if PEEL else x_row + b0
+    gb = tl.multiple_of(g_row + b0, ALIGN_BYTES) if PEEL and G_ALIGNED else g_row + b0
+    last = (tl.cdiv(v1 - b0, BLOCK) - 1) * BLOCK  # the body's last block
+    # 1. the body (the loop's form, a plain range for both directions, kept registers at the old count)
+    for k0 in range(0, v1 - b0, BLOCK):
+        offs = (last - k0 if REVERSE else k0) + tl.arange(0, BLOCK)  # [BLOCK]
+        _grad_block(xb, gb, t_row + b0, W + b0, offs, offs < v1 - b0, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT,
+                    HAS_SMOOTH, EVICT_STORE)
+    # 2. the head and the rest
+    if PEEL:
+        if (b0 > lo) | (v1 < hi):
+            offs, mask = _edges(lo, b0, v1, hi)  # [EDGE_BLOCK]
+            _grad_block(x_row, g_row, t_row, W, offs, mask, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH,
+                        EVICT_STORE)
 
 
 @triton.jit
@@ -283,7 +354,7 @@ def _msl_fwd_kernel(
     B, K, eps,
     HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_VALUES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, COMPUTE_GRAD: tl.constexpr, REVERSE: tl.constexpr, EVICT_STORE: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+    PEEL: tl.constexpr, G_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # 0. a persistent loop: program p takes rows p, p + P, ... (P = B: one row each; fewer caps rows in flight)
     for row in range(tl.program_id(0).to(tl.int64), B, tl.num_programs(0)):  # int64 rows: B * K may pass 2^31
@@ -292,7 +363,7 @@ def _msl_fwd_kernel(
 
         # 1. one streaming pass: online max / sum-exp, and the dense target's sums
         m, s, mass, wmass, dot, sx, wsum = _stream_stats(x_row, t_row, W, 0, K, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH,
-                                                         BLOCK)
+                                                         PEEL, BLOCK)
         if HAS_SPARSE:
             # 2. the positives: gather their logits from the CSR indices
             p0 = tl.load(OFFS + row)
@@ -314,7 +385,7 @@ def _msl_fwd_kernel(
                                 HAS_SMOOTH, BLOCK_P)
             # 5. second pass: the gradient, re-reading the row from L2 where it fits
             _grad_pass(x_row, g_row, t_row, W, 0, K, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH, REVERSE,
-                       EVICT_STORE, BLOCK)
+                       EVICT_STORE, PEEL, G_ALIGNED, BLOCK)
             if HAS_SPARSE:
                 # 6. the exact target entries, over pass 2's
                 _write_target_entries(g_row, IDX, SCRATCH, p0, p1, 0, K, BLOCK_P)
@@ -329,7 +400,7 @@ def _msl_split_stats_kernel(
     STATS,  # [B, S, 6] fp32 out: max, sum-exp (relative to max), mass, wmass, dot, sum w x
     K, SPAN, S,
     HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_VALUES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, PEEL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -338,7 +409,7 @@ def _msl_split_stats_kernel(
     hi = tl.minimum(lo + SPAN, K)
     # 1. one streaming pass over this program's slice of the row
     m, s, mass, wmass, dot, sx, _ = _stream_stats(x_row, T + row * stride_t, W, lo, hi, HAS_DENSE, HAS_WEIGHT,
-                                                  HAS_SMOOTH, BLOCK)
+                                                  HAS_SMOOTH, PEEL, BLOCK)
     if HAS_SPARSE:
         # 2. the positives, once per row (by its first slice)
         if split == 0:
@@ -388,7 +459,8 @@ def _msl_split_grad_kernel(
     COEF,  # [B, 4] fp32: lse, scale of the softmax, of the target, of the smoothing mass
     K, SPAN,
     HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_VALUES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, REVERSE: tl.constexpr, PEEL: tl.constexpr, G_ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -411,7 +483,7 @@ def _msl_split_grad_kernel(
                         HAS_SMOOTH, BLOCK_P)
     # 2. this slice of the gradient
     _grad_pass(x_row, g_row, T + row * stride_t, W, lo, hi, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH,
-               REVERSE, False, BLOCK)
+               REVERSE, False, PEEL, G_ALIGNED, BLOCK)
     if HAS_SPARSE:
         # 3. this slice's exact target entries, over the pass's
         _write_target_entries(g_row, IDX, SCRATCH, p0, p1, lo, hi, BLOCK_P)
@@ -550,6 +622,20 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def needs_peel(x: Tensor) -> bool:
+    """Whether the kernels must peel the rows of ``x`` ``[B, K]`` to a 16-byte boundary for 128-bit accesses
+    (``PEEL``): unless the data pointer, the row stride and ``K`` are all multiples of 16 (bytes, elements,
+    elements), which Triton's argument specialization already proves."""
+    return not (x.data_ptr() % 16 == 0 and x.stride(0) % 16 == 0 and x.shape[1] % 16 == 0)
+
+
+def rows_aligned_alike(x: Tensor, g: Tensor) -> bool:
+    """Whether every row of ``g`` starts as far past a 16-byte boundary as the same row of ``x`` (both ``[B, K]``,
+    same dtype): then the kernels' aligned body, found from ``x``, is aligned in ``g`` too (host values only)."""
+    e = x.element_size()
+    return (g.data_ptr() - x.data_ptr()) % 16 == 0 and (g.stride(0) - x.stride(0)) * e % 16 == 0
+
+
 def _block(k: int) -> int:
     cap = INTERPRET_BLOCK if triton_interpreting() else MAX_BLOCK
     return max(16, min(next_pow2(max(k, 1)), cap))
@@ -624,7 +710,8 @@ def forward(
             row_scale, loss, b, k, float(label_smoothing),
             HAS_DENSE=dense is not None, HAS_SPARSE=sparse, HAS_VALUES=values is not None,
             HAS_WEIGHT=weight is not None, HAS_SMOOTH=label_smoothing > 0, COMPUTE_GRAD=compute_grad,
-            REVERSE=reverse, EVICT_STORE=STORE_EVICT_FIRST, BLOCK=block, BLOCK_P=BLOCK_P,
+            REVERSE=reverse, EVICT_STORE=STORE_EVICT_FIRST, PEEL=needs_peel(x),
+            G_ALIGNED=compute_grad and rows_aligned_alike(x, grad), BLOCK=block, BLOCK_P=BLOCK_P,
             num_warps=ROW_WARPS or _num_warps(block),
         )
     return loss, grad
@@ -745,6 +832,7 @@ def _split_stats(x, dense, indices, offsets, values, weight, smooth, splits, blo
         x, x.stride(0), dense if dense is not None else dummy, dense.stride(0) if dense is not None else 0,
         indices if indices is not None else dummy, offsets if offsets is not None else dummy,
         values if values is not None else dummy, weight if weight is not None else dummy, stats, k, span, splits,
+        PEEL=needs_peel(x),
         **_split_flags(dense, indices, values, weight, smooth, block),
     )
     return stats, span
@@ -761,6 +849,7 @@ def _split_grad(x, grad, coefs, dense, indices, offsets, values, scratch, weight
         offsets if offsets is not None else dummy, values if values is not None else dummy,
         scratch if scratch is not None else dummy, weight if weight is not None else dummy,
         coefs.contiguous(), k, span, REVERSE=REVERSE_GRAD if reverse is None else reverse,
+        PEEL=needs_peel(x), G_ALIGNED=rows_aligned_alike(x, grad),
         **_split_flags(dense, indices, values, weight, smooth, block),
     )
 
