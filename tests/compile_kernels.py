@@ -95,8 +95,9 @@ def main():
             build(tl_._msl_split_combine_kernel, dict(STATS="*fp32", WSUM="*fp32", RS="*fp32", LOSS="*fp32",
                                                       COEF="*fp32", S="i32", K="i32", eps="fp32"),
                   dict(HAS_WEIGHT=flags["HAS_WEIGHT"], HAS_SMOOTH=flags["HAS_SMOOTH"], BLOCK_S=64))
-        build(tl_._scale_rows_kernel, dict(G=x, stride_g="i32", GO="*fp32", stride_go="i32", B="i32", K="i32"),
-              dict(BLOCK=16384), num_warps=16)
+        for peel in (False, True):
+            build(tl_._scale_rows_kernel, dict(G=x, stride_g="i32", GO="*fp32", stride_go="i32", B="i32", K="i32"),
+                  dict(PEEL=peel, BLOCK=16384), num_warps=16)
         build(tlin._positive_logits_kernel, dict(H=x, stride_h="i32", Wt=x, stride_w="i32", IDX="*i64",
                                                  ROWS="*i64", OUT="*fp32", NNZ="i32", D="i32"),
               dict(BLOCK_N=tlin.BLOCK_N, BLOCK_D=tlin.BLOCK_D))

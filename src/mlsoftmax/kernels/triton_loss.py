@@ -591,24 +591,40 @@ def _msl_one_read_kernel(
 
 
 @triton.jit
+def _scale_block(base, offs, mask, go):
+    """``base[offs] *= go`` where ``mask``, in fp32, rounded once."""
+    g = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(base + offs, (g * go).to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _scale_rows_kernel(
     G, stride_g,  # [B, K] gradient, scaled in place
     GO, stride_go,  # [B] grad_out per row (stride 0 for a broadcast scalar)
     B, K,
-    BLOCK: tl.constexpr,
+    PEEL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # 0. a few programs loop over the rows: a broadcast grad_out of 1 costs one load per row, no launch storm
     for row in range(tl.program_id(0).to(tl.int64), B, tl.num_programs(0)):
         # 1. a row whose grad_out is exactly 1 needs nothing: no load, no store
         go = tl.load(GO + row * stride_go).to(tl.float32)
         if go != 1.0:
-            # 2. otherwise scale the row in place, block by block
-            for k0 in range(0, K, BLOCK):
-                offs = k0 + tl.arange(0, BLOCK)
-                mask = offs < K
-                ptr = G + row * stride_g + offs
-                g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-                tl.store(ptr, (g * go).to(G.dtype.element_ty), mask=mask)
+            g_row = G + row * stride_g
+            # 2. otherwise scale the row in place: whole vectors block by block (peeled as in _stream_stats)
+            if PEEL:
+                b0, v1 = _aligned_body(g_row, 0, K)
+            else:
+                b0 = 0
+                v1 = K
+            gb = tl.multiple_of(g_row + b0, ALIGN_BYTES) if PEEL else g_row + b0
+            for k0 in range(0, v1 - b0, BLOCK):
+                offs = k0 + tl.arange(0, BLOCK)  # [BLOCK]
+                _scale_block(gb, offs, offs < v1 - b0, go)
+            # 3. the edges
+            if PEEL:
+                if (b0 > 0) | (v1 < K):
+                    offs, mask = _edges(0, b0, v1, K)  # [EDGE_BLOCK]
+                    _scale_block(g_row, offs, mask, go)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -947,6 +963,6 @@ def scale_rows_(grad: Tensor, grad_out: Tensor) -> Tensor:
         programs = min(b, 4 * _sms(grad.device))  # each loops over rows: 1s cost a load, others stream
         _scale_rows_kernel[(programs,)](
             grad, grad.stride(0), grad_out, grad_out.stride(0) if grad_out.dim() else 0, b, k,
-            BLOCK=block, num_warps=_num_warps(block),
+            PEEL=needs_peel(grad), BLOCK=block, num_warps=_num_warps(block),
         )
     return grad
