@@ -199,6 +199,21 @@ def test_rows_route_rounds_the_logits_once_like_f_linear(route, rng):
     np.testing.assert_allclose(ours.numpy(), R.loss(z, y), rtol=1e-5)
 
 
+@pytest.mark.skipif("triton" not in LOSS_IMPLS, reason="Triton not installed")
+@pytest.mark.parametrize("k", [300, 256])
+def test_chunk_logits_rows_start_on_16_byte_boundaries(k, rng):
+    """The Triton routes' chunk of logits: ``F.linear``'s values, its rows ``ROW_ALIGN`` elements apart (a view
+    of a wider buffer for a C that is not a multiple), so that each row starts on a 16-byte boundary."""
+    from mlsoftmax.kernels.triton_linear import ROW_ALIGN, _logits
+
+    h, w, bias = (torch.tensor(rng.normal(size=s)).to(torch.bfloat16) for s in ((5, 24), (k, 24), (k,)))
+    for b in (None, bias):
+        z = _logits(h, w, b, None)
+        assert z.shape == (5, k) and z.stride() == (-(-k // ROW_ALIGN) * ROW_ALIGN, 1)
+        assert all((z.data_ptr() + r * z.stride(0) * z.element_size()) % 16 == 0 for r in range(5))
+        torch.testing.assert_close(z, F.linear(h, w, b), rtol=0, atol=0)
+
+
 def _check_autocast(route, hidden_dtype, mode, rng, device="cpu", shape=(16, 32, 700), chunk=None):
     """The fused loss under bf16 autocast with an fp32 weight and bias against the fp64 oracle on the bf16-rounded
     operands: dtypes as autocast gives them, errors within 2x of PyTorch's own autocast composition.

@@ -71,6 +71,7 @@ EPILOGUE = False
 # The loss kernels' gradient pass backwards in these routes (``triton_loss.REVERSE_GRAD`` is the loss's own):
 # off, measured slower in the rows route on an H200 at the point above (23.0-23.6 against 21.8-22.2 ms, 3 runs).
 REVERSE_GRAD = False
+ROW_ALIGN = 64  # elements between the rows of a chunk's logits: C rounded up (an odd C would misalign every row)
 TILE_N = 128  # classes per GEMM tile (fixed, with STATS_TILES: it sets the statistics' shape)
 STATS_TILES = 8  # tiles of classes per program when reducing to statistics: one slot per 1024 classes
 INTERPRET_TILE = 16  # tiles (M, N and the D step) under the interpreter
@@ -353,13 +354,18 @@ def _logits(h: Tensor, w: Tensor, bias: Optional[Tensor], scale: Optional[Tensor
     """``s * h @ w.T + b`` (``[R, C]``) in the input dtype, in one GEMM: rounded once, as ``F.linear``'s.
 
     The scale goes on the small operand (``s * h``, ``[R, D]``, rounded once) and the bias into the GEMM's
-    epilogue, so no pass over the logits follows the GEMM (each would read and write all of them).
+    epilogue, so no pass over the logits follows the GEMM (each would read and write all of them). The rows are
+    ``ROW_ALIGN`` elements apart (a view of a wider buffer when ``C`` is not a multiple): every row then starts
+    on a 16-byte boundary, for the cuBLAS GEMMs that write and read the chunk (an odd leading dimension rules out
+    their vectorized kernels) and for the loss kernels' 128-bit accesses.
     """
     if scale is not None:
         h = (h.to(scale.dtype) * scale).to(h.dtype)  # [R, D]
+    r, c = h.shape[0], w.shape[0]
+    z = torch.empty(r, -(-c // ROW_ALIGN) * ROW_ALIGN, dtype=h.dtype, device=h.device)[:, :c]  # [R, C]
     if bias is not None:
-        return torch.addmm(bias.to(h.dtype), h, w.T)  # [R, C]
-    return h @ w.T  # [R, C]
+        return torch.addmm(bias.to(h.dtype), h, w.T, out=z)
+    return torch.mm(h, w.T, out=z)
 
 
 def run(
