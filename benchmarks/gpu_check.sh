@@ -49,9 +49,11 @@ point() {
 }
 # 2. The fused linear + loss at the point (B=8192, D=1024, K=262144 bf16): both routes, against the GEMMs
 #    alone, naive and Cut Cross-Entropy (Liger and the pure-torch route, 248 and 99 ms on an H100, are left out;
-#    the knobs measured slower on an H200, -e, -o and -r, too)
+#    the knobs measured slower on an H200, -e, -o and -r, too); then K=262143, an odd K
 linear() {
   run 150 bench_linear.txt $F --reps 5 --cases ${LINEAR_CASES:-gemms naive ours-fast ours-lean cce}
+  # an odd K (chunk rows padded to 64 elements, ROW_ALIGN): the GEMMs' and ours' times should be the aligned K's
+  run 75 bench_linear.txt $F --K 262143 --reps 3 --cases gemms ours-fast ours-lean
 }
 # 3. The other GPU tests (the compiled kernels, not the interpreter)
 tests() {
