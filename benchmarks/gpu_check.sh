@@ -52,7 +52,8 @@ point() {
 #    the knobs measured slower on an H200, -e, -o and -r, too); then K=262143, an odd K
 linear() {
   run 150 bench_linear.txt $F --reps 5 --cases ${LINEAR_CASES:-gemms naive ours-fast ours-lean cce}
-  # an odd K (chunk rows padded to 64 elements, ROW_ALIGN): the GEMMs' and ours' times should be the aligned K's
+  # an odd K: ours should keep the aligned K's time (chunk rows 64 elements apart, ROW_ALIGN); the plain GEMMs
+  # (an odd leading dimension) show what that avoids
   run 75 bench_linear.txt $F --K 262143 --reps 3 --cases gemms ours-fast ours-lean
 }
 # 3. The other GPU tests (the compiled kernels, not the interpreter)
