@@ -361,21 +361,21 @@ def _check_weights(weight, sample_weight, logits: Tensor, validate: bool, shape=
 
 
 def _row_scale(dense, indices, row_ids, values, b: int, acc, device, sample_weight, reduction: str, empty: str,
-               counts=None):
-    """Each row's weight in the reduction ``[B]`` (acc dtype), from the per-row target mass.
+               offsets=None):
+    """Each row's weight in the reduction ``[B]`` (acc dtype), from which rows have a target.
 
     Folding the reduction into the kernel lets a fused backward skip the
     rescaling pass. ``empty="error"`` raises here (it syncs). A sparse target
-    without ``row_ids`` needs its ``counts`` (and no ``values``): its mass is the count.
+    without ``row_ids`` needs its CSR ``offsets`` (and no ``values``): a row has a
+    target when it has a positive (one comparison, the fewest launches).
     """
     if dense is not None:
-        mass = dense.sum(-1, dtype=acc)  # [B]
+        nonempty = dense.sum(-1, dtype=acc) > 0  # [B]
     elif row_ids is None:
-        mass = counts.to(acc)  # [B] positives per row
+        nonempty = offsets[1:] > offsets[:-1]  # [B]
     else:
         v = torch.ones_like(indices, dtype=acc) if values is None else values.to(acc)
-        mass = torch.zeros(b, dtype=acc, device=device).index_add_(0, row_ids, v)  # [B]
-    nonempty = mass > 0
+        nonempty = torch.zeros(b, dtype=acc, device=device).index_add_(0, row_ids, v) > 0  # [B]
     if empty == "error":
         bad = torch.nonzero(~nonempty).flatten()
         if bad.numel():
@@ -385,7 +385,7 @@ def _row_scale(dense, indices, row_ids, values, b: int, acc, device, sample_weig
             )
     if sample_weight is None:  # the common case in few launches: 1, or 1 / (rows with a target)
         if reduction != "mean":
-            return torch.ones_like(mass)
+            return torch.ones(b, dtype=acc, device=device)
         return nonempty.sum(dtype=acc).clamp_min_(1).reciprocal_().expand(b).contiguous()
     row_scale = sample_weight.reshape(-1).to(acc)
     if reduction == "mean":
@@ -474,7 +474,7 @@ def multilabel_softmax_loss(
 
     offsets = target.offsets if isinstance(target, Positives) else None
     row_scale = _row_scale(dense, indices, row_ids, values, x.shape[0], acc, x.device, sample_weight, reduction, empty,
-                           counts=target.counts() if row_ids is None and dense is None else None)
+                           offsets=offsets)
     out_dtype = _amp.result_dtype(logits.dtype, _amp.autocast_dtype(x.device))  # fp32 at least under autocast
     with _amp.off(x.device):  # the logits as they are: the paths accumulate in fp32 already
         if small:
