@@ -171,7 +171,7 @@ if "triton" in AVAILABLE:  # a kernel that reports _aligned_body's split of [lo,
     @triton.jit
     def _probe_aligned_body(X, stride, LO, HI, OUT):
         row = tl.program_id(0)
-        b0, v1 = _aligned_body(X + row * stride, tl.load(LO + row), tl.load(HI + row))
+        b0, v1, _ = _aligned_body(X + row * stride, tl.load(LO + row), tl.load(HI + row), True)
         tl.store(OUT + row * 2, b0)
         tl.store(OUT + row * 2 + 1, v1)
 

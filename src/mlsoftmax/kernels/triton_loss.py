@@ -99,21 +99,30 @@ def _load_positives(x_row, IDX, VALS, j0, p1, HAS_VALUES: tl.constexpr, BLOCK_P:
 
 
 @triton.jit
-def _aligned_body(x_row, lo, hi):
-    """Columns ``[lo, hi)`` of a row as a head, a body of whole 16-byte vectors and a rest: ``(b0, v1)``, the body's
-    ends (the head and the rest have at most 7 columns each).
+def _aligned_body(x_row, lo, hi, PEEL: tl.constexpr):
+    """Columns ``[lo, hi)`` of a row as a head, a body of whole 16-byte vectors and a rest: ``(b0, v1, xb)``, the
+    body's ends and ``x_row + b0`` (hinted aligned); the head and the rest have at most 7 columns each.
 
-    The body starts at the first column whose address is a multiple of ``ALIGN_BYTES`` and ends on a whole vector,
-    so that its accesses are 128-bit whatever ``K`` and the row stride are: a masked access is vectorized only where
-    the compiler can prove both the address aligned and the mask constant over a vector, which it cannot for rows
-    that start anywhere, or end at a ``K`` that is not a multiple of 16.
+    With ``PEEL`` the body starts at the first column whose address is a multiple of ``ALIGN_BYTES`` and ends on a
+    whole vector, so that its accesses are 128-bit whatever ``K`` and the row stride are: a masked access is
+    vectorized only where the compiler can prove both the address aligned and the mask constant over a vector,
+    which it cannot for rows that start anywhere, or end at a ``K`` that is not a multiple of 16. Without, the
+    launcher found the rows and ``K`` whole vectors already (Triton's specialization proves it): the body is
+    ``[lo, hi)``.
     """
-    esize: tl.constexpr = x_row.dtype.element_ty.primitive_bitwidth // 8
-    vec: tl.constexpr = ALIGN_BYTES // esize  # columns a vector
-    addr = (x_row + lo).to(tl.int64, bitcast=True)  # a multiple of esize, as PyTorch aligns every tensor
-    head = ((addr + (ALIGN_BYTES - 1)) // ALIGN_BYTES * ALIGN_BYTES - addr) // esize  # up to the boundary, < vec
-    b0 = lo + tl.minimum(head.to(tl.int32), hi - lo)  # int32 like the columns: int64 offsets double their registers
-    return b0, b0 + (hi - b0) // vec * vec
+    if PEEL:
+        esize: tl.constexpr = x_row.dtype.element_ty.primitive_bitwidth // 8
+        vec: tl.constexpr = ALIGN_BYTES // esize  # columns a vector
+        addr = (x_row + lo).to(tl.int64, bitcast=True)  # a multiple of esize, as PyTorch aligns every tensor
+        head = ((addr + (ALIGN_BYTES - 1)) // ALIGN_BYTES * ALIGN_BYTES - addr) // esize  # to the boundary, < vec
+        b0 = lo + tl.minimum(head.to(tl.int32), hi - lo)  # int32 like the columns: int64 doubles their registers
+        v1 = b0 + (hi - b0) // vec * vec
+        xb = tl.multiple_of(x_row + b0, ALIGN_BYTES)
+    else:
+        b0 = lo
+        v1 = hi
+        xb = x_row + lo
+    return b0, v1, xb
 
 
 @triton.jit
@@ -174,13 +183,8 @@ def _stream_stats(x_row, t_row, W, lo, hi, HAS_DENSE: tl.constexpr, HAS_WEIGHT: 
     dot = 0.0
     sx = 0.0
     wsum = 0.0
-    if PEEL:
-        b0, v1 = _aligned_body(x_row, lo, hi)
-    else:
-        b0 = lo
-        v1 = hi
+    b0, v1, xb = _aligned_body(x_row, lo, hi, PEEL)
     # 1. the body, whole vectors from an aligned base (128-bit loads)
-    xb = tl.multiple_of(x_row + b0, ALIGN_BYTES) if PEEL else x_row + b0
     for k0 in range(0, v1 - b0, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)  # [BLOCK]
         m, s, mass, wmass, dot, sx, wsum = _stats_block(xb, t_row + b0, W + b0, offs, offs < v1 - b0, m, s, mass,
@@ -263,12 +267,7 @@ def _grad_pass(x_row, g_row, t_row, W, lo, hi, lse, a, bt, bs, HAS_DENSE: tl.con
     ``REVERSE`` from the last block back, so that the blocks that the first pass read last (the likeliest still in
     L2) are re-read first. ``G_ALIGNED``: the gradient's rows are as far from a 16-byte boundary as the logits'
     (the launcher checks), so that its body stores are 128-bit too."""
-    if PEEL:
-        b0, v1 = _aligned_body(x_row, lo, hi)
-    else:
-        b0 = lo
-        v1 = hi
-    xb = tl.multiple_of(x_row + b0, ALIGN_BYTES) if PEEL else x_row + b0
+    b0, v1, xb = _aligned_body(x_row, lo, hi, PEEL)
     gb = tl.multiple_of(g_row + b0, ALIGN_BYTES) if PEEL and G_ALIGNED else g_row + b0
     last = (tl.cdiv(v1 - b0, BLOCK) - 1) * BLOCK  # the body's last block
     # 1. the body (the loop's form, a plain range for both directions, kept registers at the old count)
@@ -611,12 +610,7 @@ def _scale_rows_kernel(
         if go != 1.0:
             g_row = G + row * stride_g
             # 2. otherwise scale the row in place: whole vectors block by block (peeled as in _stream_stats)
-            if PEEL:
-                b0, v1 = _aligned_body(g_row, 0, K)
-            else:
-                b0 = 0
-                v1 = K
-            gb = tl.multiple_of(g_row + b0, ALIGN_BYTES) if PEEL else g_row + b0
+            b0, v1, gb = _aligned_body(g_row, 0, K, PEEL)
             for k0 in range(0, v1 - b0, BLOCK):
                 offs = k0 + tl.arange(0, BLOCK)  # [BLOCK]
                 _scale_block(gb, offs, offs < v1 - b0, go)
