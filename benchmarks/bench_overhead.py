@@ -24,6 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from _common import DTYPES
 
 
@@ -38,6 +39,25 @@ def per_call_us(step, n: int, cuda: bool) -> float:
     if cuda:
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / n * 1e6
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it (views and allocations included; Triton launches are not ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def aten_ops(step) -> int:
+    """The aten ops of one call of ``step`` (a forward and backward)."""
+    with _CountOps() as count:
+        step()
+    return count.n
 
 
 class _NoLaunch:
@@ -99,6 +119,7 @@ def main():
         steps += [("ours fwd+bwd, impl=auto", lambda: ours_step("auto")), ("one bare Triton launch", launch_step)]
     for name, step in steps:
         print(f"  {name:<26}{per_call_us(step, args.n, cuda):>10.1f}")
+    print(f"  aten ops per call of ours (forward + backward): {aten_ops(ours_step)}")
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(args.n):

@@ -72,7 +72,8 @@ def main():
         common = dict(X=x, stride_x="i32", G=x, stride_g="i32", T="*fp32", stride_t="i32", IDX="*i64",
                       OFFS="*i64", VALS="*fp32", SCRATCH="*fp32", W="*fp32")
         for k, peel in ((131072, False), (131071, True)):
-            # integers that Triton marks divisible by 16 at this K (B = 4096, strides K, spans of whole blocks)
+            # integers that Triton marks divisible by 16 at this K (B = 4096, the one-read S = 16 or 8; the strides
+            # and K itself only when K is a multiple of 16)
             ints = {"B", "S"} | ({"K", "stride_x", "stride_g"} if k % 16 == 0 else set())
             two_pass = dict(common, RS="*fp32", LOSS="*fp32", B="i32", K="i32", eps="fp32")
             flags = dict(SPARSE, COMPUTE_GRAD=True, REVERSE=True, EVICT_STORE=False, PEEL=peel, G_ALIGNED=peel,

@@ -362,7 +362,7 @@ def _logits(h: Tensor, w: Tensor, bias: Optional[Tensor], scale: Optional[Tensor
     if scale is not None:
         h = (h.to(scale.dtype) * scale).to(h.dtype)  # [R, D]
     r, c = h.shape[0], w.shape[0]
-    z = torch.empty(r, -(-c // ROW_ALIGN) * ROW_ALIGN, dtype=h.dtype, device=h.device)[:, :c]  # [R, C]
+    z = torch.empty(r, cdiv(c, ROW_ALIGN) * ROW_ALIGN, dtype=h.dtype, device=h.device)[:, :c]  # [R, C]
     if bias is not None:
         return torch.addmm(bias.to(h.dtype), h, w.T, out=z)
     return torch.mm(h, w.T, out=z)
