@@ -80,7 +80,8 @@ KNOBS = {"p": ("triton_loss", "ROW_PROGRAMS", int), "b": ("triton_loss", "MAX_BL
          "e": ("triton_linear", "EPILOGUE", _ON),
          "o": ("triton_loss", "ONE_READ", _ON), "m": ("triton_loss", "ONE_READ_MAXNREG", int),
          "q": ("triton_loss", "ONE_READ_BLOCKS", lambda v: (int(v),)),
-         "w": ("triton_loss", "ROW_WARPS", int), "s": ("triton_loss", "STORE_EVICT_FIRST", _ON)}
+         "w": ("triton_loss", "ROW_WARPS", int), "s": ("triton_loss", "STORE_EVICT_FIRST", _ON),
+         "n": ("triton_loss", "ROW_STAGES", int)}
 
 
 def split_knobs(name: str) -> tuple[str, dict]:

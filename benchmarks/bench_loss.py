@@ -21,7 +21,9 @@ capping the rows in flight so that their second read can stay in L2), ``ours-b<N
 (CUDA: the kernel with N elements of a row per step, ``MAX_BLOCK``), ``ours-f`` (CUDA:
 the gradient pass walks each row forwards; ``ours-r``: backwards, ``REVERSE_GRAD``, the default; knobs combine,
 as in ``ours-r-p132``), ``ours-o`` (CUDA: the one-read kernel, ``ONE_READ``; ``ours-o-q<N>``: N columns a
-program, ``ours-o-m<N>``: ptxas capped at N registers a thread), ``ours-cg`` (ours under
+program, ``ours-o-m<N>``: ptxas capped at N registers a thread), ``ours-w<N>``, ``ours-s`` and ``ours-n<N>``
+(CUDA: the one-row kernel with N warps, ``ROW_WARPS``; its gradient stored ``evict_first``,
+``STORE_EVICT_FIRST``; its loops software-pipelined N stages deep, ``ROW_STAGES``), ``ours-cg`` (ours under
 ``torch.compile(mode="reduce-overhead")``: CUDA graphs, so no host cost per call), ``torch``
 (F.cross_entropy(x, probs) eager), ``compile`` (the same under torch.compile),
 ``liger`` (Liger-Kernel cross-entropy, one positive, if installed).

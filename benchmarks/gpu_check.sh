@@ -37,13 +37,14 @@ run() {  # run CAP FILE CMD...: CMD under the cap, its output to stdout and appe
 # 0. The one-read kernel's GPU tests on their own (not a default step: the kernel is off, measured slower): its
 #    programs wait at a per-row barrier, so a fault there could hang rather than fail
 one_read() { run 90 tests.txt python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_kernels.py -k one_read; }
-# 1. The loss at the point (B=4096, K=131072, bf16 and fp32): ours, its gradient pass forwards (-f), the
-#    one-row kernel at 32 warps (-w32; with one program a SM, -p132, half the rows in flight on any Triton), the
-#    gradient stored evict_first (-s), both, the dense target, against eager PyTorch; then an odd K (131071: rows
-#    peeled to a 16-byte boundary, PEEL), whose time should be the aligned K's; then Liger on its single-label case
+# 1. The loss at the point (B=4096, K=131072, bf16 and fp32): ours, the one-row kernel at 32 warps (-w32;
+#    with one program a SM, -p132, half the rows in flight on any Triton), the gradient stored evict_first (-s),
+#    both, its loops software-pipelined (-n2, -n3: cp.async blocks in flight, one program a SM), with -s too,
+#    against eager PyTorch; then an odd K (131071: rows peeled to a 16-byte boundary, PEEL), whose time should be
+#    the aligned K's; then Liger on its single-label case
 point() {
-  run 120 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 --cases ${POINT_CASES:-torch ours \
-    ours-f ours-w32 ours-w32-p132 ours-s ours-w32-s ours-dense}
+  run 150 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 --cases ${POINT_CASES:-torch ours \
+    ours-w32 ours-w32-p132 ours-s ours-w32-s ours-n2 ours-n3 ours-n3-s}
   run 45 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131071 --npos 8 --cases torch ours
   run 45 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 1 --cases torch ours liger
 }
@@ -91,8 +92,8 @@ ncu_loss() {
   local M=dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum
   M=$M,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread
   M=$M,sm__warps_active.avg.pct_of_peak_sustained_active,launch__occupancy_limit_registers
-  for args in "--dtype bf16" "--dtype bf16 --row-warps 32" "--dtype bf16 --evict-store" "--dtype fp32" \
-              "--dtype fp32 --row-warps 32 --evict-store"; do
+  for args in "--dtype bf16" "--dtype bf16 --stages 3" "--dtype bf16 --row-warps 32" "--dtype bf16 --evict-store" \
+              "--dtype bf16 --stages 3 --evict-store" "--dtype fp32" "--dtype fp32 --stages 3 --evict-store"; do
     run 60 profile.txt ncu --clock-control none -k regex:_msl_ -s 2 -c 1 --metrics "$M" \
       python3 benchmarks/ncu_loss.py $args
   done

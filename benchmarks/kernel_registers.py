@@ -9,7 +9,10 @@ boundary). For each this runs ``ptxas -v`` and prints registers per thread, spil
 registers and 2048 threads per SM), and the global loads and stores of the logits and gradient in the PTX that
 are 128-bit vectors against those that are not (the two-pass kernel's row streams: four vector accesses of x
 and g per step; scalar ones there mean a 16-bit or 32-bit access per column). ``one-read/32`` is the one-read
-kernel with ptxas capped at 32 registers a thread (``ONE_READ_MAXNREG``, a benchmark knob). Run it with another
+kernel with ptxas capped at 32 registers a thread (``ONE_READ_MAXNREG``, a benchmark knob); ``two-pass/32w`` and
+``two-pass/n3`` are the two-pass kernel at 32 warps (``ROW_WARPS``) and with its loops pipelined, three stages
+(``ROW_STAGES``: its loads become cp.async copies, and the shared memory they take, in kB, limits programs per SM
+too). Run it with another
 Triton on the path to see that version's figures (the device's was 3.6, this repository's is 3.9).
 
     python benchmarks/kernel_registers.py
@@ -52,10 +55,12 @@ def ptxas_usage(ptx: str) -> tuple[int, int]:
 
 def access_widths(ptx: str) -> tuple[int, int]:
     """``(vector, narrow)``: global loads and stores in the PTX that move 128 bits, and those of one 16- or 32-bit
-    element (the loss's positives and per-row scalars are among the latter whatever the alignment)."""
+    element (the loss's positives and per-row scalars are among the latter whatever the alignment). A pipelined
+    loop's loads are asynchronous copies to shared memory: ``cp.async.cg`` moves 16 bytes, ``cp.async.ca`` less."""
     ops = re.findall(r"\b(?:ld|st)\.global[.\w:]*", ptx)
-    vector = sum(".v4" in op or ".v2.b64" in op for op in ops)
-    narrow = sum(op.endswith((".b16", ".b32")) and ".v" not in op for op in ops)
+    copies = re.findall(r"\bcp\.async\.c[ag]\.shared\.global", ptx)
+    vector = sum(".v4" in op or ".v2.b64" in op for op in ops) + sum(".cg." in op for op in copies)
+    narrow = sum(op.endswith((".b16", ".b32")) and ".v" not in op for op in ops) + sum(".ca." in op for op in copies)
     return vector, narrow
 
 
@@ -66,7 +71,7 @@ def main():
 
     print(f"Triton {triton.__version__}, sm_90")
     print(f"{'kernel':<14}{'dtype':<6}{'K':>8}{'columns':>8}{'warps':>6}{'regs':>6}{'spills':>7}{'progs/SM':>9}"
-          f"{'vector/narrow':>15}")
+          f"{'vector/narrow':>15}{'smem kB':>10}")
     for dt in ("bf16", "fp32"):
         x = f"*{dt}"
         common = dict(X=x, stride_x="i32", G=x, stride_g="i32", T="*fp32", stride_t="i32", IDX="*i64",
@@ -77,10 +82,12 @@ def main():
             ints = {"B", "S"} | ({"K", "stride_x", "stride_g"} if k % 16 == 0 else set())
             two_pass = dict(common, RS="*fp32", LOSS="*fp32", B="i32", K="i32", eps="fp32")
             flags = dict(SPARSE, COMPUTE_GRAD=True, REVERSE=True, EVICT_STORE=False, PEEL=peel, G_ALIGNED=peel,
-                         BLOCK=tl_.MAX_BLOCK, BLOCK_P=tl_.BLOCK_P)
-            runs = [("two-pass", tl_._msl_fwd_kernel, two_pass, flags, tl_._num_warps(tl_.MAX_BLOCK), tl_.MAX_BLOCK,
-                     {}),
-                    ("two-pass/32w", tl_._msl_fwd_kernel, two_pass, flags, 32, tl_.MAX_BLOCK, {})]  # ROW_WARPS=32
+                         BLOCK=tl_.MAX_BLOCK, BLOCK_P=tl_.BLOCK_P, STAGES=1)
+            warps = tl_._num_warps(tl_.MAX_BLOCK)
+            runs = [("two-pass", tl_._msl_fwd_kernel, two_pass, flags, warps, tl_.MAX_BLOCK, {}),
+                    ("two-pass/32w", tl_._msl_fwd_kernel, two_pass, flags, 32, tl_.MAX_BLOCK, {}),  # ROW_WARPS=32
+                    ("two-pass/n3", tl_._msl_fwd_kernel, two_pass, dict(flags, STAGES=3), warps, tl_.MAX_BLOCK,
+                     {})]  # ROW_STAGES=3
             for width, cap in [(w, None) for w in tl_.ONE_READ_BLOCKS] + [(8192, 32)] if not peel else []:
                 runs.append(("one-read" + (f"/{cap}" if cap else ""), tl_._msl_one_read_kernel,
                              dict(common, WSUM="*fp32", RS="*fp32", LOSS="*fp32", STATS="*fp32", ARRIVED="*i32",
@@ -93,9 +100,11 @@ def main():
                 regs, spills = ptxas_usage(kernel.asm["ptx"])
                 vector, narrow = access_widths(kernel.asm["ptx"])
                 threads = 32 * warps
-                per_sm = min(65536 // (threads * -(-regs // 8) * 8), 2048 // threads)  # registers go in units of 8
+                shared = kernel.metadata.shared  # bytes; an SM has 228 KB, 1 KB of it reserved per program
+                per_sm = min(65536 // (threads * -(-regs // 8) * 8), 2048 // threads,  # registers go in units of 8
+                             228 * 1024 // (shared + 1024))
                 print(f"{name:<14}{dt:<6}{k:>8}{width:>8}{warps:>6}{regs:>6}{spills:>7}{per_sm:>9}"
-                      f"{f'{vector}/{narrow}':>15}")
+                      f"{f'{vector}/{narrow}':>15}{shared / 1024:>10.0f}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ for bf16 at B=4096, K=131072 is 1 GiB read and 1 GiB written.
         python benchmarks/ncu_loss.py --dtype bf16            # --forward: the gradient pass forwards
 
 With ``--one-read`` the one-read kernel (``_msl_one_read_kernel``) runs instead; ``regex:_msl_`` names either.
-``--row-warps 32`` and ``--evict-store`` set the one-row kernel's knobs (``ROW_WARPS``, ``STORE_EVICT_FIRST``).
+``--row-warps 32``, ``--evict-store`` and ``--stages 3`` set the one-row kernel's knobs (``ROW_WARPS``,
+``STORE_EVICT_FIRST``, ``ROW_STAGES``).
 """
 
 import argparse
@@ -27,6 +28,7 @@ def main():
     p.add_argument("--one-read", action="store_true", help="the one-read kernel (ONE_READ)")
     p.add_argument("--row-warps", type=int, default=None, help="warps of the one-row kernel (ROW_WARPS)")
     p.add_argument("--evict-store", action="store_true", help="the gradient stored evict_first (STORE_EVICT_FIRST)")
+    p.add_argument("--stages", type=int, default=1, help="software-pipeline stages of its loops (ROW_STAGES)")
     args = p.parse_args()
     from mlsoftmax.kernels import triton_loss
 
@@ -34,6 +36,7 @@ def main():
     triton_loss.ONE_READ = args.one_read
     triton_loss.ROW_WARPS = args.row_warps
     triton_loss.STORE_EVICT_FIRST = args.evict_store
+    triton_loss.ROW_STAGES = args.stages
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     x = torch.randn(args.B, args.K, device="cuda").to(dtype)
     pos = Positives.from_padded(torch.randint(0, args.K, (args.B, 8), device="cuda"))

@@ -57,6 +57,7 @@ def main():
         ptrs = {"T": "*fp32", "IDX": "*i64", "OFFS": "*i64", "VALS": "*fp32", "SCRATCH": "*fp32", "W": "*fp32"}
         for flags in loss_variants() if dt == "bf16" else [dict(zip(FLAGS, (False, True, False, False, False)))]:
             blocks = dict(BLOCK=16384, BLOCK_P=tl_.BLOCK_P)
+            one_row = dict(blocks, STAGES=1)  # the one-row kernel's loops unpipelined (ROW_STAGES = 1)
             sig = dict(X=x, stride_x="i32", G=x, stride_g="i32", T=ptrs["T"], stride_t="i32", IDX="*i64",
                        OFFS="*i64", VALS="*fp32", SCRATCH="*fp32", W="*fp32", RS="*fp32", LOSS="*fp32", B="i32",
                        K="i32", eps="fp32")
@@ -65,15 +66,20 @@ def main():
             for grad, rev, evict in ((False, False, False), (True, False, False), (True, True, False)) + (
                     ((True, True, True),) if common else ()):
                 build(tl_._msl_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=grad, REVERSE=rev, EVICT_STORE=evict,
-                                                     PEEL=False, G_ALIGNED=False, **blocks), num_warps=16)
+                                                     PEEL=False, G_ALIGNED=False, **one_row), num_warps=16)
             # PEEL=True: rows peeled to a 16-byte boundary (any K, any row start); the gradient's rows aligned
             # alike, or (common form) not
             for g_aligned in (True, False) if common else (True,):
                 build(tl_._msl_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=True, REVERSE=True, EVICT_STORE=False,
-                                                     PEEL=True, G_ALIGNED=g_aligned, **blocks), num_warps=16)
+                                                     PEEL=True, G_ALIGNED=g_aligned, **one_row), num_warps=16)
             if common:  # the ROW_WARPS knob at 32
                 build(tl_._msl_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=True, REVERSE=True, EVICT_STORE=False,
-                                                     PEEL=False, G_ALIGNED=False, **blocks), num_warps=32)
+                                                     PEEL=False, G_ALIGNED=False, **one_row), num_warps=32)
+                # the ROW_STAGES knob (software-pipelined loops: cp.async into shared memory), aligned and peeled
+                for peel, evict in ((False, False), (False, True), (True, False)):
+                    build(tl_._msl_fwd_kernel, sig, dict(flags, COMPUTE_GRAD=True, REVERSE=True, EVICT_STORE=evict,
+                                                         PEEL=peel, G_ALIGNED=peel, **dict(blocks, STAGES=3)),
+                          num_warps=16)
             sig = dict(X=x, stride_x="i32", T="*fp32", stride_t="i32", IDX="*i64", OFFS="*i64", VALS="*fp32",
                        W="*fp32", STATS="*fp32", K="i32", SPAN="i32", S="i32")
             for peel in (False, True) if common else (False,):

@@ -30,6 +30,7 @@ def test_case_names_parse_into_kernel_knobs():
     assert split_knobs("ours-f") == ("ours", {(loss, "REVERSE_GRAD"): False})
     assert split_knobs("ours-w32-s") == ("ours", {(loss, "ROW_WARPS"): 32, (loss, "STORE_EVICT_FIRST"): True})
     assert split_knobs("ours-b8192") == ("ours", {(loss, "MAX_BLOCK"): 8192})
+    assert split_knobs("ours-n3-s") == ("ours", {(loss, "ROW_STAGES"): 3, (loss, "STORE_EVICT_FIRST"): True})
     assert split_knobs("ours-fast-e") == ("ours-fast", {(linear, "EPILOGUE"): True})
     assert split_knobs("ours-lean-r") == ("ours-lean", {(loss, "REVERSE_GRAD"): True, (linear, "REVERSE_GRAD"): True})
     assert split_knobs("ours-fast-o") == ("ours-fast", {(loss, "ONE_READ"): True})
@@ -98,12 +99,16 @@ def test_kernel_registers_reports_every_kernel():
                           env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines()[2:]]
-    aligned = ["two-pass", "two-pass/32w", "one-read", "one-read", "one-read/32"]
+    two_pass = ["two-pass", "two-pass/32w", "two-pass/n3"]
     assert [(r[0], r[1], r[2]) for r in rows] == [
         (name, d, k) for d in ("bf16", "fp32")
-        for k, names in (("131072", aligned), ("131071", ["two-pass", "two-pass/32w"])) for name in names]
+        for k, names in (("131072", two_pass + ["one-read", "one-read", "one-read/32"]), ("131071", two_pass))
+        for name in names]
     assert all(int(r[5]) > 0 and int(r[7]) >= 1 for r in rows), proc.stdout
     for r in rows:
         if r[0].startswith("two-pass"):  # the row's loads and stores of x and g: 128-bit at both K
             assert int(r[8].split("/")[0]) >= 6, proc.stdout
     assert all(int(r[7]) == 2 for r in rows if r[0] == "two-pass" and r[1] == "bf16"), proc.stdout
+    # ROW_STAGES = 3 pipelines both loops: their loads become 16-byte cp.async copies into shared memory
+    assert all(float(r[9]) >= 64 and int(r[8].split("/")[0]) >= 24 for r in rows if r[0] == "two-pass/n3"), \
+        proc.stdout

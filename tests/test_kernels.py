@@ -86,8 +86,8 @@ def test_triton_rejects_fp64_and_inplace_needs_triton():
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("knobs", [{}, {"ONE_READ": True}, {"REVERSE_GRAD": False},
-                                   {"STORE_EVICT_FIRST": True, "ROW_WARPS": 32}], ids=["default", "one_read",
-                                                                                   "forward", "evict_store_32w"])
+                                   {"STORE_EVICT_FIRST": True, "ROW_WARPS": 32}, {"ROW_STAGES": 3}],
+                         ids=["default", "one_read", "forward", "evict_store_32w", "stages3"])
 def test_inplace_gradient_overwrites_logits(sparse, dtype, knobs, rng, monkeypatch):
     from mlsoftmax.kernels import triton_loss
 
@@ -309,12 +309,12 @@ def test_split_heuristic_fills_the_machine():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sparse", [False, True])
-@pytest.mark.parametrize("knob", [None, ("REVERSE_GRAD", False), ("ONE_READ", True)])
+@pytest.mark.parametrize("knob", [None, ("REVERSE_GRAD", False), ("ONE_READ", True), ("ROW_STAGES", 3)])
 @pytest.mark.parametrize("b", [64, 600])
 def test_gpu_triton_matches_torch_path(dtype, sparse, knob, b, monkeypatch):
     """The Triton path against the torch path: split rows (64 rows cannot fill an H100) and one program per row
-    (600), with the gradient pass backwards (the default) or forwards, or the one-read kernel (7 programs a row,
-    meeting at their row's barrier)."""
+    (600), with the gradient pass backwards (the default) or forwards, the one-read kernel (7 programs a row,
+    meeting at their row's barrier), or the one-row kernel's loops pipelined (cp.async)."""
     from mlsoftmax.kernels import triton_loss
 
     if knob:
@@ -338,10 +338,16 @@ def test_gpu_triton_matches_torch_path(dtype, sparse, knob, b, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b", [64, 600])
-def test_gpu_rows_at_any_alignment_match_torch_path(dtype, b):
+@pytest.mark.parametrize("stages", [1, 3])
+def test_gpu_rows_at_any_alignment_match_torch_path(dtype, b, stages, monkeypatch):
     """Compiled, where the alignment the kernels promise the compiler matters: rows of an odd K that start at
     every offset from a 16-byte boundary (views into a wider buffer), split rows (64) and one program per row
-    (600), in place and not, against the torch path."""
+    (600; its loops pipelined too, ``ROW_STAGES``), in place and not, against the torch path."""
+    from mlsoftmax.kernels import triton_loss
+
+    if stages > 1 and b == 64:
+        pytest.skip("ROW_STAGES applies to the one-program-per-row kernel")
+    monkeypatch.setattr(triton_loss, "ROW_STAGES", stages)
     g = torch.Generator().manual_seed(0)
     k = 50_000 + 3
     buf = torch.randn(b, k + 16, generator=g).to("cuda", dtype)
@@ -510,7 +516,7 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu():
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 185 kernel variants" in proc.stdout
+    assert "compiled 194 kernel variants" in proc.stdout
 
 
 @needs_triton

@@ -79,6 +79,13 @@ ONE_READ = False
 # marked evict_first, so that its dirty lines leave L2 before the logits that wait for their second read.
 ROW_WARPS = None
 STORE_EVICT_FIRST = False
+# Blocks of a row in flight per program in both passes of the one-row kernel: 1 = a plain loop (each step's
+# loads, then its math); N > 1 = Triton's software pipeline (``tl.range(num_stages=N)``): cp.async copies of the
+# next N - 1 blocks into shared memory while a block is reduced, N - 1 blocks of shared memory a program (64 KB
+# for bf16 at N = 3). A knob, off until a GPU has timed it (cases ``ours-n3``, ``ours-n3-p132``): with more bytes
+# in flight per program, fewer programs (``ROW_PROGRAMS``) might keep DRAM busy with fewer rows waiting for their
+# second read in L2. The device's Triton 3.6 drops the L2 eviction hints of pipelined loads (3.9 keeps them).
+ROW_STAGES = 1
 ONE_READ_BLOCKS = (8192, 16384)  # columns a program holds, 16 a thread (benchmarks/kernel_registers.py)
 ONE_READ_MAXNREG = None  # a register cap for ptxas (32: four 8192-column programs a SM, with spills); a knob
 
@@ -168,7 +175,7 @@ def _stats_block(x_base, t_base, w_base, offs, mask, m, s, mass, wmass, dot, sx,
 
 @triton.jit
 def _stream_stats(x_row, t_row, W, lo, hi, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                  HAS_SMOOTH: tl.constexpr, PEEL: tl.constexpr, BLOCK: tl.constexpr):
+                  HAS_SMOOTH: tl.constexpr, PEEL: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr = 1):
     """One streaming pass over columns ``[lo, hi)`` of a row (kept in L2 for a second pass).
 
     Returns the online max and sum-exp (relative to that max), the dense target's
@@ -184,8 +191,8 @@ def _stream_stats(x_row, t_row, W, lo, hi, HAS_DENSE: tl.constexpr, HAS_WEIGHT: 
     sx = 0.0
     wsum = 0.0
     b0, v1, xb = _aligned_body(x_row, lo, hi, PEEL)
-    # 1. the body, whole vectors from an aligned base (128-bit loads)
-    for k0 in range(0, v1 - b0, BLOCK):
+    # 1. the body, whole vectors from an aligned base (128-bit loads; STAGES > 1: cp.async, blocks in flight)
+    for k0 in tl.range(0, v1 - b0, BLOCK, num_stages=STAGES):
         offs = k0 + tl.arange(0, BLOCK)  # [BLOCK]
         m, s, mass, wmass, dot, sx, wsum = _stats_block(xb, t_row + b0, W + b0, offs, offs < v1 - b0, m, s, mass,
                                                         wmass, dot, sx, wsum, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH)
@@ -262,7 +269,7 @@ def _grad_block(x_base, g_base, t_base, w_base, offs, mask, lse, a, bt, bs, HAS_
 @triton.jit
 def _grad_pass(x_row, g_row, t_row, W, lo, hi, lse, a, bt, bs, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                HAS_SMOOTH: tl.constexpr, REVERSE: tl.constexpr, EVICT_STORE: tl.constexpr, PEEL: tl.constexpr,
-               G_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+               G_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr = 1):
     """Second pass over columns ``[lo, hi)``: the aligned body and the edges as in :func:`_stream_stats`; with
     ``REVERSE`` from the last block back, so that the blocks that the first pass read last (the likeliest still in
     L2) are re-read first. ``G_ALIGNED``: the gradient's rows are as far from a 16-byte boundary as the logits'
@@ -271,7 +278,7 @@ def _grad_pass(x_row, g_row, t_row, W, lo, hi, lse, a, bt, bs, HAS_DENSE: tl.con
     gb = tl.multiple_of(g_row + b0, ALIGN_BYTES) if PEEL and G_ALIGNED else g_row + b0
     last = (tl.cdiv(v1 - b0, BLOCK) - 1) * BLOCK  # the body's last block
     # 1. the body (the loop's form, a plain range for both directions, kept registers at the old count)
-    for k0 in range(0, v1 - b0, BLOCK):
+    for k0 in tl.range(0, v1 - b0, BLOCK, num_stages=STAGES):
         offs = (last - k0 if REVERSE else k0) + tl.arange(0, BLOCK)  # [BLOCK]
         _grad_block(xb, gb, t_row + b0, W + b0, offs, offs < v1 - b0, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT,
                     HAS_SMOOTH, EVICT_STORE)
@@ -354,6 +361,7 @@ def _msl_fwd_kernel(
     HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_VALUES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, COMPUTE_GRAD: tl.constexpr, REVERSE: tl.constexpr, EVICT_STORE: tl.constexpr,
     PEEL: tl.constexpr, G_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     # 0. a persistent loop: program p takes rows p, p + P, ... (P = B: one row each; fewer caps rows in flight)
     for row in range(tl.program_id(0).to(tl.int64), B, tl.num_programs(0)):  # int64 rows: B * K may pass 2^31
@@ -362,7 +370,7 @@ def _msl_fwd_kernel(
 
         # 1. one streaming pass: online max / sum-exp, and the dense target's sums
         m, s, mass, wmass, dot, sx, wsum = _stream_stats(x_row, t_row, W, 0, K, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH,
-                                                         PEEL, BLOCK)
+                                                         PEEL, BLOCK, STAGES)
         if HAS_SPARSE:
             # 2. the positives: gather their logits from the CSR indices
             p0 = tl.load(OFFS + row)
@@ -384,7 +392,7 @@ def _msl_fwd_kernel(
                                 HAS_SMOOTH, BLOCK_P)
             # 5. second pass: the gradient, re-reading the row from L2 where it fits
             _grad_pass(x_row, g_row, t_row, W, 0, K, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH, REVERSE,
-                       EVICT_STORE, PEEL, G_ALIGNED, BLOCK)
+                       EVICT_STORE, PEEL, G_ALIGNED, BLOCK, STAGES)
             if HAS_SPARSE:
                 # 6. the exact target entries, over pass 2's
                 _write_target_entries(g_row, IDX, SCRATCH, p0, p1, 0, K, BLOCK_P)
@@ -722,7 +730,7 @@ def forward(
             HAS_WEIGHT=weight is not None, HAS_SMOOTH=label_smoothing > 0, COMPUTE_GRAD=compute_grad,
             REVERSE=reverse, EVICT_STORE=STORE_EVICT_FIRST, PEEL=needs_peel(x),
             G_ALIGNED=compute_grad and rows_aligned_alike(x, grad), BLOCK=block, BLOCK_P=BLOCK_P,
-            num_warps=ROW_WARPS or _num_warps(block),
+            STAGES=ROW_STAGES, num_warps=ROW_WARPS or _num_warps(block),
         )
     return loss, grad
 
