@@ -44,7 +44,7 @@ one_read() { run 90 tests.txt python3 -m pytest -q -x -m gpu -p no:cacheprovider
 #    the aligned K's; then Liger on its single-label case
 point() {
   run 150 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 --cases ${POINT_CASES:-torch ours \
-    ours-w32 ours-w32-p132 ours-s ours-w32-s ours-n2 ours-n3 ours-n3-s}
+    ours-w32 ours-w32-p132 ours-s ours-w32-p132-s ours-n2 ours-n3 ours-n3-s}
   run 45 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131071 --npos 8 --cases torch ours
   run 45 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 1 --cases torch ours liger
 }
@@ -67,8 +67,12 @@ tests() {
 # 4. The sweep (K 1k..1M, B 1..16k, 1 and 8 positives): eager, ours ("auto": PyTorch's own loss below 2^26
 #    logits) and the Triton path at every size
 sweep() { run 100 bench_sweep.txt $L --dtype bf16 --sweep --reps 5 --cases ${SWEEP_CASES:-torch ours ours-triton}; }
-# 3a. Only the loss kernels' GPU tests
+# 3a. Only the loss kernels' GPU tests (a default step, before the fused linear routes' benchmark); 3c. the rest
 kernel_tests() { run 120 tests.txt python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_loss.py; }
+other_tests() {
+  run 120 tests.txt python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_linear.py tests/test_distributed.py \
+    tests/test_metrics.py tests/test_cli.py
+}
 # 3b. Only the CLI's exact resume on CUDA (its own data file, a kill after the first epoch)
 resume() { run 60 tests.txt python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cli.py -k resume; }
 # 5. Host-bound sizes (small inputs: the host's cost per call shows): eager, compiled, ours, ours under CUDA graphs
@@ -94,13 +98,13 @@ ncu_loss() {
   local M=dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum
   M=$M,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread
   M=$M,sm__warps_active.avg.pct_of_peak_sustained_active,launch__occupancy_limit_registers
-  for args in "--dtype bf16" "--dtype bf16 --stages 3" "--dtype bf16 --row-warps 32" "--dtype bf16 --evict-store" \
-              "--dtype bf16 --stages 3 --evict-store" "--dtype fp32" "--dtype fp32 --stages 3 --evict-store"; do
+  for args in "--dtype bf16" "--dtype bf16 --stages 3" "--dtype bf16 --stages 3 --evict-store" \
+              "--dtype bf16 --row-warps 32 --programs 132 --evict-store" "--dtype fp32 --stages 3 --evict-store"; do
     run 60 profile.txt ncu --clock-control none -k regex:_msl_ -s 2 -c 1 --metrics "$M" \
       python3 benchmarks/ncu_loss.py $args
   done
 }
 STEPS=("$@")
-[ ${#STEPS[@]} -gt 0 ] || STEPS=(point ncu_loss tests linear sweep host amp profile)
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(point ncu_loss kernel_tests linear other_tests sweep host amp profile)
 for s in "${STEPS[@]}"; do "$s"; done
 echo "== done at $SECONDS s; cut for time:${SKIPPED:- nothing}" | tee -a "$OUT/gpu.txt"

@@ -8,8 +8,8 @@ for bf16 at B=4096, K=131072 is 1 GiB read and 1 GiB written.
         python benchmarks/ncu_loss.py --dtype bf16            # --forward: the gradient pass forwards
 
 With ``--one-read`` the one-read kernel (``_msl_one_read_kernel``) runs instead; ``regex:_msl_`` names either.
-``--row-warps 32``, ``--evict-store`` and ``--stages 3`` set the one-row kernel's knobs (``ROW_WARPS``,
-``STORE_EVICT_FIRST``, ``ROW_STAGES``).
+``--row-warps 32``, ``--evict-store``, ``--stages 3`` and ``--programs 132`` set the one-row kernel's knobs
+(``ROW_WARPS``, ``STORE_EVICT_FIRST``, ``ROW_STAGES``, ``ROW_PROGRAMS``).
 """
 
 import argparse
@@ -29,6 +29,7 @@ def main():
     p.add_argument("--row-warps", type=int, default=None, help="warps of the one-row kernel (ROW_WARPS)")
     p.add_argument("--evict-store", action="store_true", help="the gradient stored evict_first (STORE_EVICT_FIRST)")
     p.add_argument("--stages", type=int, default=1, help="software-pipeline stages of its loops (ROW_STAGES)")
+    p.add_argument("--programs", type=int, default=None, help="its programs, looping over rows (ROW_PROGRAMS)")
     args = p.parse_args()
     from mlsoftmax.kernels import triton_loss
 
@@ -37,6 +38,7 @@ def main():
     triton_loss.ROW_WARPS = args.row_warps
     triton_loss.STORE_EVICT_FIRST = args.evict_store
     triton_loss.ROW_STAGES = args.stages
+    triton_loss.ROW_PROGRAMS = args.programs
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     x = torch.randn(args.B, args.K, device="cuda").to(dtype)
     pos = Positives.from_padded(torch.randint(0, args.K, (args.B, 8), device="cuda"))
