@@ -25,8 +25,11 @@ reversed, ``triton_loss.REVERSE_GRAD``; the knobs of bench_loss.py apply, as in
 its epilogue, ``triton_linear.EPILOGUE``),
 ``ours-torch`` (impl="torch": label chunks, GEMMs in the input dtype, every
 elementwise step in PyTorch), ``cce`` (Apple's Cut Cross-Entropy, first positive
-only) and ``liger`` (Liger's fused linear cross-entropy, first positive only)
-when installed.
+only, as it is called by default: its backward skips each tile of logits whose
+``|softmax - target|`` entries all fall below ``filter_eps``, 2^-12 in bf16, so
+its gradient is not exact), ``cce-exact`` (the same with ``filter_eps=None``: every
+tile, the exact gradient) and ``liger`` (Liger's fused linear cross-entropy, first
+positive only) when installed.
 
 ``--amp``: mixed-precision training as it is usually run. The weight is fp32
 (a master weight), ``hidden`` is in ``--dtype`` (from an autocast backbone),
@@ -107,10 +110,12 @@ def _case_fn(name, h, w, pos, k):
         dense = pos.to_dense(k, dtype=h.dtype)
         probs = dense / dense.sum(1, keepdim=True)
         return lambda hh, ww: F.cross_entropy(hh @ ww.T, probs)
-    if name == "cce":
+    if name in ("cce", "cce-exact"):
         from cut_cross_entropy import linear_cross_entropy
 
-        return lambda hh, ww: linear_cross_entropy(hh, ww, first)
+        if name == "cce":  # CCE's defaults: gradient filtering on
+            return lambda hh, ww: linear_cross_entropy(hh, ww, first)
+        return lambda hh, ww: linear_cross_entropy(hh, ww, first, filter_eps=None)
     if name == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -227,7 +232,7 @@ def main():
     args = p.parse_args()
     if args.child:
         return memory_child(args)
-    gpu = ["gemms", "naive", "ours-fast", "ours-lean", "ours-torch", "cce", "liger"]
+    gpu = ["gemms", "naive", "ours-fast", "ours-lean", "ours-torch", "cce", "cce-exact", "liger"]
     cases = args.cases or (gpu if args.device == "cuda" else ["gemms", "naive", "naive-ours", "ours"])
     if args.memory and args.amp:
         p.error("--amp times and profiles (--memory measures the plain dtypes)")

@@ -49,12 +49,14 @@ point() {
   run 45 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 1 --cases torch ours liger
 }
 # 2. The fused linear + loss at the issue's point (B=8192, D=1024, K=262144 bf16): both routes, against the GEMMs
-#    alone, naive and Cut Cross-Entropy (Liger and the pure-torch route, 248 and 99 ms on an H100, are left out;
-#    the knobs measured slower on an H200, -e, -o and -r, too), and the fast route with its loss kernel's loops
-#    pipelined and its stores evict_first (-n3-s: its 512 KB rows' second read, as at the loss's point); then
-#    K=262143, an odd K
+#    alone, naive, and Cut Cross-Entropy as called by default (its backward skips the tiles whose gradient entries
+#    are all under 2^-12: not exact) and exact (cce-exact); Liger and the pure-torch route (248 and 99 ms on an
+#    H100) are left out, and so are the knobs measured slower on an H200 (-e, -o, -r). The fast route also runs
+#    with its loss kernel's loops pipelined and its stores evict_first (-n3-s: its 512 KB rows' second read, as
+#    at the loss's point). Then K=262143, an odd K
 linear() {
-  run 150 bench_linear.txt $F --reps 5 --cases ${LINEAR_CASES:-gemms naive ours-fast ours-fast-n3-s ours-lean cce}
+  run 150 bench_linear.txt $F --reps 5 --cases ${LINEAR_CASES:-gemms naive ours-fast ours-fast-n3-s ours-lean cce \
+    cce-exact}
   # an odd K: ours should keep the aligned K's time (chunk rows 64 elements apart, ROW_ALIGN); the plain GEMMs
   # (an odd leading dimension) show what that avoids
   run 75 bench_linear.txt $F --K 262143 --reps 3 --cases gemms ours-fast ours-lean
