@@ -37,14 +37,14 @@ run() {  # run CAP FILE CMD...: CMD under the cap, its output to stdout and appe
 # 0. The one-read kernel's GPU tests on their own (not a default step: the kernel is off, measured slower): its
 #    programs wait at a per-row barrier, so a fault there could hang rather than fail
 one_read() { run 90 tests.txt python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_kernels.py -k one_read; }
-# 1. The loss at the point (B=4096, K=131072, bf16 and fp32): ours, the one-row kernel at 32 warps (-w32;
-#    with one program a SM, -p132, half the rows in flight on any Triton), the gradient stored evict_first (-s),
-#    both, its loops software-pipelined (-n2, -n3: cp.async blocks in flight, one program a SM), with -s too,
-#    against eager PyTorch; then an odd K (131071: rows peeled to a 16-byte boundary, PEEL), whose time should be
-#    the aligned K's; then Liger on its single-label case
+# 1. The loss at the point (B=4096, K=131072, bf16 and fp32): ours; the gradient stored evict_first (-s);
+#    half the rows in flight, one 32-warp program a SM (-w32-p132), with -s too; the loops software-pipelined
+#    (-n3, -n4: 2 or 3 blocks of cp.async in flight, one program a SM), with -s too; against eager PyTorch. Then
+#    an odd K (131071: rows peeled to a 16-byte boundary, PEEL), whose time should be the aligned K's; then Liger
+#    on its single-label case
 point() {
   run 150 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 --cases ${POINT_CASES:-torch ours \
-    ours-w32 ours-w32-p132 ours-s ours-w32-p132-s ours-n2 ours-n3 ours-n3-s}
+    ours-s ours-w32-p132 ours-w32-p132-s ours-n3 ours-n3-s ours-n4-s}
   run 45 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131071 --npos 8 --cases torch ours
   run 45 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 1 --cases torch ours liger
 }

@@ -50,7 +50,7 @@ def _run(script, *args):
 @pytest.mark.skipif("triton" not in IMPLS, reason="Triton not installed")
 def test_loss_benchmark_runs_every_case_of_the_gpu_check():
     cases = ["torch", "ours", "ours-triton", "ours-small", "ours-dense", "ours-r", "ours-f", "ours-w32", "ours-s",
-             "ours-w32-s", "ours-w32-p132-s", "ours-n2", "ours-n3", "ours-n3-s", "ours-s-p264", "ours-r-p2",
+             "ours-w32-s", "ours-w32-p132-s", "ours-n3", "ours-n3-s", "ours-n4-s", "ours-s-p264", "ours-r-p2",
              "ours-b64", "ours-o", "ours-o-m32",
              "ours-o-q4096", "ours-o-q16384-m32", "compile", "ours-cg"]
     out = _run("bench_loss.py", "--device", "cpu", "--B", "3", "--K", "300", "--npos", "2", "--reps", "1",
