@@ -82,7 +82,7 @@ STORE_EVICT_FIRST = False
 # Blocks of a row in flight per program in both passes of the one-row kernel: 1 = a plain loop (each step's
 # loads, then its math); N > 1 = Triton's software pipeline (``tl.range(num_stages=N)``): cp.async copies of the
 # next N - 1 blocks into shared memory while a block is reduced, N - 1 blocks of shared memory a program (64 KB
-# for bf16 at N = 3). A knob, off until a GPU has timed it (cases ``ours-n3``, ``ours-n3-p132``): with more bytes
+# for bf16 at N = 3). A knob, off until a GPU has timed it (cases ``ours-n3``, ``ours-n3-s``): with more bytes
 # in flight per program, fewer programs (``ROW_PROGRAMS``) might keep DRAM busy with fewer rows waiting for their
 # second read in L2. The device's Triton 3.6 drops the L2 eviction hints of pipelined loads (3.9 keeps them).
 ROW_STAGES = 1
