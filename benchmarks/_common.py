@@ -81,7 +81,10 @@ KNOBS = {"p": ("triton_loss", "ROW_PROGRAMS", int), "b": ("triton_loss", "MAX_BL
          "o": ("triton_loss", "ONE_READ", _ON), "m": ("triton_loss", "ONE_READ_MAXNREG", int),
          "q": ("triton_loss", "ONE_READ_BLOCKS", lambda v: (int(v),)),
          "w": ("triton_loss", "ROW_WARPS", int), "s": ("triton_loss", "STORE_EVICT_FIRST", _ON),
-         "n": ("triton_loss", "ROW_STAGES", int)}
+         "n": ("triton_loss", "ROW_STAGES", int),
+         # the lagged kernel: on, its programs a SM, its slice in bytes
+         "l": ("triton_loss", "LAGGED", _ON), "g": ("triton_loss", "LAGGED_PER_SM", int),
+         "c": ("triton_loss", "LAGGED_SPAN_BYTES", int)}
 
 
 def split_knobs(name: str) -> tuple[str, dict]:

@@ -23,7 +23,8 @@ the gradient pass walks each row forwards; ``ours-r``: backwards, ``REVERSE_GRAD
 as in ``ours-r-p132``), ``ours-o`` (CUDA: the one-read kernel, ``ONE_READ``; ``ours-o-q<N>``: N columns a
 program, ``ours-o-m<N>``: ptxas capped at N registers a thread), ``ours-w<N>``, ``ours-s`` and ``ours-n<N>``
 (CUDA: the one-row kernel with N warps, ``ROW_WARPS``; its gradient stored ``evict_first``,
-``STORE_EVICT_FIRST``; its loops software-pipelined N stages deep, ``ROW_STAGES``), ``ours-cg`` (ours under
+``STORE_EVICT_FIRST``; its loops software-pipelined N stages deep, ``ROW_STAGES``), ``ours-l`` (CUDA: the
+lagged kernel, ``LAGGED``; ``-g<N>``: N programs a SM, ``-c<N>``: slices of N bytes), ``ours-cg`` (ours under
 ``torch.compile(mode="reduce-overhead")``: CUDA graphs, so no host cost per call), ``torch``
 (F.cross_entropy(x, probs) eager), ``compile`` (the same under torch.compile),
 ``liger`` (Liger-Kernel cross-entropy, one positive, if installed).

@@ -38,15 +38,18 @@ run() {  # run CAP FILE CMD...: CMD under the cap, its output to stdout and appe
 #    programs wait at a per-row barrier, so a fault there could hang rather than fail
 one_read() { run 90 tests.txt python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_kernels.py -k one_read; }
 # 1. The loss at the point (B=4096, K=131072, bf16 and fp32): ours; the gradient stored evict_first (-s);
-#    half the rows in flight, one 32-warp program a SM (-w32-p132), with -s too; the loops software-pipelined
-#    (-n3, -n4: 2 or 3 blocks of cp.async in flight, one program a SM), with -s too; against eager PyTorch. Then
-#    an odd K (131071: rows peeled to a 16-byte boundary, PEEL), whose time should be the aligned K's; then Liger
-#    on its single-label case
+#    half the rows in flight, one 32-warp program a SM, with -s (-w32-p132-s); the loops software-pipelined (-n3,
+#    -n4: 2 or 3 blocks of cp.async in flight, one program a SM), with -s too; the lagged kernel with -s (-l-s; 4
+#    programs a SM, -g4; last, since its programs wait for each other); against eager PyTorch. Then an odd K
+#    (131071: rows peeled to a 16-byte boundary, PEEL), whose time should be the aligned K's; then Liger on its
+#    single-label case; then rows of 2^20 classes (the sweep's longest), where the one-row kernel's second read
+#    misses L2 most
 point() {
   run 150 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 --cases ${POINT_CASES:-torch ours \
-    ours-s ours-w32-p132 ours-w32-p132-s ours-n3 ours-n3-s ours-n4-s}
+    ours-s ours-w32-p132-s ours-n3 ours-n3-s ours-n4-s ours-l-s ours-l-g4-s}
   run 45 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131071 --npos 8 --cases torch ours
   run 45 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 1 --cases torch ours liger
+  run 60 bench_point.txt $L --dtype bf16 --B 1024 --K 1048576 --npos 8 --cases torch ours ours-n3-s ours-l-s
 }
 # 2. The fused linear + loss at the point (B=8192, D=1024, K=262144 bf16): both routes, against the GEMMs
 #    alone, naive, and Cut Cross-Entropy as called by default (its backward skips the tiles whose gradient entries
@@ -70,7 +73,7 @@ tests() {
 #    logits) and the Triton path at every size
 sweep() { run 100 bench_sweep.txt $L --dtype bf16 --sweep --reps 5 --cases ${SWEEP_CASES:-torch ours ours-triton}; }
 # 3a. Only the loss kernels' GPU tests (a default step, before the fused linear routes' benchmark); 3c. the rest
-kernel_tests() { run 120 tests.txt python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_loss.py; }
+kernel_tests() { run 180 tests.txt python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_loss.py; }
 other_tests() {
   run 120 tests.txt python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_linear.py tests/test_distributed.py \
     tests/test_metrics.py tests/test_cli.py
@@ -100,13 +103,14 @@ ncu_loss() {
   local M=dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum
   M=$M,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread
   M=$M,sm__warps_active.avg.pct_of_peak_sustained_active,launch__occupancy_limit_registers
-  for args in "--dtype bf16" "--dtype bf16 --stages 3" "--dtype bf16 --stages 3 --evict-store" \
-              "--dtype bf16 --row-warps 32 --programs 132 --evict-store" "--dtype fp32 --stages 3 --evict-store"; do
+  for args in "--dtype bf16" "--dtype bf16 --stages 3 --evict-store" "--dtype bf16 --lagged --evict-store" \
+              "--dtype bf16 --row-warps 32 --programs 132 --evict-store" "--dtype fp32 --stages 3 --evict-store" \
+              "--dtype fp32 --lagged --evict-store"; do
     run 60 profile.txt ncu --clock-control none -k regex:_msl_ -s 2 -c 1 --metrics "$M" \
       python3 benchmarks/ncu_loss.py $args
   done
 }
 STEPS=("$@")
-[ ${#STEPS[@]} -gt 0 ] || STEPS=(point ncu_loss kernel_tests linear other_tests sweep host amp profile)
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(point kernel_tests ncu_loss linear other_tests sweep host amp profile)
 for s in "${STEPS[@]}"; do "$s"; done
 echo "== done at $SECONDS s; cut for time:${SKIPPED:- nothing}" | tee -a "$OUT/gpu.txt"

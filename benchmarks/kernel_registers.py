@@ -12,7 +12,7 @@ and g per step; scalar ones there mean a 16-bit or 32-bit access per column). ``
 kernel with ptxas capped at 32 registers a thread (``ONE_READ_MAXNREG``, a benchmark knob); ``two-pass/32w`` and
 ``two-pass/n3`` are the two-pass kernel at 32 warps (``ROW_WARPS``) and with its loops pipelined, three stages
 (``ROW_STAGES``: its loads become cp.async copies, and the shared memory they take, in kB, limits programs per SM
-too). Run it with another
+too); ``lagged`` is the lagged kernel (``LAGGED``, its slices streamed in blocks of ``LAGGED_BLOCK``). Run it with another
 Triton on the path to see that version's figures (the device's was 3.6, this repository's is 3.9).
 
     python benchmarks/kernel_registers.py
@@ -79,7 +79,7 @@ def main():
         for k, peel in ((131072, False), (131071, True)):
             # integers that Triton marks divisible by 16 at this K (B = 4096, the one-read S = 16 or 8; the strides
             # and K itself only when K is a multiple of 16)
-            ints = {"B", "S"} | ({"K", "stride_x", "stride_g"} if k % 16 == 0 else set())
+            ints = {"B", "S", "SPAN"} | ({"K", "stride_x", "stride_g"} if k % 16 == 0 else set())
             two_pass = dict(common, RS="*fp32", LOSS="*fp32", B="i32", K="i32", eps="fp32")
             flags = dict(SPARSE, COMPUTE_GRAD=True, REVERSE=True, EVICT_STORE=False, PEEL=peel, G_ALIGNED=peel,
                          BLOCK=tl_.MAX_BLOCK, BLOCK_P=tl_.BLOCK_P, STAGES=1)
@@ -87,7 +87,13 @@ def main():
             runs = [("two-pass", tl_._msl_fwd_kernel, two_pass, flags, warps, tl_.MAX_BLOCK, {}),
                     ("two-pass/32w", tl_._msl_fwd_kernel, two_pass, flags, 32, tl_.MAX_BLOCK, {}),  # ROW_WARPS=32
                     ("two-pass/n3", tl_._msl_fwd_kernel, two_pass, dict(flags, STAGES=3), warps, tl_.MAX_BLOCK,
-                     {})]  # ROW_STAGES=3
+                     {}),  # ROW_STAGES=3
+                    ("lagged", tl_._msl_lagged_kernel,
+                     dict(common, WSUM="*fp32", RS="*fp32", LOSS="*fp32", REC="*i64", B="i32", K="i32", S="i32",
+                          SPAN="i32", eps="fp32"),
+                     dict(SPARSE, REVERSE=True, EVICT_STORE=False, PEEL=peel, G_ALIGNED=peel, PHASE=2, LAG=tl_.LAG,
+                          BLOCK=tl_.LAGGED_BLOCK, BLOCK_P=tl_.BLOCK_P, BLOCK_S=16, STAGES=1),
+                     tl_._num_warps(tl_.LAGGED_BLOCK), tl_.LAGGED_BLOCK, {})]  # LAGGED
             for width, cap in [(w, None) for w in tl_.ONE_READ_BLOCKS] + [(8192, 32)] if not peel else []:
                 runs.append(("one-read" + (f"/{cap}" if cap else ""), tl_._msl_one_read_kernel,
                              dict(common, WSUM="*fp32", RS="*fp32", LOSS="*fp32", STATS="*fp32", ARRIVED="*i32",

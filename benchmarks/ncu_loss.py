@@ -9,7 +9,8 @@ for bf16 at B=4096, K=131072 is 1 GiB read and 1 GiB written.
 
 With ``--one-read`` the one-read kernel (``_msl_one_read_kernel``) runs instead; ``regex:_msl_`` names either.
 ``--row-warps 32``, ``--evict-store``, ``--stages 3`` and ``--programs 132`` set the one-row kernel's knobs
-(``ROW_WARPS``, ``STORE_EVICT_FIRST``, ``ROW_STAGES``, ``ROW_PROGRAMS``).
+(``ROW_WARPS``, ``STORE_EVICT_FIRST``, ``ROW_STAGES``, ``ROW_PROGRAMS``); ``--lagged`` runs the lagged kernel
+(``LAGGED``; ``--evict-store`` and ``--stages`` apply to it too).
 """
 
 import argparse
@@ -30,6 +31,7 @@ def main():
     p.add_argument("--evict-store", action="store_true", help="the gradient stored evict_first (STORE_EVICT_FIRST)")
     p.add_argument("--stages", type=int, default=1, help="software-pipeline stages of its loops (ROW_STAGES)")
     p.add_argument("--programs", type=int, default=None, help="its programs, looping over rows (ROW_PROGRAMS)")
+    p.add_argument("--lagged", action="store_true", help="the lagged kernel (LAGGED)")
     args = p.parse_args()
     from mlsoftmax.kernels import triton_loss
 
@@ -39,6 +41,7 @@ def main():
     triton_loss.STORE_EVICT_FIRST = args.evict_store
     triton_loss.ROW_STAGES = args.stages
     triton_loss.ROW_PROGRAMS = args.programs
+    triton_loss.LAGGED = args.lagged
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     x = torch.randn(args.B, args.K, device="cuda").to(dtype)
     pos = Positives.from_padded(torch.randint(0, args.K, (args.B, 8), device="cuda"))

@@ -98,6 +98,16 @@ def main():
                 build(tl_._msl_one_read_kernel, sig, dict(flags, PHASE=2, BLOCK=width, BLOCK_P=tl_.BLOCK_P,
                                                           BLOCK_S=64), num_warps=tl_._one_read_warps(width),
                       **({"maxnreg": cap} if cap else {}))
+            # the lagged kernel (a benchmark knob): its GPU form, the gradient pass backwards; aligned for every form
+            # in bf16, peeled, pipelined and with evict_first stores too for the common one
+            sig = dict(X=x, stride_x="i32", G=x, stride_g="i32", T="*fp32", stride_t="i32", IDX="*i64", OFFS="*i64",
+                       VALS="*fp32", SCRATCH="*fp32", W="*fp32", WSUM="*fp32", RS="*fp32", LOSS="*fp32", REC="*i64",
+                       B="i32", K="i32", S="i32", SPAN="i32", eps="fp32")
+            for peel, evict, stages in ((False, False, 1),) + (((True, False, 1), (False, True, 3)) if common else ()):
+                build(tl_._msl_lagged_kernel, sig, dict(flags, REVERSE=True, EVICT_STORE=evict, PEEL=peel,
+                                                        G_ALIGNED=peel, PHASE=2, LAG=tl_.LAG, BLOCK=tl_.LAGGED_BLOCK,
+                                                        BLOCK_P=tl_.BLOCK_P, BLOCK_S=64, STAGES=stages),
+                      num_warps=tl_._num_warps(tl_.LAGGED_BLOCK))
             build(tl_._msl_split_combine_kernel, dict(STATS="*fp32", WSUM="*fp32", RS="*fp32", LOSS="*fp32",
                                                       COEF="*fp32", S="i32", K="i32", eps="fp32"),
                   dict(HAS_WEIGHT=flags["HAS_WEIGHT"], HAS_SMOOTH=flags["HAS_SMOOTH"], BLOCK_S=64))

@@ -31,6 +31,8 @@ def test_case_names_parse_into_kernel_knobs():
     assert split_knobs("ours-w32-s") == ("ours", {(loss, "ROW_WARPS"): 32, (loss, "STORE_EVICT_FIRST"): True})
     assert split_knobs("ours-b8192") == ("ours", {(loss, "MAX_BLOCK"): 8192})
     assert split_knobs("ours-n3-s") == ("ours", {(loss, "ROW_STAGES"): 3, (loss, "STORE_EVICT_FIRST"): True})
+    assert split_knobs("ours-l-g4-c65536") == ("ours", {(loss, "LAGGED"): True, (loss, "LAGGED_PER_SM"): 4,
+                                                        (loss, "LAGGED_SPAN_BYTES"): 65536})
     assert split_knobs("ours-fast-e") == ("ours-fast", {(linear, "EPILOGUE"): True})
     assert split_knobs("ours-lean-r") == ("ours-lean", {(loss, "REVERSE_GRAD"): True, (linear, "REVERSE_GRAD"): True})
     assert split_knobs("ours-fast-o") == ("ours-fast", {(loss, "ONE_READ"): True})
@@ -50,7 +52,8 @@ def _run(script, *args):
 @pytest.mark.skipif("triton" not in IMPLS, reason="Triton not installed")
 def test_loss_benchmark_runs_every_case_of_the_gpu_check():
     cases = ["torch", "ours", "ours-triton", "ours-small", "ours-dense", "ours-r", "ours-f", "ours-w32", "ours-s",
-             "ours-w32-s", "ours-w32-p132-s", "ours-n3", "ours-n3-s", "ours-n4-s", "ours-s-p264", "ours-r-p2",
+             "ours-w32-s", "ours-w32-p132-s", "ours-n3", "ours-n3-s", "ours-n4-s", "ours-l-s",
+             "ours-l-g4-s", "ours-l-c65536-s", "ours-s-p264", "ours-r-p2",
              "ours-b64", "ours-o", "ours-o-m32",
              "ours-o-q4096", "ours-o-q16384-m32", "compile", "ours-cg"]
     out = _run("bench_loss.py", "--device", "cpu", "--B", "3", "--K", "300", "--npos", "2", "--reps", "1",
@@ -100,16 +103,20 @@ def test_kernel_registers_reports_every_kernel():
                           env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines()[2:]]
-    two_pass = ["two-pass", "two-pass/32w", "two-pass/n3"]
+    two_pass = ["two-pass", "two-pass/32w", "two-pass/n3", "lagged"]
     assert [(r[0], r[1], r[2]) for r in rows] == [
         (name, d, k) for d in ("bf16", "fp32")
         for k, names in (("131072", two_pass + ["one-read", "one-read", "one-read/32"]), ("131071", two_pass))
         for name in names]
     assert all(int(r[5]) > 0 and int(r[7]) >= 1 for r in rows), proc.stdout
     for r in rows:
-        if r[0].startswith("two-pass"):  # the row's loads and stores of x and g: 128-bit at both K
+        if r[0].startswith("two-pass") or r[0] == "lagged":  # the rows' loads and stores of x and g: 128-bit
             assert int(r[8].split("/")[0]) >= 6, proc.stdout
     assert all(int(r[7]) == 2 for r in rows if r[0] == "two-pass" and r[1] == "bf16"), proc.stdout
+    # the lagged kernel fits LAGGED_PER_SM programs a SM (they must all be resident; the launcher also checks)
+    from mlsoftmax.kernels import triton_loss
+
+    assert all(int(r[7]) >= triton_loss.LAGGED_PER_SM for r in rows if r[0] == "lagged"), proc.stdout
     # ROW_STAGES = 3 pipelines both loops: their loads become 16-byte cp.async copies into shared memory
     assert all(float(r[9]) >= 64 and int(r[8].split("/")[0]) >= 24 for r in rows if r[0] == "two-pass/n3"), \
         proc.stdout

@@ -86,8 +86,9 @@ def test_triton_rejects_fp64_and_inplace_needs_triton():
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("knobs", [{}, {"ONE_READ": True}, {"REVERSE_GRAD": False},
-                                   {"STORE_EVICT_FIRST": True, "ROW_WARPS": 32}, {"ROW_STAGES": 3}],
-                         ids=["default", "one_read", "forward", "evict_store_32w", "stages3"])
+                                   {"STORE_EVICT_FIRST": True, "ROW_WARPS": 32}, {"ROW_STAGES": 3},
+                                   {"LAGGED": True, "STORE_EVICT_FIRST": True}],
+                         ids=["default", "one_read", "forward", "evict_store_32w", "stages3", "lagged"])
 def test_inplace_gradient_overwrites_logits(sparse, dtype, knobs, rng, monkeypatch):
     from mlsoftmax.kernels import triton_loss
 
@@ -132,16 +133,18 @@ def test_no_gradient_buffer_without_requires_grad(rng):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k", [320, 301])
-@pytest.mark.parametrize("b", [3, 9], ids=["split_rows", "row_per_program"])
-def test_rows_at_any_alignment_match_the_oracle(dtype, k, b, rng, monkeypatch):
+@pytest.mark.parametrize("b,lagged", [(3, False), (9, False), (9, True)],
+                         ids=["split_rows", "row_per_program", "lagged"])
+def test_rows_at_any_alignment_match_the_oracle(dtype, k, b, lagged, rng, monkeypatch):
     """Rows that start at every offset from a 16-byte boundary (views into a wider buffer), K a multiple of 16 or
     not, gradient pass either way, in place or not: the kernels peel each row to its first boundary where needed
     (``needs_peel``), stream whole vectors and treat the edges apart; a gradient whose rows sit otherwise than
     the logits' (a fresh buffer for a view) stores unhinted; the backward's scaling pass (grad_out 2) peels
-    alike. Under the interpreter 3 rows take the split-row kernels and 9 the one-row kernel. Loss and gradient
-    against the fp64 oracle."""
+    alike. Under the interpreter 3 rows take the split-row kernels and 9 the one-row kernel (or the lagged
+    kernel's slices). Loss and gradient against the fp64 oracle."""
     from mlsoftmax.kernels import triton_loss
 
+    monkeypatch.setattr(triton_loss, "LAGGED", lagged)
     esize = torch.finfo(dtype).bits // 8
     y = random_multihot(rng, b, k, p=0.03, empty_rows=[1])
     tgt = Positives.from_lists([np.flatnonzero(r).tolist() for r in y])
@@ -221,16 +224,20 @@ def test_peel_and_gradient_alignment_predicates():
 
 # ----------------------------------------------------------------------------- GPU only
 @needs_triton
-@pytest.mark.parametrize("splits,programs,reverse,one_read", [
-    (1, None, False, False), (2, None, False, False), (3, None, False, False), (7, None, False, False),
-    (1, 1, False, False), (1, 2, False, False), (1, None, True, False), (3, None, True, False),
-    (7, None, True, False), (1, 2, True, False), (None, None, False, True)])
+@pytest.mark.parametrize("splits,programs,reverse,one_read,lagged", [
+    (1, None, False, False, False), (2, None, False, False, False), (3, None, False, False, False),
+    (7, None, False, False, False), (1, 1, False, False, False), (1, 2, False, False, False),
+    (1, None, True, False, False), (3, None, True, False, False), (7, None, True, False, False),
+    (1, 2, True, False, False), (None, None, False, True, False), (None, None, True, False, True),
+    (None, None, False, False, True)])
 @pytest.mark.parametrize("form", ["sparse", "dense"])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_split_row_kernels_match_oracle(splits, programs, reverse, one_read, form, inplace, rng):
+def test_split_row_kernels_match_oracle(splits, programs, reverse, one_read, lagged, form, inplace, rng):
     """Several programs per row (slices + combine), or fewer programs than rows (each looping over rows), with
-    the gradient pass forwards or backwards, or the one-read kernel (9 slices a row here: under the interpreter
-    its barrier is a second launch), give the oracle's loss and gradient, for every option."""
+    the gradient pass forwards or backwards, the one-read kernel (9 slices a row here: under the interpreter
+    its barrier is a second launch), or the lagged kernel (5 slices a row, taken in turn by 2 programs; under the
+    interpreter its statistics and gradients are two launches), give the oracle's loss and gradient, for every
+    option."""
     from mlsoftmax.kernels import triton_loss
 
     b, k = 3, 1031
@@ -251,7 +258,7 @@ def test_split_row_kernels_match_oracle(splits, programs, reverse, one_read, for
         args = (t, None, None, None)
     loss, grad = triton_loss.forward(x, *args, torch.tensor(w, dtype=torch.float32), torch.tensor(rs).float(), 0.1,
                                      True, inplace=inplace, splits=splits, programs=programs,
-                                     reverse=reverse, one_read=one_read)
+                                     reverse=reverse, one_read=one_read, lagged=lagged)
     np.testing.assert_allclose(loss.numpy(), R.loss(s, soft, weight=w, label_smoothing=0.1) * rs, rtol=1e-5,
                                atol=1e-5)
     expected = R.grad(s, soft, weight=w, label_smoothing=0.1) * rs[:, None]
@@ -309,12 +316,13 @@ def test_split_heuristic_fills_the_machine():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sparse", [False, True])
-@pytest.mark.parametrize("knob", [None, ("REVERSE_GRAD", False), ("ONE_READ", True), ("ROW_STAGES", 3)])
+@pytest.mark.parametrize("knob", [None, ("REVERSE_GRAD", False), ("ONE_READ", True), ("ROW_STAGES", 3),
+                                  ("LAGGED", True)])
 @pytest.mark.parametrize("b", [64, 600])
 def test_gpu_triton_matches_torch_path(dtype, sparse, knob, b, monkeypatch):
     """The Triton path against the torch path: split rows (64 rows cannot fill an H100) and one program per row
     (600), with the gradient pass backwards (the default) or forwards, the one-read kernel (7 programs a row,
-    meeting at their row's barrier), or the one-row kernel's loops pipelined (cp.async)."""
+    meeting at their row's barrier), the one-row kernel's loops pipelined (cp.async), or the lagged kernel."""
     from mlsoftmax.kernels import triton_loss
 
     if knob:
@@ -441,13 +449,66 @@ def test_gpu_one_read_barrier_under_load(dtype):
         assert grad.data_ptr() == z.data_ptr()
 
 
+@needs_triton
+def test_resident_count_falls_back_to_one_program_a_sm():
+    """Where the compiled kernel cannot be inspected (here: no GPU), the lagged kernel's launcher counts one
+    program a SM, which a grid of one program a SM always keeps resident, instead of raising."""
+    from mlsoftmax.kernels import triton_loss
+
+    assert triton_loss.resident_per_sm(triton_loss._msl_lagged_kernel, (), {}, torch.device("cpu")) == 1
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("one_read", [False, True], ids=["two_pass", "one_read"])
-def test_gpu_int64_offsets_large_tensor(one_read, monkeypatch):
+def test_gpu_lagged_kernel_fits_its_programs_a_sm(monkeypatch):
+    """On the GPU the compiled lagged kernel is inspected (registers, shared memory, threads) and holds at least
+    ``LAGGED_PER_SM`` programs a SM, so the launcher's safety cap leaves the default grid as it is."""
+    from mlsoftmax.kernels import triton_loss
+
+    seen = []
+    real = triton_loss.resident_per_sm
+    monkeypatch.setattr(triton_loss, "resident_per_sm", lambda *a: seen.append(real(*a)) or seen[-1])
+    x = torch.randn(64, 131072, device="cuda").to(torch.bfloat16)
+    pos = Positives.from_padded(torch.randint(0, 131072, (64, 8), device="cuda"))
+    triton_loss.forward(x, None, pos.indices, pos.offsets, None, None, torch.ones(64, device="cuda"), 0.0, True,
+                        lagged=True)
+    assert seen and seen[0] >= triton_loss.LAGGED_PER_SM, seen
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_sm", [1, 2, 4])
+def test_gpu_lagged_kernel_long_rows_and_under_load(dtype, per_sm, monkeypatch):
+    """The lagged kernel with the GPU full, repeated in place: rows of 131072 classes whose mass sits in their
+    last slices for one row in 7 (a gradient written before its row's last records were in would take a wrong
+    log-sum-exp), rows of 2^20 classes (64 slices a row in bf16), and rows of 2^22 (more slices than programs:
+    a longer lag), against PyTorch's own loss."""
+    from mlsoftmax.kernels import triton_loss
+
+    monkeypatch.setattr(triton_loss, "LAGGED_PER_SM", per_sm)
+    g = torch.Generator().manual_seed(1)
+    for b, k in ((2048, 131072), (24, 1 << 20), (2, 1 << 22)):
+        x = (torch.randn(b, k, generator=g) * 4).to("cuda", dtype)
+        x[::7, : k // 2] -= 30.0
+        pos = Positives.from_padded(torch.rand(b, k, device="cuda").topk(8, 1).indices)  # [B, 8] distinct
+        rs = torch.ones(b, device="cuda")
+        ref_loss, ref_grad = _torch_oracle(x, pos.to_dense(k), 0.0)
+        for _ in range(3):
+            z = x.clone()
+            loss, grad = triton_loss.forward(z, None, pos.indices, pos.offsets, None, None, rs, 0.0, True,
+                                             inplace=True, lagged=True)
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(grad.float(), ref_grad, rtol=1e-2, atol=1e-7)
+            assert grad.data_ptr() == z.data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["two_pass", "one_read", "lagged"])
+def test_gpu_int64_offsets_large_tensor(kernel, monkeypatch):
     """B * K > 2**31: the row offsets must be int64 inside the kernel (each kernel)."""
     from mlsoftmax.kernels import triton_loss
 
-    monkeypatch.setattr(triton_loss, "ONE_READ", one_read)
+    monkeypatch.setattr(triton_loss, "ONE_READ", kernel == "one_read")
+    monkeypatch.setattr(triton_loss, "LAGGED", kernel == "lagged")
     b, k = 2**15 + 3, 2**16 + 1
     try:
         x = torch.zeros(b, k, device="cuda", dtype=torch.bfloat16)
@@ -513,7 +574,7 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu():
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 194 kernel variants" in proc.stdout
+    assert "compiled 214 kernel variants" in proc.stdout
 
 
 @needs_triton

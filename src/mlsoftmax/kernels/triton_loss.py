@@ -25,6 +25,12 @@ that reads the logits once: a row's slices go to programs that keep them in
 registers, meet at a per-row barrier (an atomic counter) to merge their
 statistics, then write the gradient from registers.
 
+``LAGGED`` (a knob, off: not yet timed on a GPU) runs the lagged kernel instead: rows cut into slices, and a
+grid of resident programs that each stream one slice's statistics a step and, ``LAG`` steps later, that slice's
+gradient, once the rest of its row is in. Each slice's statistics are three 64-bit words written whole, so
+reading them needs no fence or counter, and a slice is re-read soon after its first read, from L2, whatever
+the length of its row.
+
 When the batch cannot fill the GPU, the split-row kernels share each row among
 several programs (per-slice statistics, a one-launch ``O(B S)`` combine, then
 per-slice gradients). The same two kernels, on one chunk or shard of classes,
@@ -86,6 +92,21 @@ STORE_EVICT_FIRST = False
 # in flight per program, fewer programs (``ROW_PROGRAMS``) might keep DRAM busy with fewer rows waiting for their
 # second read in L2. The device's Triton 3.6 drops the L2 eviction hints of pipelined loads (3.9 keeps them).
 ROW_STAGES = 1
+# The lagged kernel (a knob, off until a GPU has timed it; cases ``ours-l``, ``ours-l-s``): rows cut into slices of
+# LAGGED_SPAN_BYTES, and LAGGED_PER_SM programs a SM, all resident, that each take every P-th slice in turn. At
+# each step a program reads one slice's statistics and writes the gradient of the slice it read LAG steps before,
+# whose row the other programs have finished by then (a record of three 64-bit words a slice, each word written
+# whole, so no fence or counter). The second read then comes about LAG * P slices after the first: 34 MB of
+# logits and gradient at the issue's point on an H100 or H200, against the 135 MB that the one-row kernel's rows
+# in flight put between them, and as little for rows of any length, where the one-row kernel's re-read misses
+# more the longer its rows are (BENCHMARKS.md).
+LAGGED = False
+LAG = 2  # steps between a slice's statistics and its gradient (more where a row has more slices than programs)
+LAGGED_SPAN_BYTES = 32768  # a slice (rounded to whole blocks)
+LAGGED_BLOCK = 8192  # columns a step, at 8 warps: 61-64 registers, four programs a SM (kernel_registers.py)
+# Programs a SM. They wait for each other, so all must be resident at once: keep this within what an SM holds of
+# the compiled kernel (benchmarks/kernel_registers.py: 4 at the default block, 2 with ROW_STAGES = 3)
+LAGGED_PER_SM = 2
 ONE_READ_BLOCKS = (8192, 16384)  # columns a program holds, 16 a thread (benchmarks/kernel_registers.py)
 ONE_READ_MAXNREG = None  # a register cap for ptxas (32: four 8192-column programs a SM, with spills); a knob
 
@@ -335,16 +356,64 @@ def _merge_slices(st_row, S, BLOCK_S: tl.constexpr):
     sl = tl.arange(0, BLOCK_S)
     sm = sl < S
     st = st_row + sl * 6  # [BLOCK_S]
-    m_part = tl.load(st + 0, mask=sm, other=float("-inf"), cache_modifier=".cg")
-    s_part = tl.load(st + 1, mask=sm, other=0.0, cache_modifier=".cg")
+    return _merge_parts(tl.load(st + 0, mask=sm, other=float("-inf"), cache_modifier=".cg"),
+                        tl.load(st + 1, mask=sm, other=0.0, cache_modifier=".cg"),
+                        tl.load(st + 2, mask=sm, other=0.0, cache_modifier=".cg"),
+                        tl.load(st + 3, mask=sm, other=0.0, cache_modifier=".cg"),
+                        tl.load(st + 4, mask=sm, other=0.0, cache_modifier=".cg"),
+                        tl.load(st + 5, mask=sm, other=0.0, cache_modifier=".cg"))
+
+
+@triton.jit
+def _merge_parts(m_part, s_part, mass, wmass, dot, sx):
+    """Slices' partial statistics ``[BLOCK_S]`` each (an unused slot: max -inf, the rest 0), merged as in
+    :func:`_merge_slices`."""
     m = tl.max(m_part, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     s = tl.sum(tl.where(m_part == float("-inf"), 0.0, s_part * tl.exp2((m_part - m_safe) * LOG2E)), 0)
-    mass = tl.sum(tl.load(st + 2, mask=sm, other=0.0, cache_modifier=".cg"), 0)
-    wmass = tl.sum(tl.load(st + 3, mask=sm, other=0.0, cache_modifier=".cg"), 0)
-    dot = tl.sum(tl.load(st + 4, mask=sm, other=0.0, cache_modifier=".cg"), 0)
-    sx = tl.sum(tl.load(st + 5, mask=sm, other=0.0, cache_modifier=".cg"), 0)
-    return m, s, mass, wmass, dot, sx
+    return m, s, tl.sum(mass, 0), tl.sum(wmass, 0), tl.sum(dot, 0), tl.sum(sx, 0)
+
+
+@triton.jit
+def _pack2(a, b):
+    """Two fp32 scalars in one int64 word (``a`` the low half): a record that one 64-bit access writes or reads
+    whole. NaNs are made canonical, so that no word is -1 (every bit set), the mark of a word not yet written."""
+    a = tl.where(a != a, float("nan"), a)
+    b = tl.where(b != b, float("nan"), b)
+    return (a.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF) | (b.to(tl.int32, bitcast=True).to(tl.int64) << 32)
+
+
+@triton.jit
+def _unpack2(w):
+    """The two fp32 values of :func:`_pack2`'s words (any shape)."""
+    return w.to(tl.int32).to(tl.float32, bitcast=True), (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_records(rec_row, S, BLOCK_S: tl.constexpr):
+    """A row's ``S`` packed records ``[S, 3]`` (int64: (max, sum-exp), (mass, wmass), (dot, sum w x)), read with
+    relaxed (volatile) loads that other programs' writes in this launch reach: ``(w0, w1, w2, missing)``, each
+    word ``[BLOCK_S]``, and how many words of the row are not written yet."""
+    sl = tl.arange(0, BLOCK_S)
+    sm = sl < S
+    r = rec_row + sl * 3  # [BLOCK_S]
+    w0 = tl.load(r + 0, mask=sm, other=0, volatile=True)
+    w1 = tl.load(r + 1, mask=sm, other=0, volatile=True)
+    w2 = tl.load(r + 2, mask=sm, other=0, volatile=True)
+    missing = tl.sum(tl.where(sm, (w0 == -1).to(tl.int32) + (w1 == -1).to(tl.int32) + (w2 == -1).to(tl.int32), 0),
+                     0)
+    return w0, w1, w2, missing
+
+
+@triton.jit
+def _merge_records(w0, w1, w2, S, BLOCK_S: tl.constexpr):
+    """:func:`_load_records`' words, all written, merged as in :func:`_merge_slices`."""
+    sm = tl.arange(0, BLOCK_S) < S
+    m_part, s_part = _unpack2(w0)
+    mass, wmass = _unpack2(w1)
+    dot, sx = _unpack2(w2)
+    return _merge_parts(tl.where(sm, m_part, float("-inf")), tl.where(sm, s_part, 0.0), tl.where(sm, mass, 0.0),
+                        tl.where(sm, wmass, 0.0), tl.where(sm, dot, 0.0), tl.where(sm, sx, 0.0))
 
 
 @triton.jit
@@ -399,6 +468,112 @@ def _msl_fwd_kernel(
 
 
 @triton.jit
+def _slice_stats(x_row, t_row, IDX, OFFS, VALS, W, row, split, lo, hi, HAS_DENSE: tl.constexpr,
+                 HAS_SPARSE: tl.constexpr, HAS_VALUES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                 HAS_SMOOTH: tl.constexpr, PEEL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+                 STAGES: tl.constexpr = 1):
+    """Partial statistics of columns ``[lo, hi)``, slice ``split`` of a row: ``(max, sum-exp, mass, wmass, dot,
+    sum w x)``; a sparse target's positives are gathered by the row's first slice alone."""
+    m, s, mass, wmass, dot, sx, _ = _stream_stats(x_row, t_row, W, lo, hi, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH, PEEL,
+                                                  BLOCK, STAGES)
+    if HAS_SPARSE:
+        if split == 0:
+            mass, wmass, dot = _sparse_stats(x_row, IDX, VALS, W, tl.load(OFFS + row), tl.load(OFFS + row + 1),
+                                             HAS_VALUES, HAS_WEIGHT, BLOCK_P)
+    return m, s, mass, wmass, dot, sx
+
+
+@triton.jit
+def _slice_grad(x_row, g_row, t_row, IDX, OFFS, VALS, SCRATCH, W, row, lo, hi, lse, a, bt, bs,
+                HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_VALUES: tl.constexpr,
+                HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, REVERSE: tl.constexpr, EVICT_STORE: tl.constexpr,
+                PEEL: tl.constexpr, G_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+                STAGES: tl.constexpr = 1):
+    """Columns ``[lo, hi)`` of a row's gradient: its positives' exact entries in fp32 first (before the pass may
+    overwrite their logits), the pass, then those entries over the pass's."""
+    if HAS_SPARSE:
+        p0 = tl.load(OFFS + row)
+        p1 = tl.load(OFFS + row + 1)
+        _target_entries(x_row, IDX, VALS, W, SCRATCH, p0, p1, lo, hi, lse, a, bt, bs, HAS_VALUES, HAS_WEIGHT,
+                        HAS_SMOOTH, BLOCK_P)
+    _grad_pass(x_row, g_row, t_row, W, lo, hi, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH, REVERSE,
+               EVICT_STORE, PEEL, G_ALIGNED, BLOCK, STAGES)
+    if HAS_SPARSE:
+        _write_target_entries(g_row, IDX, SCRATCH, p0, p1, lo, hi, BLOCK_P)
+
+
+@triton.jit
+def _msl_lagged_kernel(
+    X, stride_x,  # [B, K] logits
+    G, stride_g,  # [B, K] gradient out (may alias X)
+    T, stride_t,  # [B, K] dense target (HAS_DENSE)
+    IDX, OFFS, VALS, SCRATCH,  # CSR target and [nnz] fp32 scratch (HAS_SPARSE)
+    W,  # [K] class weights (HAS_WEIGHT)
+    WSUM,  # [] fp32 sum of the class weights (HAS_WEIGHT)
+    RS,  # [B] row scale
+    LOSS,  # [B] fp32 out: row_scale * loss
+    REC,  # [B, S, 3] int64, -1 (not written) from the launcher: each slice's statistics, two fp32 a word
+    B, K, S, SPAN, eps,
+    HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_VALUES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, REVERSE: tl.constexpr, EVICT_STORE: tl.constexpr, PEEL: tl.constexpr,
+    G_ALIGNED: tl.constexpr,
+    PHASE: tl.constexpr,  # 2: both parts, lagged; 0 / 1: the statistics / the gradients alone (the interpreter)
+    LAG: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr,
+):
+    # 0. items: slice i % S of row i // S, so that a row's slices are consecutive. Program p (of P, all resident)
+    #    takes items p, p + P, ... in turn: at step t it streams the statistics of its item t and writes the
+    #    gradient of its item t - LAG. That item's row was covered by step t - LAG + (S - 1) // P + 1 <= t (the
+    #    launcher sets LAG so), so its records are in (a wait is rare, and never for a step after t: no
+    #    deadlock), and its slice is re-read LAG steps after its first read, with only about LAG * P slices read
+    #    since: from L2, whatever the row's length.
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    mine = tl.cdiv(B * S - pid, P)  # this program's items (the launcher keeps P <= B * S)
+    lag = LAG if PHASE == 2 else 0
+    for t in range(0, mine + lag):
+        # 1. the records of the row whose gradient this step writes, asked for first: they arrive during step 2
+        ig = pid + tl.maximum(t - lag, 0) * P
+        row_g = (ig // S).to(tl.int64)  # int64 rows: B * K may pass 2^31
+        rec_g = REC + row_g * S * 3
+        w0, w1, w2, missing = _load_records(rec_g, S, BLOCK_S)
+        if PHASE != 1:
+            if t < mine:
+                # 2. this step's item: the statistics of its slice, published as three words
+                i = pid + t * P
+                row = (i // S).to(tl.int64)
+                split = i % S
+                lo = split * SPAN
+                m, s, mass, wmass, dot, sx = _slice_stats(X + row * stride_x, T + row * stride_t, IDX, OFFS, VALS, W,
+                                                          row, split, lo, tl.minimum(lo + SPAN, K), HAS_DENSE,
+                                                          HAS_SPARSE, HAS_VALUES, HAS_WEIGHT, HAS_SMOOTH, PEEL, BLOCK,
+                                                          BLOCK_P, STAGES)
+                rec = REC + (row * S + split) * 3
+                tl.atomic_xchg(rec + 0, _pack2(m, s), sem="relaxed")
+                tl.atomic_xchg(rec + 1, _pack2(mass, wmass), sem="relaxed")
+                tl.atomic_xchg(rec + 2, _pack2(dot, sx), sem="relaxed")
+        if PHASE != 0:
+            if t >= lag:
+                # 3. the rest of that row's records, if some were not in yet (each word carries its own data, so
+                #    a word seen written is read whole; the slices' logits are read before their words are written)
+                while missing > 0:
+                    w0, w1, w2, missing = _load_records(rec_g, S, BLOCK_S)
+                m, s, mass, wmass, dot, sx = _merge_records(w0, w1, w2, S, BLOCK_S)
+                # 4. the row's loss (by its first slice) and the gradient's scales
+                wsum = tl.load(WSUM) if HAS_WEIGHT else K * 1.0
+                rs = tl.load(RS + row_g).to(tl.float32)
+                lse, loss, a, bt, bs = _row_terms(m, s, mass, wmass, dot, sx, wsum, rs, K, eps, HAS_SMOOTH)
+                split_g = ig % S
+                if split_g == 0:
+                    tl.store(LOSS + row_g, loss)
+                # 5. the slice's gradient, re-read from L2
+                lo_g = split_g * SPAN
+                _slice_grad(X + row_g * stride_x, G + row_g * stride_g, T + row_g * stride_t, IDX, OFFS, VALS,
+                            SCRATCH, W, row_g, lo_g, tl.minimum(lo_g + SPAN, K), lse, a, bt, bs, HAS_DENSE,
+                            HAS_SPARSE, HAS_VALUES, HAS_WEIGHT, HAS_SMOOTH, REVERSE, EVICT_STORE, PEEL, G_ALIGNED,
+                            BLOCK, BLOCK_P, STAGES)
+
+
+@triton.jit
 def _msl_split_stats_kernel(
     X, stride_x,  # [B, K] logits
     T, stride_t,  # [B, K] dense target (HAS_DENSE)
@@ -411,17 +586,11 @@ def _msl_split_stats_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    x_row = X + row * stride_x
     lo = split * SPAN
-    hi = tl.minimum(lo + SPAN, K)
-    # 1. one streaming pass over this program's slice of the row
-    m, s, mass, wmass, dot, sx, _ = _stream_stats(x_row, T + row * stride_t, W, lo, hi, HAS_DENSE, HAS_WEIGHT,
-                                                  HAS_SMOOTH, PEEL, BLOCK)
-    if HAS_SPARSE:
-        # 2. the positives, once per row (by its first slice)
-        if split == 0:
-            mass, wmass, dot = _sparse_stats(x_row, IDX, VALS, W, tl.load(OFFS + row), tl.load(OFFS + row + 1),
-                                             HAS_VALUES, HAS_WEIGHT, BLOCK_P)
+    # 1-2. one streaming pass over this program's slice of the row, and the positives (by its first slice)
+    m, s, mass, wmass, dot, sx = _slice_stats(X + row * stride_x, T + row * stride_t, IDX, OFFS, VALS, W, row, split,
+                                              lo, tl.minimum(lo + SPAN, K), HAS_DENSE, HAS_SPARSE, HAS_VALUES,
+                                              HAS_WEIGHT, HAS_SMOOTH, PEEL, BLOCK, BLOCK_P)
     # 3. the slice's partial statistics, combined across slices by the launcher
     out = STATS + (row * S + split) * 6
     tl.store(out + 0, m)
@@ -479,21 +648,10 @@ def _msl_split_grad_kernel(
     bt = tl.load(COEF + row * 4 + 2)
     bs = tl.load(COEF + row * 4 + 3)
     lo = split * SPAN
-    hi = tl.minimum(lo + SPAN, K)
-    x_row = X + row * stride_x
-    g_row = G + row * stride_g
-    if HAS_SPARSE:
-        # 1. exact target entries of this slice's positives, before the pass may overwrite the logits
-        p0 = tl.load(OFFS + row)
-        p1 = tl.load(OFFS + row + 1)
-        _target_entries(x_row, IDX, VALS, W, SCRATCH, p0, p1, lo, hi, lse, a, bt, bs, HAS_VALUES, HAS_WEIGHT,
-                        HAS_SMOOTH, BLOCK_P)
-    # 2. this slice of the gradient
-    _grad_pass(x_row, g_row, T + row * stride_t, W, lo, hi, lse, a, bt, bs, HAS_DENSE, HAS_WEIGHT, HAS_SMOOTH,
-               REVERSE, False, PEEL, G_ALIGNED, BLOCK)
-    if HAS_SPARSE:
-        # 3. this slice's exact target entries, over the pass's
-        _write_target_entries(g_row, IDX, SCRATCH, p0, p1, lo, hi, BLOCK_P)
+    # 1-3. this slice of the gradient, its positives' exact entries computed first and written last
+    _slice_grad(X + row * stride_x, G + row * stride_g, T + row * stride_t, IDX, OFFS, VALS, SCRATCH, W, row, lo,
+                tl.minimum(lo + SPAN, K), lse, a, bt, bs, HAS_DENSE, HAS_SPARSE, HAS_VALUES, HAS_WEIGHT, HAS_SMOOTH,
+                REVERSE, False, PEEL, G_ALIGNED, BLOCK, BLOCK_P)
 
 
 @triton.jit
@@ -678,6 +836,7 @@ def forward(
     programs: Optional[int] = None,
     reverse: Optional[bool] = None,
     one_read: Optional[bool] = None,
+    lagged: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
     """Launch the fused kernel: returns ``(row_scale * loss [B] fp32, gradient [B, K] or empty)``.
 
@@ -687,7 +846,8 @@ def forward(
     the latter: fewer programs than rows loop over the rows. ``reverse`` (default
     ``REVERSE_GRAD``) runs the gradient pass backwards. ``one_read`` (default
     ``ONE_READ``) runs the one-read kernel instead, where it applies
-    (:func:`one_read_block`), when the gradient is wanted.
+    (:func:`one_read_block`), when the gradient is wanted; ``lagged`` (default
+    ``LAGGED``) the lagged kernel, when the gradient is wanted.
     """
     b, k = x.shape
     if x.stride(-1) != 1:
@@ -713,6 +873,9 @@ def forward(
     if span:
         _forward_one_read(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch,
                           float(label_smoothing), span)
+    elif b and compute_grad and (LAGGED if lagged is None else lagged):
+        _forward_lagged(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch,
+                        float(label_smoothing), block, reverse)
     elif b and splits > 1:
         _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch,
                        float(label_smoothing), compute_grad, splits, block, reverse)
@@ -793,6 +956,58 @@ def _forward_one_read(x, grad, loss, dense, indices, offsets, values, weight, ro
     # the interpreter runs programs one after another, so a barrier inside one launch would never open there
     for phase in (0, 1) if triton_interpreting() else (2,):
         _msl_one_read_kernel[(b * n,)](*args, PHASE=phase, BLOCK_S=max(16, next_pow2(n)), **flags)
+
+
+def _forward_lagged(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch, eps, block, reverse):
+    """Lagged path: slices of ``LAGGED_SPAN_BYTES`` (two blocks under the interpreter) streamed in blocks of at
+    most ``LAGGED_BLOCK``, ``LAGGED_PER_SM`` programs a SM, one launch (two under the interpreter, which runs
+    programs one after another: all the statistics, then all the gradients)."""
+    b, k = x.shape
+    if triton_interpreting():
+        span = 2 * block
+    else:
+        block = min(block, LAGGED_BLOCK)
+        span = cdiv(max(LAGGED_SPAN_BYTES // x.element_size(), 1), block) * block
+    n = cdiv(k, span)
+    records = torch.full((b, n, 3), -1, dtype=torch.int64, device=x.device)  # [B, S, 3], -1: not written
+    dummy = loss
+    args = (x, x.stride(0), grad, grad.stride(0), dense if dense is not None else dummy,
+            dense.stride(0) if dense is not None else 0, indices if indices is not None else dummy,
+            offsets if offsets is not None else dummy, values if values is not None else dummy, scratch,
+            weight if weight is not None else dummy, weight.float().sum() if weight is not None else dummy,
+            row_scale, loss, records, b, k, n, span, eps)
+    # a program waits at step t for the statistics of its row's other slices; with every program resident it
+    # cannot deadlock while those come from steps <= t (each program reads its own step's slice before it waits):
+    # a row of S slices spans at most (S - 1) // P + 1 steps after its first, P >= the SM count
+    lag = max(1, LAG, (n - 1) // _sms(x.device) + 1)
+    flags = dict(_split_flags(dense, indices, values, weight, eps > 0, block), REVERSE=reverse,
+                 EVICT_STORE=STORE_EVICT_FIRST, PEEL=needs_peel(x), G_ALIGNED=rows_aligned_alike(x, grad),
+                 LAG=lag, BLOCK_S=max(16, next_pow2(n)), STAGES=ROW_STAGES)
+    if triton_interpreting():
+        programs = min(b * n, _sms(x.device))
+        for phase in (0, 1):
+            _msl_lagged_kernel[(programs,)](*args, PHASE=phase, **flags)
+        return
+    # every program must be resident at once (they wait for each other): never more a SM than the compiled kernel fits
+    per_sm = min(LAGGED_PER_SM, resident_per_sm(_msl_lagged_kernel, args, dict(flags, PHASE=2), x.device))
+    _msl_lagged_kernel[(min(b * n, _sms(x.device) * per_sm),)](*args, PHASE=2, **flags)
+
+
+def resident_per_sm(kernel, args, flags, device: torch.device) -> int:
+    """How many programs of ``kernel``, compiled for ``args`` and ``flags``, an SM holds at once: by its
+    registers, shared memory and threads, as Triton's fused-softmax tutorial counts them; 1 (always resident in a
+    grid of one program a SM) where the compiled kernel cannot be inspected."""
+    try:
+        compiled = kernel.warmup(*args, grid=(1,), **flags)
+        compiled._init_handles()  # loads the binary: its register count
+        props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+        threads = compiled.metadata.num_warps * props["warpSize"]
+        by_regs = props["max_num_regs"] // (threads * cdiv(max(compiled.n_regs, 1), 8) * 8)  # 8 a thread at a time
+        by_smem = (props["max_shared_mem"] + 1024) // (compiled.metadata.shared + 1024)  # 1 KB reserved a program
+        by_threads = torch.cuda.get_device_properties(device).max_threads_per_multi_processor // threads
+        return max(1, min(by_regs, by_smem, by_threads))
+    except Exception:  # noqa: BLE001 - any Triton version's internals: fall back to the safe count
+        return 1
 
 
 def _forward_split(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch, eps, compute_grad,
