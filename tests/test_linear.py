@@ -442,3 +442,26 @@ def test_rows_route_refuses_a_second_backward(rng):
     np.testing.assert_allclose(tw.grad.numpy(), dw, rtol=1e-4, atol=1e-5)
     with pytest.raises(RuntimeError, match="one backward through this loss"):
         out.backward()
+
+
+@pytest.mark.parametrize("route", [r for r in ROUTES if r == "triton_rows"])
+def test_grad_mode_off_computes_no_gradients(route, rng, monkeypatch):
+    """Under ``torch.no_grad``, a classifier weight that requires grad (an ``nn.Parameter`` in evaluation) gives
+    the oracle's loss, and the rows route, which computes dX and dW in its forward when grad mode is on, computes
+    neither."""
+    from mlsoftmax.kernels import triton_linear
+
+    asked = []
+    real = triton_linear.run
+    monkeypatch.setattr(triton_linear, "run", lambda *a, **k: asked.append(k["need_grad"]) or real(*a, **k))
+    b, d, k = 5, 19, 301
+    h, w = rng.normal(size=(b, d)), rng.normal(size=(k, d)) / d**0.5
+    y = random_multihot(rng, b, k, p=0.03, empty_rows=[2])
+    hh = torch.tensor(h, dtype=torch.float32, requires_grad=True)
+    ww = torch.tensor(w, dtype=torch.float32, requires_grad=True)
+    with torch.no_grad():
+        out = linear_multilabel_softmax_loss(hh, ww, _positives_from_dense(y), **_route(route, 2))
+    np.testing.assert_allclose(out.item(), _oracle(h, w, None, 1.0, y)[0], rtol=1e-5)
+    assert asked == [False]
+    out = linear_multilabel_softmax_loss(hh, ww, _positives_from_dense(y), **_route(route, 2))
+    assert asked[-1] is True and out.requires_grad

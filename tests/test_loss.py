@@ -446,3 +446,30 @@ def test_validate_false_skips_data_checks():
     multilabel_softmax_loss(x, y, validate=False)  # no sync, no error
     with pytest.raises(ValueError):
         multilabel_softmax_loss(x, y)
+
+
+@pytest.mark.parametrize("impl", [i for i in ("triton", "compile") if i in AVAILABLE])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_grad_mode_off_computes_no_gradient(impl, mode, rng, monkeypatch):
+    """Under ``torch.no_grad`` (or inference mode) logits that require grad give the oracle's loss, and the fused
+    paths, which compute the gradient in their forward, do not compute one (``ctx.needs_input_grad`` alone would
+    say they should)."""
+    import mlsoftmax.loss as L
+    from mlsoftmax.kernels import triton_loss
+
+    asked = []
+    if impl == "triton":
+        real = triton_loss.forward
+        monkeypatch.setattr(triton_loss, "forward", lambda *a, **k: asked.append(a[8]) or real(*a, **k))
+    else:
+        real = L._msl_compiled_forward_impl
+        monkeypatch.setattr(L, "_msl_compiled_forward_impl", lambda *a: asked.append(a[-1]) or real(*a))
+    y = random_multihot(rng, 4, 300, p=0.05, empty_rows=[1])
+    s = rng.normal(size=(4, 300))
+    x = torch.tensor(s, dtype=torch.float32, requires_grad=True)
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        out = multilabel_softmax_loss(x, _positives_from_dense(y), impl=impl, reduction="sum")
+    np.testing.assert_allclose(out.item(), R.loss(s, y).sum(), rtol=1e-5)
+    assert asked == [False]
+    out = multilabel_softmax_loss(x, _positives_from_dense(y), impl=impl, reduction="sum")  # grad mode on: computed
+    assert asked == [False, True] and out.requires_grad

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import _amp, _validation as V
 from .kernels import resolve_impl, torch_chunked, torch_linear
-from .loss import _canonical_target, _check_options, _check_weights, _once, _row_scale
+from .loss import _as_grad_mode_sees, _canonical_target, _check_options, _check_weights, _once, _row_scale
 from .targets import Positives
 
 __all__ = ["linear_multilabel_softmax_loss", "LinearMultiLabelSoftmaxLoss", "LinearMultiLabelSoftmaxFunction"]
@@ -334,6 +334,7 @@ def linear_multilabel_softmax_loss(
     route, chunk = plan(chosen, h.shape[0], d, k, cdt, budget=memory_budget, device=h.device, grad_dtype=weight.dtype)
     chunk = chunk_size or chunk
     offsets = target.offsets if isinstance(target, Positives) else None
+    h, weight, bias, scale = _as_grad_mode_sees(h, weight, bias, scale)
     with _amp.off(h.device):
         out = LinearMultiLabelSoftmaxFunction.apply(
             h, weight, bias, scale, dense, indices, offsets, row_ids, values, class_weight, row_scale,

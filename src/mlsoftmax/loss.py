@@ -189,6 +189,18 @@ def _once(ctx) -> None:
     ctx.spent = True
 
 
+def _as_grad_mode_sees(*tensors):
+    """The inputs as grad mode sees them: detached where it is off (``torch.no_grad``, ``inference_mode``).
+
+    ``ctx.needs_input_grad`` follows ``requires_grad`` whatever the grad mode, and the fused paths compute the
+    gradient in their forward: without this, an evaluation under ``no_grad`` with a parameter (or logits) that
+    requires grad would compute and hold a gradient that no backward takes.
+    """
+    if torch.is_grad_enabled():
+        return tensors
+    return tuple(t.detach() if isinstance(t, Tensor) and t.requires_grad else t for t in tensors)
+
+
 class MultiLabelSoftmaxFunction(torch.autograd.Function):
     """Per-row ``row_scale * loss`` ``[B]`` from logits ``[B, K]``.
 
@@ -481,6 +493,7 @@ def multilabel_softmax_loss(
             # small problems: the host's fixed cost per op is the time, so PyTorch's own loss on the dense target
             rows = torch_chunked.small_rows(x, dense, indices, row_ids, values, weight, label_smoothing) * row_scale
         else:
+            (x,) = _as_grad_mode_sees(x)
             rows = MultiLabelSoftmaxFunction.apply(
                 x, dense, indices, offsets, row_ids, values, weight, row_scale, float(label_smoothing), chosen,
                 inplace,
