@@ -169,7 +169,7 @@ if "triton" in AVAILABLE:  # a kernel that reports _aligned_body's split of [lo,
     import triton
     import triton.language as tl
 
-    from mlsoftmax.kernels.triton_loss import _aligned_body
+    from mlsoftmax.kernels.triton_loss import _aligned_body, _pack2, _unpack2
 
     @triton.jit
     def _probe_aligned_body(X, stride, LO, HI, OUT):
@@ -177,6 +177,33 @@ if "triton" in AVAILABLE:  # a kernel that reports _aligned_body's split of [lo,
         b0, v1, _ = _aligned_body(X + row * stride, tl.load(LO + row), tl.load(HI + row), True)
         tl.store(OUT + row * 2, b0)
         tl.store(OUT + row * 2 + 1, v1)
+
+    @triton.jit
+    def _probe_records(A, B, W, A2, B2):  # the lagged kernel's words: pack pairs, then unpack them
+        i = tl.program_id(0)
+        w = _pack2(tl.load(A + i), tl.load(B + i))
+        tl.store(W + i, w)
+        a, b = _unpack2(w)
+        tl.store(A2 + i, a)
+        tl.store(B2 + i, b)
+
+
+@needs_triton
+def test_packed_records_round_trip_and_never_look_unwritten():
+    """The lagged kernel's records: two fp32 values a 64-bit word come back bit for bit (infinities, subnormals,
+    zeros of either sign), and the one pair whose word would read as "not written" (-1: two all-ones NaNs) is
+    stored as another word of two NaNs."""
+    # 1.5, -inf, the least subnormal, -0, the largest float, an all-ones NaN; 2.25, +0, a negative subnormal,
+    # +inf, the least normal, an all-ones NaN
+    a_bits = torch.tensor([0x3FC00000, 0xFF800000, 0x00000001, 0x80000000, 0x7F7FFFFF, 0xFFFFFFFF]).to(torch.int32)
+    b_bits = torch.tensor([0x40100000, 0x00000000, 0x807FFFFF, 0x7F800000, 0x00800000, 0xFFFFFFFF]).to(torch.int32)
+    words = torch.zeros(6, dtype=torch.int64)
+    a2, b2 = torch.zeros(6), torch.zeros(6)
+    _probe_records[(6,)](a_bits.view(torch.float32), b_bits.view(torch.float32), words, a2, b2)
+    assert torch.equal(a2[:-1].view(torch.int32), a_bits[:-1]) and torch.equal(b2[:-1].view(torch.int32), b_bits[:-1])
+    expected = (a_bits.to(torch.int64) & 0xFFFFFFFF) | (b_bits.to(torch.int64) << 32)  # a the low half, b the high
+    assert torch.equal(words[:-1], expected[:-1]) and (words != -1).all()
+    assert words[-1] == -2 and a2[-1].isnan() and b2[-1].isnan()
 
 
 @needs_triton

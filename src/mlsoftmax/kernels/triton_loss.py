@@ -377,10 +377,10 @@ def _merge_parts(m_part, s_part, mass, wmass, dot, sx):
 @triton.jit
 def _pack2(a, b):
     """Two fp32 scalars in one int64 word (``a`` the low half): a record that one 64-bit access writes or reads
-    whole. NaNs are made canonical, so that no word is -1 (every bit set), the mark of a word not yet written."""
-    a = tl.where(a != a, float("nan"), a)
-    b = tl.where(b != b, float("nan"), b)
-    return (a.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF) | (b.to(tl.int32, bitcast=True).to(tl.int64) << 32)
+    whole. -1 (every bit set: two NaNs) marks a word not yet written, so such a pair is stored as -2, two NaNs
+    still."""
+    w = (a.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF) | (b.to(tl.int32, bitcast=True).to(tl.int64) << 32)
+    return tl.where(w == -1, -2, w)
 
 
 @triton.jit
@@ -530,7 +530,7 @@ def _msl_lagged_kernel(
     P = tl.num_programs(0)
     mine = tl.cdiv(B * S - pid, P)  # this program's items (the launcher keeps P <= B * S)
     lag = LAG if PHASE == 2 else 0
-    for t in range(0, mine + lag):
+    for t in range(mine + lag):
         # 1. the records of the row whose gradient this step writes, asked for first: they arrive during step 2
         ig = pid + tl.maximum(t - lag, 0) * P
         row_g = (ig // S).to(tl.int64)  # int64 rows: B * K may pass 2^31
@@ -938,18 +938,25 @@ def _one_read_warps(block: int) -> int:
     return max(4, min(32, block // 512))
 
 
+def _slices_args(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch) -> tuple:
+    """The arguments that the one-read and lagged kernels share, ``X`` to ``LOSS`` (``loss`` stands in for the
+    tensors not given, and ``WSUM`` is the class weights' sum)."""
+    dummy = loss
+    return (x, x.stride(0), grad, grad.stride(0), dense if dense is not None else dummy,
+            dense.stride(0) if dense is not None else 0, indices if indices is not None else dummy,
+            offsets if offsets is not None else dummy, values if values is not None else dummy, scratch,
+            weight if weight is not None else dummy, weight.float().sum() if weight is not None else dummy,
+            row_scale, loss)
+
+
 def _forward_one_read(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch, eps, block):
     """One-read path: ``S = ceil(K / block)`` programs per row, one launch (two under the interpreter)."""
     b, k = x.shape
     n = cdiv(k, block)
     stats = torch.empty(b, n, 6, dtype=torch.float32, device=x.device)  # [B, S, 6]
     arrived = torch.zeros(b, dtype=torch.int32, device=x.device)  # [B]
-    dummy = loss
-    args = (x, x.stride(0), grad, grad.stride(0), dense if dense is not None else dummy,
-            dense.stride(0) if dense is not None else 0, indices if indices is not None else dummy,
-            offsets if offsets is not None else dummy, values if values is not None else dummy, scratch,
-            weight if weight is not None else dummy, weight.float().sum() if weight is not None else dummy,
-            row_scale, loss, stats, arrived, k, n, eps)
+    args = _slices_args(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch) + (
+        stats, arrived, k, n, eps)
     flags = dict(_split_flags(dense, indices, values, weight, eps > 0, block), num_warps=_one_read_warps(block))
     if ONE_READ_MAXNREG and not triton_interpreting():
         flags["maxnreg"] = ONE_READ_MAXNREG
@@ -970,12 +977,8 @@ def _forward_lagged(x, grad, loss, dense, indices, offsets, values, weight, row_
         span = cdiv(max(LAGGED_SPAN_BYTES // x.element_size(), 1), block) * block
     n = cdiv(k, span)
     records = torch.full((b, n, 3), -1, dtype=torch.int64, device=x.device)  # [B, S, 3], -1: not written
-    dummy = loss
-    args = (x, x.stride(0), grad, grad.stride(0), dense if dense is not None else dummy,
-            dense.stride(0) if dense is not None else 0, indices if indices is not None else dummy,
-            offsets if offsets is not None else dummy, values if values is not None else dummy, scratch,
-            weight if weight is not None else dummy, weight.float().sum() if weight is not None else dummy,
-            row_scale, loss, records, b, k, n, span, eps)
+    args = _slices_args(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch) + (
+        records, b, k, n, span, eps)
     # a program waits at step t for the statistics of its row's other slices; with every program resident it
     # cannot deadlock while those come from steps <= t (each program reads its own step's slice before it waits):
     # a row of S slices spans at most (S - 1) // P + 1 steps after its first, P >= the SM count
