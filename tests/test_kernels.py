@@ -344,7 +344,7 @@ def test_split_heuristic_fills_the_machine():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("knob", [None, ("REVERSE_GRAD", False), ("ONE_READ", True), ("ROW_STAGES", 3),
-                                  ("LAGGED", True)])
+                                  ("LAGGED", True)], ids=["default", "forward", "one_read", "stages3", "lagged"])
 @pytest.mark.parametrize("b", [64, 600])
 def test_gpu_triton_matches_torch_path(dtype, sparse, knob, b, monkeypatch):
     """The Triton path against the torch path: split rows (64 rows cannot fill an H100) and one program per row
