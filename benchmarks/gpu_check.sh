@@ -78,7 +78,7 @@ sweep() { run 100 bench_sweep.txt $L --dtype bf16 --sweep --reps 5 --cases ${SWE
 kernel_tests() {
   run 150 tests.txt python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_loss.py \
     -k "not lagged"
-  run 60 tests.txt python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k lagged
+  run 90 tests.txt python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py -k lagged
 }
 other_tests() {
   run 120 tests.txt python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_linear.py tests/test_distributed.py \

@@ -503,7 +503,7 @@ def test_gpu_lagged_kernel_fits_its_programs_a_sm(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("per_sm", [1, 2, 4])
+@pytest.mark.parametrize("per_sm", [1, 4])  # 2, the default, in the other lagged tests
 def test_gpu_lagged_kernel_long_rows_and_under_load(dtype, per_sm, monkeypatch):
     """The lagged kernel with the GPU full, repeated in place: rows of 131072 classes whose mass sits in their
     last slices for one row in 7 (a gradient written before its row's last records were in would take a wrong
