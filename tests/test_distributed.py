@@ -61,33 +61,40 @@ def _worker(rank, world, store, out):
         else:
             tgt = torch.from_numpy(p["soft"])
         kw = dict(reduction=red, label_smoothing=eps, class_start=c0 if explicit else None,
-                  weight=torch.from_numpy(p["cw"]) if use_cw else None,
-                  sample_weight=torch.from_numpy(p["sw"]) if use_sw else None)
+                  weight=torch.from_numpy(p["cw"]) if use_cw else None)
+        # sample weights that require grad (one tensor per loss): every rank gets their whole gradient
+        sws = [torch.from_numpy(p["sw"]).clone().requires_grad_() if use_sw else None for _ in range(2)]
         up = torch.linspace(0.5, 1.5, B, dtype=torch.float64) if red == "none" else None
         # 1. the sharded loss on this rank's columns of the logits
         x = torch.from_numpy(p["s"][:, c0:c1]).clone().requires_grad_()
-        loss = sharded_multilabel_softmax_loss(x, tgt, **kw)
+        loss = sharded_multilabel_softmax_loss(x, tgt, sample_weight=sws[0], **kw)
         (loss if up is None else loss @ up).backward()
         # 2. the sharded fused linear loss on this rank's classifier rows
         h = torch.from_numpy(p["h"]).clone().requires_grad_()
         w = torch.from_numpy(p["w"][c0:c1]).clone().requires_grad_()
         bias = torch.from_numpy(p["b"][c0:c1]).clone().requires_grad_()
-        lin = sharded_linear_multilabel_softmax_loss(h, w, tgt, bias=bias, chunk_size=2, **kw)
+        lin = sharded_linear_multilabel_softmax_loss(h, w, tgt, bias=bias, chunk_size=2, sample_weight=sws[1], **kw)
         (lin if up is None else lin @ up).backward()
         res[name] = dict(loss=loss.detach().numpy(), grad=x.grad.numpy(), lin=lin.detach().numpy(),
                          dh=h.grad.numpy(), dw=w.grad.numpy(), db=bias.grad.numpy(), cols=(c0, c1))
+        if use_sw:
+            res[name].update(dsw=sws[0].grad.numpy(), dsw_lin=sws[1].grad.numpy())
         if TRITON:
             # 3. both again in fp32 through the Triton kernels (the interpreter on the CPU)
             up32 = None if up is None else up.float()
+            sws = [None if t is None else t.detach().float().requires_grad_() for t in sws]
             x32 = x.detach().float().requires_grad_()
-            loss32 = sharded_multilabel_softmax_loss(x32, tgt, impl="triton", **kw)
+            loss32 = sharded_multilabel_softmax_loss(x32, tgt, impl="triton", sample_weight=sws[0], **kw)
             (loss32 if up is None else loss32 @ up32).backward()
             h32, w32, b32 = (t.detach().float().requires_grad_() for t in (h, w, bias))
-            lin32 = sharded_linear_multilabel_softmax_loss(h32, w32, tgt, bias=b32, chunk_size=2, impl="triton", **kw)
+            lin32 = sharded_linear_multilabel_softmax_loss(h32, w32, tgt, bias=b32, chunk_size=2, impl="triton",
+                                                           sample_weight=sws[1], **kw)
             (lin32 if up is None else lin32 @ up32).backward()
             res[name + "/triton"] = dict(loss=loss32.detach().numpy(), grad=x32.grad.numpy(),
                                          lin=lin32.detach().numpy(), dh=h32.grad.numpy(), dw=w32.grad.numpy(),
                                          db=b32.grad.numpy(), cols=(c0, c1))
+            if use_sw:
+                res[name + "/triton"].update(dsw=sws[0].grad.numpy(), dsw_lin=sws[1].grad.numpy())
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -106,10 +113,14 @@ def _oracle(p, name):
             g_row = g_row / ((np.ones(B) if sw is None else sw) * (soft.sum(1) > 0)).sum()
         return val, R.grad(z, soft, weight=cw, label_smoothing=eps) * g_row[:, None]
 
+    def sw_grad(z):
+        per_row = R.loss(z, soft, weight=cw, label_smoothing=eps)
+        return None if sw is None else R.sample_weight_grad(per_row, soft, sw, reduction=red, upstream=up)
+
     loss, g = loss_and_grad(p["s"])
     z = p["h"] @ p["w"].T + p["b"]
     lin, gz = loss_and_grad(z)
-    return loss, g, lin, gz @ p["w"], gz.T @ p["h"], gz.sum(0)
+    return loss, g, lin, gz @ p["w"], gz.T @ p["h"], gz.sum(0), sw_grad(p["s"]), sw_grad(z)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -123,7 +134,7 @@ def test_sharded_losses_match_single_process_oracle(world, tmp_path):
         for key, r in res.items():
             name = key.split("/")[0]
             c0, c1 = r["cols"]
-            loss, g, lin, dh, dw, db = _oracle(p, name)
+            loss, g, lin, dh, dw, db, dsw, dsw_lin = _oracle(p, name)
             rtol, atol = (1e-9, 1e-12) if r["loss"].dtype == np.float64 else (1e-4, 1e-6)  # fp64 torch, fp32 Triton
             np.testing.assert_allclose(r["loss"], loss, rtol=rtol, atol=atol, err_msg=key)
             np.testing.assert_allclose(r["grad"], g[:, c0:c1], rtol=rtol, atol=atol, err_msg=key)
@@ -131,6 +142,10 @@ def test_sharded_losses_match_single_process_oracle(world, tmp_path):
             np.testing.assert_allclose(r["dh"], dh, rtol=rtol, atol=atol, err_msg=key)
             np.testing.assert_allclose(r["dw"], dw[c0:c1], rtol=rtol, atol=atol, err_msg=key)
             np.testing.assert_allclose(r["db"], db[c0:c1], rtol=rtol, atol=atol, err_msg=key)
+            assert ("dsw" in r) == (dsw is not None), key
+            if dsw is not None:
+                np.testing.assert_allclose(r["dsw"], dsw, rtol=rtol, atol=atol, err_msg=key)
+                np.testing.assert_allclose(r["dsw_lin"], dsw_lin, rtol=rtol, atol=atol, err_msg=key)
 
 
 def test_shard_range_covers_all_classes():
@@ -160,6 +175,11 @@ def test_bad_input_single_rank(tmp_path):
             sharded_multilabel_softmax_loss(x, [[0], [1]])
         with pytest.raises(ValueError, match="Expected `impl` to be one of"):
             sharded_multilabel_softmax_loss(x, Positives.from_lists([[0], [1]], 4), impl="compile")
+        with pytest.raises(ValueError, match="Expected `weight` not to require grad with the sharded loss"):
+            sharded_multilabel_softmax_loss(x, Positives.from_lists([[0], [1]], 4),
+                                            weight=torch.ones(4, requires_grad=True))
+        with pytest.raises(ValueError, match="Expected `target` not to require grad with the sharded loss"):
+            sharded_multilabel_softmax_loss(x, torch.eye(2, 4).requires_grad_())
     finally:
         dist.destroy_process_group()
 

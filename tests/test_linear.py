@@ -465,3 +465,44 @@ def test_grad_mode_off_computes_no_gradients(route, rng, monkeypatch):
     assert asked == [False]
     out = linear_multilabel_softmax_loss(hh, ww, _positives_from_dense(y), **_route(route, 2))
     assert asked[-1] is True and out.requires_grad
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_sample_weight_gradient_matches_oracle(route, reduction, rng):
+    """A ``sample_weight`` that requires grad gets the oracle's gradient on every route (zero weights included),
+    and the classifier's gradients stay the oracle's."""
+    b, d, k = 6, 19, 301
+    h, w = rng.normal(size=(b, d)), rng.normal(size=(k, d)) / 3
+    y = random_multihot(rng, b, k, p=0.02, empty_rows=[1])
+    sw = rng.uniform(0.0, 2.0, size=b)
+    sw[3] = 0.0
+    dt = _exact_dtype(route)
+    tol = 1e-9 if dt == torch.float64 else 2e-4
+    th, tw, tsw = (torch.tensor(a, dtype=dt, requires_grad=True) for a in (h, w, sw))
+    out = linear_multilabel_softmax_loss(th, tw, _positives_from_dense(y), sample_weight=tsw, reduction=reduction,
+                                         **_route(route, 4 if route.startswith("triton_rows") else 100))
+    u = rng.normal(size=b) if reduction == "none" else 1.0
+    (out @ torch.tensor(u, dtype=dt) if reduction == "none" else out).backward()
+    exp_out, (dx, dw, _, _) = _oracle(h, w, None, 1.0, y.astype(float), sw=sw, reduction=reduction,
+                                      upstream=u if reduction == "none" else None)
+    np.testing.assert_allclose(out.detach().numpy(), exp_out, rtol=tol, atol=tol)
+    expected = R.sample_weight_grad(R.loss(h @ w.T, y), y, sw, reduction=reduction, upstream=u)
+    np.testing.assert_allclose(tsw.grad.numpy(), expected, rtol=tol * 10, atol=tol)
+    np.testing.assert_allclose(th.grad.numpy(), dx, rtol=tol * 10, atol=tol)
+    np.testing.assert_allclose(tw.grad.numpy(), dw, rtol=tol * 10, atol=tol)
+
+
+@pytest.mark.parametrize("what", ["target", "values", "class_weight"])
+def test_refuses_to_drop_a_target_or_class_weight_gradient(what):
+    h, w = torch.randn(2, 3), torch.randn(5, 3)
+    t = torch.tensor([[1.0, 0, 0, 1, 0], [0, 1, 0, 0, 0]], requires_grad=what == "target")
+    if what == "values":
+        t = Positives.from_lists([[0, 3], [1]], 5)
+        t = Positives(t.indices, t.offsets, values=torch.ones(3, requires_grad=True))
+    cw = torch.ones(5, requires_grad=what == "class_weight")
+    name = {"target": "target", "values": "target.values", "class_weight": "class_weight"}[what]
+    with pytest.raises(ValueError, match=f"Expected `{name}` not to require grad with the fused linear loss"):
+        linear_multilabel_softmax_loss(h, w, t, class_weight=cw)
+    with torch.no_grad():
+        linear_multilabel_softmax_loss(h, w, t, class_weight=cw)

@@ -132,6 +132,76 @@ def test_gradcheck_fp64(impl, sparse, rng):
     assert torch.autograd.gradcheck(f, (x,))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_sample_weight_gradient_matches_oracle(impl, reduction, sparse, rng):
+    """A ``sample_weight`` that requires grad (learned example weights) gets the oracle's gradient on every path,
+    zero weights included, and the logits' gradient stays the oracle's."""
+    b, k = 9, 31
+    s = rng.normal(size=(b, k))
+    y = random_multihot(rng, b, k, p=0.2, empty_rows=[2])
+    sw = rng.uniform(0.0, 2.0, size=b)
+    sw[[0, 5]] = 0.0  # as example reweighting starts them (Ren et al. 2018)
+    dt = _exact_dtype(impl)
+    tol = TOL[dt]
+    x = torch.tensor(s, dtype=dt, requires_grad=True)
+    tw = torch.tensor(sw, dtype=dt, requires_grad=True)
+    tgt = _positives_from_dense(y) if sparse else torch.from_numpy(y)
+    out = multilabel_softmax_loss(x, tgt, sample_weight=tw, reduction=reduction, impl=impl)
+    u = rng.normal(size=b) if reduction == "none" else 1.0
+    (out @ torch.tensor(u, dtype=dt) if reduction == "none" else out).backward()
+    per_row = R.loss(s, y)
+    np.testing.assert_allclose(out.detach().numpy(), R.reduce(per_row, y, reduction=reduction, sample_weight=sw),
+                               rtol=tol, atol=tol)
+    expected = R.sample_weight_grad(per_row, y, sw, reduction=reduction, upstream=u)
+    np.testing.assert_allclose(tw.grad.numpy(), expected, rtol=tol * 10, atol=tol)
+    g_rows = sw * u / ((sw * (y.sum(1) > 0)).sum() if reduction == "mean" else 1.0)
+    np.testing.assert_allclose(x.grad.numpy(), R.grad(s, y) * g_rows[:, None], rtol=tol * 10, atol=tol)
+
+
+@pytest.mark.parametrize("impl", ["torch", "auto"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gradcheck_target_and_weights(impl, sparse, rng):
+    """Soft targets (dense, or a ``Positives``' values) and class weights that require grad are differentiated
+    (by PyTorch's composition), as ``F.cross_entropy`` differentiates them; the forward is held to the oracle."""
+    b, k = 4, 6
+    y = random_multihot(rng, b, k, p=0.4)  # no empty row: the loss jumps where a row's mass leaves 0
+    soft = y * rng.uniform(0.5, 1.5, size=(b, k))
+    w = torch.tensor(rng.uniform(0.5, 2.0, size=k), requires_grad=True)
+    x = torch.tensor(rng.normal(size=(b, k)), requires_grad=True)
+    pos = _positives_from_dense(y, values=soft)
+    t = (pos.values if sparse else torch.from_numpy(soft)).clone().requires_grad_()
+
+    def f(z, t, w):
+        tgt = Positives(pos.indices, pos.offsets, values=t) if sparse else t
+        # validate=False: the finite differences step the zero entries of a dense target below 0
+        return multilabel_softmax_loss(z, tgt, weight=w, label_smoothing=0.1, reduction="none", impl=impl,
+                                       validate=False)
+
+    np.testing.assert_allclose(f(x, t, w).detach().numpy(),
+                               R.loss(x.detach().numpy(), soft, weight=w.detach().numpy(), label_smoothing=0.1),
+                               rtol=1e-10)
+    assert torch.autograd.gradcheck(f, (x, t, w))
+
+
+@pytest.mark.parametrize("impl", [i for i in ("triton", "compile") if i in AVAILABLE])
+@pytest.mark.parametrize("what", ["target", "values", "weight"])
+def test_fused_impls_refuse_to_drop_a_target_or_weight_gradient(impl, what, rng):
+    y = random_multihot(rng, 3, 40, p=0.2)
+    pos = _positives_from_dense(y, values=y.astype(float))
+    x = torch.randn(3, 40, requires_grad=True)
+    t = torch.from_numpy(y).float().requires_grad_(what == "target")
+    if what == "values":
+        t = Positives(pos.indices, pos.offsets, values=pos.values.float().requires_grad_())
+    w = torch.ones(40, requires_grad=what == "weight")
+    name = {"target": "target", "values": "target.values", "weight": "weight"}[what]
+    with pytest.raises(ValueError, match=f"Expected `{name}` not to require grad with impl='{impl}'"):
+        multilabel_softmax_loss(x, t, weight=w, impl=impl)
+    with torch.no_grad():  # nothing to differentiate: it runs
+        multilabel_softmax_loss(x, t, weight=w, impl=impl)
+
+
 # ----------------------------------------------------------------------------- PyTorch's own losses
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -57,3 +57,23 @@ def test_masked_minus_inf_classes_are_finite():
     assert np.isfinite(R.loss(s, y)).all()
     g = R.grad(s, y)
     assert np.isfinite(g).all() and g[0, 1] == 0.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_sample_weight_grad_matches_finite_differences(reduction, rng):
+    losses = rng.random(5) * 3
+    y = (rng.random((5, 4)) < 0.5).astype(float)
+    y[0], y[1, 2] = 0.0, 1.0  # an empty row (its loss is 0, as R.loss makes it)
+    losses[0] = 0.0
+    sw = rng.uniform(0.0, 2.0, size=5)
+    sw[3] = 0.0  # a zero weight still has a gradient
+    u = rng.normal(size=5) if reduction == "none" else 1.3
+    g = R.sample_weight_grad(losses, y, sw, reduction=reduction, upstream=u)
+    h, num = 1e-6, np.zeros(5)
+    for i in range(5):
+        wp, wm = sw.copy(), sw.copy()
+        wp[i] += h
+        wm[i] -= h
+        f = lambda w: np.sum(u * R.reduce(losses, y, reduction=reduction, sample_weight=w))
+        num[i] = (f(wp) - f(wm)) / (2 * h)
+    np.testing.assert_allclose(g, num, atol=1e-8)

@@ -33,7 +33,7 @@ from torch import Tensor
 from . import _amp, _validation as V
 from .kernels import resolve_impl, torch_chunked, torch_linear
 from .linear import LINEAR_IMPLS, _check_linear, default_chunk, labels_chunk
-from .loss import _check_options, _row_scale
+from .loss import _check_no_grad, _check_options, _requiring_grad, _row_scale, _split_row_scale
 from .targets import Positives
 
 __all__ = ["sharded_multilabel_softmax_loss", "sharded_linear_multilabel_softmax_loss", "shard_range"]
@@ -127,12 +127,14 @@ def _prepare(b, k_local, dtype, device, target, weight, sample_weight, class_sta
         V.check_float_tensor("sample_weight", sample_weight)
         if sample_weight.shape != (b,):
             raise ValueError(f"Expected `sample_weight` to have shape ({b},), but got {tuple(sample_weight.shape)}")
+    _check_no_grad(_requiring_grad(target, weight), "the sharded loss")
     dense, local, full = _local_target(target, b, k, start, start + k_local, device, validate)
     # the row mass and reduction weights come from the global target: no communication
     row_scale = _row_scale(*full, b, acc, device, sample_weight, reduction, empty)
+    row_scale, outer = _split_row_scale(row_scale)  # outer: a sample_weight to differentiate
     w_local = None if weight is None else weight[start:start + k_local]
     wsum = float(k) if weight is None else weight.to(acc).sum()
-    return k, dense, local, w_local, wsum, row_scale
+    return k, dense, local, w_local, wsum, row_scale, outer
 
 
 def _use_triton(impl: str, x: Tensor) -> bool:
@@ -223,7 +225,7 @@ def sharded_multilabel_softmax_loss(
         raise ValueError(f"Expected `local_logits` to have shape [B, K_r], but got {tuple(local_logits.shape)}")
     b, k_local = local_logits.shape
     triton = _use_triton(impl, local_logits)
-    k, dense, (idx, rows, vals), w_local, wsum, row_scale = _prepare(
+    k, dense, (idx, rows, vals), w_local, wsum, row_scale, outer = _prepare(
         b, k_local, local_logits.dtype, local_logits.device, target, weight, sample_weight, class_start, reduction,
         empty, label_smoothing, group, validate,
     )
@@ -231,6 +233,7 @@ def sharded_multilabel_softmax_loss(
     with _amp.off(local_logits.device):
         out = _ShardedLoss.apply(local_logits, dense, idx, rows, vals, w_local, wsum, row_scale, k,
                                  float(label_smoothing), group, triton)
+    out = out if outer is None else out * outer
     return out.to(out_dtype) if reduction == "none" else out.sum().to(out_dtype)
 
 
@@ -334,7 +337,7 @@ def sharded_linear_multilabel_softmax_loss(
     b, k_local = hidden.shape[0], local_weight.shape[0]
     triton = _use_triton(impl, hidden)
     cdt = _amp.compute_dtype(hidden, amp)  # the GEMMs' dtype
-    k, dense, (idx, rows, vals), w_local, wsum, row_scale = _prepare(
+    k, dense, (idx, rows, vals), w_local, wsum, row_scale, outer = _prepare(
         b, k_local, cdt, hidden.device, target, weight, sample_weight, class_start, reduction, empty,
         label_smoothing, group, validate,
     )
@@ -345,5 +348,6 @@ def sharded_linear_multilabel_softmax_loss(
     with _amp.off(hidden.device):
         out = _ShardedLinearLoss.apply(hidden, local_weight, bias, dense, idx, rows, vals, w_local, wsum, row_scale,
                                        k, float(label_smoothing), chunk, group, triton, amp)
+    out = out if outer is None else out * outer
     out_dtype = _amp.result_dtype(hidden.dtype, amp)
     return out.to(out_dtype) if reduction == "none" else out.sum().to(out_dtype)

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from . import _amp, _validation as V
 from .kernels import resolve_impl, torch_chunked, torch_linear
-from .loss import _as_grad_mode_sees, _canonical_target, _check_options, _check_weights, _once, _row_scale
+from .loss import (_as_grad_mode_sees, _canonical_target, _check_no_grad, _check_options, _check_weights, _once,
+                   _requiring_grad, _row_scale, _split_row_scale)
 from .targets import Positives
 
 __all__ = ["linear_multilabel_softmax_loss", "LinearMultiLabelSoftmaxLoss", "LinearMultiLabelSoftmaxFunction"]
@@ -282,7 +283,9 @@ def linear_multilabel_softmax_loss(
         class_weight: ``[K]`` per-class weights (``weight`` of
             :func:`~mlsoftmax.multilabel_softmax_loss`).
         reduction, empty, label_smoothing, sample_weight, validate: as in
-            :func:`~mlsoftmax.multilabel_softmax_loss`.
+            :func:`~mlsoftmax.multilabel_softmax_loss` (a ``sample_weight``
+            that requires grad gets its gradient; a ``class_weight`` or
+            target that requires grad raises ``ValueError``).
         chunk_size: overrides the chunk of the route that :func:`plan` picks:
             classes per chunk (``impl="torch"``, and the lean Triton route) or
             rows per chunk (the fast Triton route).
@@ -318,6 +321,7 @@ def linear_multilabel_softmax_loss(
     shape = hidden.shape[:-1] + (k,)  # the logits' shape
     _check_weights(class_weight, sample_weight, hidden, validate, shape=shape)
     dense, indices, row_ids, values = _canonical_target(target, hidden, validate, shape=shape)
+    _check_no_grad(_requiring_grad(target, class_weight, "class_weight"), "the fused linear loss")
 
     h = hidden.reshape(-1, d)  # [B, D]
     V.check_choice("impl", impl, LINEAR_IMPLS)
@@ -335,11 +339,16 @@ def linear_multilabel_softmax_loss(
     chunk = chunk_size or chunk
     offsets = target.offsets if isinstance(target, Positives) else None
     h, weight, bias, scale = _as_grad_mode_sees(h, weight, bias, scale)
+    row_scale, outer = _split_row_scale(row_scale)
+    reduce = reduction != "none" and outer is None  # a sample_weight to differentiate: per-row losses, scaled after
     with _amp.off(h.device):
         out = LinearMultiLabelSoftmaxFunction.apply(
             h, weight, bias, scale, dense, indices, offsets, row_ids, values, class_weight, row_scale,
-            float(label_smoothing), route, chunk, reduction != "none", amp,
+            float(label_smoothing), route, chunk, reduce, amp,
         )
+    if outer is not None:
+        out = out * outer
+        out = out.sum() if reduction != "none" else out
     out = out.to(_amp.result_dtype(hidden.dtype, amp))
     return out.reshape(shape[:-1]) if reduction == "none" else out
 

@@ -201,6 +201,41 @@ def _as_grad_mode_sees(*tensors):
     return tuple(t.detach() if isinstance(t, Tensor) and t.requires_grad else t for t in tensors)
 
 
+def _requiring_grad(target, weight, weight_name: str = "weight") -> Optional[str]:
+    """The name of the first of ``target`` (dense, or a ``Positives``' soft ``values``) and ``weight`` whose
+    gradient autograd would take (``None`` when none is, or grad mode is off).
+
+    The fused kernels differentiate the logits only: such inputs need PyTorch's own composition, or an error.
+    """
+    if not torch.is_grad_enabled():
+        return None
+    named = ((("target.values", target.values) if isinstance(target, Positives) else ("target", target)),
+             (weight_name, weight))
+    return next((name for name, t in named if isinstance(t, Tensor) and t.requires_grad), None)
+
+
+def _check_no_grad(name: Optional[str], what: str) -> None:
+    """Raise when ``name`` (from :func:`_requiring_grad`) needs a gradient that ``what`` does not compute."""
+    if name is not None:
+        raise ValueError(
+            f"Expected `{name}` not to require grad with {what}, which differentiates only the logits and what "
+            "makes them, but it does: detach it, or use multilabel_softmax_loss on the logits with impl='auto' or "
+            "'torch', whose PyTorch composition differentiates it"
+        )
+
+
+def _split_row_scale(row_scale: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """``(the row scale the kernels fold in, the one to multiply their rows by after)``.
+
+    The kernels fold the reduction's row weights into the gradient and do not differentiate them. Where they carry
+    a ``sample_weight`` that requires grad (example reweighting learns them), the kernels take ones and the rows
+    are scaled outside, through autograd.
+    """
+    if torch.is_grad_enabled() and row_scale.requires_grad:
+        return torch.ones_like(row_scale), row_scale
+    return row_scale, None
+
+
 class MultiLabelSoftmaxFunction(torch.autograd.Function):
     """Per-row ``row_scale * loss`` ``[B]`` from logits ``[B, K]``.
 
@@ -437,7 +472,13 @@ def multilabel_softmax_loss(
             :class:`~mlsoftmax.Positives` with one row per logits row.
         weight: ``[K]`` per-class weights, with ``F.cross_entropy``'s meaning for
             soft targets (``-sum_k w_k t_k log p_k``).
-        sample_weight: ``[...]`` per-row weights; the mean becomes a weighted mean.
+        sample_weight: ``[...]`` per-row weights; the mean becomes a weighted
+            mean. Every ``impl`` differentiates it when it requires grad.
+            A dense ``target``, a target's ``values`` or ``weight`` that
+            requires grad is differentiated by PyTorch's composition
+            (``F.cross_entropy`` on the normalised target, a few ``[B, K]``
+            fp32 temporaries) with ``impl="auto"`` or ``"torch"``; the fused
+            kernels raise ``ValueError`` for them.
         reduction: ``"mean"`` (over rows that have a target), ``"sum"`` or
             ``"none"`` (per-row ``[...]``).
         empty: rows with no positive: ``"ignore"`` (loss 0, gradient 0, left out
@@ -478,7 +519,10 @@ def multilabel_softmax_loss(
     chosen = resolve_impl(impl, x)
     if inplace and chosen != "triton":
         raise ValueError(f"Expected impl='triton' (a CUDA tensor) for inplace=True, but got impl={chosen!r}")
-    small = small_path(impl, chosen, x, inplace)
+    grad_of = _requiring_grad(target, weight)  # a target or class weights to differentiate: the composition
+    if grad_of is not None and (impl in ("triton", "compile") or inplace):
+        _check_no_grad(grad_of, f"impl={impl!r}" + (" with inplace=True" if inplace else ""))
+    small = grad_of is not None or small_path(impl, chosen, x, inplace)
     # the Triton kernel reads the CSR offsets; row ids only for the other paths (or soft values' row sums)
     need_rows = small or chosen != "triton" or (isinstance(target, Positives) and target.values is not None)
     dense, indices, row_ids, values = _canonical_target(target, logits, validate, row_ids=need_rows)
@@ -494,10 +538,12 @@ def multilabel_softmax_loss(
             rows = torch_chunked.small_rows(x, dense, indices, row_ids, values, weight, label_smoothing) * row_scale
         else:
             (x,) = _as_grad_mode_sees(x)
+            row_scale, outer = _split_row_scale(row_scale)
             rows = MultiLabelSoftmaxFunction.apply(
                 x, dense, indices, offsets, row_ids, values, weight, row_scale, float(label_smoothing), chosen,
                 inplace,
             )  # [B] row_scale * loss, accumulation dtype
+            rows = rows if outer is None else rows * outer
     if reduction == "none":
         return rows.reshape(batch_shape).to(out_dtype)
     return rows.sum().to(out_dtype)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["softmax", "target_distribution", "loss", "grad", "reduce"]
+__all__ = ["softmax", "target_distribution", "loss", "grad", "reduce", "sample_weight_grad"]
 
 
 def softmax(scores):
@@ -144,3 +144,32 @@ def reduce(losses, target, *, reduction="mean", sample_weight=None):
         return weighted.sum()
     denom = (sw * nonempty).sum()
     return weighted.sum() / denom if denom > 0 else 0.0
+
+
+def sample_weight_grad(losses, target, sample_weight, *, reduction="mean", upstream=None):
+    """Gradient of :func:`reduce` with respect to ``sample_weight``.
+
+    With ``n_i`` = row i has a positive and ``D = sum_j w_j n_j``:
+    ``"sum"``: ``l_i``; ``"none"``: ``u_i l_i``; ``"mean"``: ``(l_i - L n_i) / D``,
+    where ``L`` is the mean (0 when ``D`` is 0, and so is the gradient).
+
+    Args:
+        losses: ``[B]`` per-row losses from :func:`loss`.
+        target: ``[B, K]`` target (to find the non-empty rows).
+        sample_weight: ``[B]`` row weights.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        upstream: the upstream gradient: ``[B]`` for ``"none"``, else a scalar (default 1).
+
+    Returns:
+        ``[B]`` float64.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    sw = np.asarray(sample_weight, dtype=np.float64)
+    u = np.ones_like(losses) if upstream is None else np.broadcast_to(np.asarray(upstream, np.float64), losses.shape)
+    if reduction != "mean":
+        return u * losses
+    nonempty = np.asarray(target, dtype=np.float64).sum(axis=-1) > 0
+    denom = (sw * nonempty).sum()
+    if denom <= 0:
+        return np.zeros_like(losses)
+    return u * (losses - reduce(losses, target, reduction="mean", sample_weight=sw) * nonempty) / denom
