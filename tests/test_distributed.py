@@ -180,6 +180,9 @@ def test_bad_input_single_rank(tmp_path):
                                             weight=torch.ones(4, requires_grad=True))
         with pytest.raises(ValueError, match="Expected `target` not to require grad with the sharded loss"):
             sharded_multilabel_softmax_loss(x, torch.eye(2, 4).requires_grad_())
+        z = torch.zeros(2, 4, requires_grad=True)
+        with pytest.raises(RuntimeError, match="Expected a first-order backward through the sharded loss"):
+            torch.autograd.grad(sharded_multilabel_softmax_loss(z, torch.eye(2, 4)), z, create_graph=True)
     finally:
         dist.destroy_process_group()
 

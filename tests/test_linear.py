@@ -506,3 +506,15 @@ def test_refuses_to_drop_a_target_or_class_weight_gradient(what):
         linear_multilabel_softmax_loss(h, w, t, class_weight=cw)
     with torch.no_grad():
         linear_multilabel_softmax_loss(h, w, t, class_weight=cw)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_refuses_double_backward(route, rng):
+    """The fused linear loss's gradients are not differentiable again: ``create_graph=True`` raises (a silent
+    second-order gradient would miss the loss's curvature)."""
+    h = torch.randn(4, 19, requires_grad=True)
+    w = torch.randn(301, 19, requires_grad=True)
+    y = _positives_from_dense(random_multihot(rng, 4, 301, p=0.02))
+    loss = linear_multilabel_softmax_loss(h, w, y, **_route(route, 4 if route.startswith("triton_rows") else 100))
+    with pytest.raises(RuntimeError, match="Expected a first-order backward through the fused linear loss"):
+        torch.autograd.grad(loss, (h, w), create_graph=True)

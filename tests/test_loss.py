@@ -202,6 +202,49 @@ def test_fused_impls_refuse_to_drop_a_target_or_weight_gradient(impl, what, rng)
         multilabel_softmax_loss(x, t, weight=w, impl=impl)
 
 
+@pytest.mark.parametrize("impl", ["torch", "auto"])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("options", ["plain", "all"])
+def test_double_backward_matches_oracle(impl, sparse, options, rng):
+    """``create_graph=True``: the Hessian-vector product of the loss is the central difference of the oracle's
+    gradient along ``v``, and gradgradcheck passes ("all": class and sample weights, smoothing, soft targets)."""
+    b, k = 5, 13
+    s = rng.normal(size=(b, k))
+    y = random_multihot(rng, b, k, p=0.3, empty_rows=[2])
+    allopts = options == "all"
+    soft = y * rng.uniform(0.5, 2.0, size=(b, k)) if allopts else y.astype(float)
+    w = rng.uniform(0.3, 2.0, size=k) if allopts else None
+    sw = rng.uniform(0.2, 2.0, size=b) if allopts else np.ones(b)
+    eps = 0.1 if allopts else 0.0
+    tgt = _positives_from_dense(y, values=soft) if sparse else torch.from_numpy(soft)
+    kw = dict(weight=None if w is None else torch.from_numpy(w), sample_weight=torch.from_numpy(sw),
+              label_smoothing=eps, reduction="sum", impl=impl)
+    x = torch.tensor(s, requires_grad=True)
+    v = rng.normal(size=(b, k))
+    (g,) = torch.autograd.grad(multilabel_softmax_loss(x, tgt, **kw), x, create_graph=True)
+    (hv,) = torch.autograd.grad(g, x, torch.from_numpy(v))
+    h = 1e-5
+    grad = lambda z: R.grad(z, soft, weight=w, label_smoothing=eps) * sw[:, None]
+    np.testing.assert_allclose(hv.numpy(), (grad(s + h * v) - grad(s - h * v)) / (2 * h), atol=1e-8)
+    assert torch.autograd.gradgradcheck(lambda z: multilabel_softmax_loss(z, tgt, **kw), (x,))
+
+
+@pytest.mark.parametrize("impl", [i for i in ("triton", "compile") if i in AVAILABLE])
+def test_fused_impls_refuse_double_backward(impl, rng):
+    """The fused kernels' gradient is computed in the forward and is not differentiable again: a
+    ``create_graph=True`` backward raises rather than return a second-order gradient without the loss's
+    curvature (a Hessian-vector product through a model in front of it would be silently wrong)."""
+    w = torch.randn(40, 8, requires_grad=True)
+    h = torch.randn(3, 8)
+    y = _positives_from_dense(random_multihot(rng, 3, 40, p=0.1))
+    loss = multilabel_softmax_loss(torch.tanh(h @ w.T), y, impl=impl)
+    with pytest.raises(RuntimeError, match=f"Expected a first-order backward through impl='{impl}'"):
+        torch.autograd.grad(loss, w, create_graph=True)
+    loss = multilabel_softmax_loss(torch.tanh(h @ w.T), y, impl=impl)
+    (gw,) = torch.autograd.grad(loss, w)  # first order: as before
+    assert torch.isfinite(gw).all()
+
+
 # ----------------------------------------------------------------------------- PyTorch's own losses
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -33,7 +33,7 @@ from torch import Tensor
 from . import _amp, _validation as V
 from .kernels import resolve_impl, torch_chunked, torch_linear
 from .linear import LINEAR_IMPLS, _check_linear, default_chunk, labels_chunk
-from .loss import _check_no_grad, _check_options, _requiring_grad, _row_scale, _split_row_scale
+from .loss import _check_first_order, _check_no_grad, _check_options, _requiring_grad, _row_scale, _split_row_scale
 from .targets import Positives
 
 __all__ = ["sharded_multilabel_softmax_loss", "sharded_linear_multilabel_softmax_loss", "shard_range"]
@@ -157,6 +157,7 @@ class _ShardedLoss(torch.autograd.Function):
     @staticmethod
     @_amp.off_in_backward
     def backward(ctx, grad_rows):
+        _check_first_order("the sharded loss")
         x, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale = ctx.saved_tensors
         g = _kernels(ctx.triton).backward((grad_rows * row_scale).contiguous(), x, lse, coef, inv_mass, dense, idx,
                                           rows, vals, w_local, ctx.eps, num_classes=ctx.k)
@@ -259,6 +260,7 @@ class _ShardedLinearLoss(torch.autograd.Function):
     @staticmethod
     @_amp.off_in_backward
     def backward(ctx, grad_rows):
+        _check_first_order("the sharded linear loss")
         h, w, bias, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale, xg = ctx.saved_tensors
         args = (grad_rows * row_scale, h, w, bias, None, lse, coef, inv_mass)
         opts = dict(need_w=ctx.needs_input_grad[1], need_x=ctx.needs_input_grad[0], num_classes=ctx.k,

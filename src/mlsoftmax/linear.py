@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from . import _amp, _validation as V
 from .kernels import resolve_impl, torch_chunked, torch_linear
-from .loss import (_as_grad_mode_sees, _canonical_target, _check_no_grad, _check_options, _check_weights, _once,
-                   _requiring_grad, _row_scale, _split_row_scale)
+from .loss import (_as_grad_mode_sees, _canonical_target, _check_first_order, _check_no_grad, _check_options,
+                   _check_weights, _once, _requiring_grad, _row_scale, _split_row_scale)
 from .targets import Positives
 
 __all__ = ["linear_multilabel_softmax_loss", "LinearMultiLabelSoftmaxLoss", "LinearMultiLabelSoftmaxFunction"]
@@ -166,6 +166,7 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
     @staticmethod
     @_amp.off_in_backward
     def backward(ctx, grad):
+        _check_first_order("the fused linear loss")
         needs = ctx.needs_input_grad[:4]
         if ctx.impl == "triton_rows" and ctx.eager:
             from .kernels import triton_loss

@@ -189,6 +189,18 @@ def _once(ctx) -> None:
     ctx.spent = True
 
 
+def _check_first_order(what: str) -> None:
+    """Raise in a backward run with ``create_graph=True`` (grad mode on inside it) when ``what`` computes its
+    gradient with ops that autograd cannot differentiate again: a second-order gradient would miss this loss's
+    curvature without a word (a Hessian-vector product through a model in front of it would come out wrong)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"Expected a first-order backward through {what}, but got create_graph=True: its gradient is not "
+            "differentiable again. For double backward (Hessian-vector products, meta-learning), use "
+            "multilabel_softmax_loss on the logits with impl='torch' or 'auto' on small inputs"
+        )
+
+
 def _as_grad_mode_sees(*tensors):
     """The inputs as grad mode sees them: detached where it is off (``torch.no_grad``, ``inference_mode``).
 
@@ -294,6 +306,7 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None,) * 11
         if ctx.impl in ("triton", "compile"):
+            _check_first_order(f"impl={ctx.impl!r}")
             _once(ctx)
         if ctx.impl == "triton":
             from .kernels import triton_loss
@@ -307,6 +320,11 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
             (grad,) = ctx.saved_tensors
             scale = _msl_scale_rows_impl if not torch.compiler.is_compiling() else torch.ops.mlsoftmax.msl_scale_rows_
             scale(grad, grad_rows.contiguous())
+        elif torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # create_graph=True: a gradient that autograd differentiates again, through PyTorch's composition
+            logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, row_scale = ctx.saved_tensors
+            rows = torch_chunked.small_rows(logits, dense, indices, row_ids, values, weight, ctx.label_smoothing)
+            (grad,) = torch.autograd.grad(rows, logits, grad_rows * row_scale, create_graph=True)
         else:
             logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, row_scale = ctx.saved_tensors
             bwd = _msl_backward_impl if not torch.compiler.is_compiling() else torch.ops.mlsoftmax.msl_backward
