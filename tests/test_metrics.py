@@ -148,6 +148,23 @@ def test_bad_inputs():
         M.average_precision([[0.1]], np.zeros((1, 1)))
     with pytest.raises(ValueError, match=r"Expected `scores` to have shape \[N, K\]"):
         M.ranking_loss(np.zeros(3), np.zeros(3))
+    nan = np.array([[0.1, np.nan, 0.3]])
+    for f in (M.average_precision, M.ranking_loss, M.coverage, M.one_error, M.precision_at_k,
+              M.mean_average_precision, M.MultilabelEvaluator().update):
+        with pytest.raises(ValueError, match="Expected `scores` to have no NaN, but got 1 NaN entries"):
+            f(nan, np.array([[1, 0, 0]]))
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True, "3"])
+def test_bad_k(k):
+    s, y = np.zeros((2, 3)), np.eye(2, 3)
+    for f in (M.precision_at_k, M.recall_at_k, M.ndcg_at_k, M.annotation_scores):
+        with pytest.raises(ValueError, match="Expected `k` to be a positive int"):
+            f(s, y, k)
+    with pytest.raises(ValueError, match="Expected `ks` to be a positive int"):
+        M.MultilabelEvaluator(ks=(1, k))
+    with pytest.raises(ValueError, match="Expected `annotation_k` to be a positive int"):
+        M.MultilabelEvaluator(annotation_k=k)
 
 
 def _sync_worker(rank, world, store, out):

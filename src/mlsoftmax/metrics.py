@@ -17,6 +17,7 @@ where a metric is undefined for them (recall@k, nDCG@k, one-error).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence
 
 import numpy as np
@@ -56,6 +57,9 @@ def _format(scores, target) -> tuple[Tensor, Tensor]:
     if s.dim() != 2:
         raise ValueError(f"Expected `scores` to have shape [N, K], but got {tuple(s.shape)}")
     s = s.double()
+    n_nan = int(torch.isnan(s).sum())
+    if n_nan:  # every ranking would depend on where the sort puts them (scikit-learn refuses them too)
+        raise ValueError(f"Expected `scores` to have no NaN, but got {n_nan} NaN entries")
     if isinstance(target, Positives):
         if target.batch_size != s.shape[0]:
             raise ValueError(f"Expected `target` to have {s.shape[0]} rows, but got {target.batch_size}")
@@ -74,6 +78,12 @@ def _format_pred(pred, target) -> tuple[Tensor, Tensor]:
         raise ValueError(f"Expected `pred` to have shape [N, K], but got {tuple(p.shape)}")
     _, y = _format(torch.zeros(p.shape, dtype=torch.float64), target)
     return p > 0, y
+
+
+def _check_k(k, name: str = "k") -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"Expected `{name}` to be a positive int, but got {k!r}")
+    return int(k)
 
 
 # --------------------------------------------------------------------------- per-row stages
@@ -292,12 +302,14 @@ def one_error(scores, target) -> float:
 
 def precision_at_k(scores, target, k: int = 1) -> float:
     """P@k = |top-k ∩ Y| / k, averaged over all rows (the extreme-classification definition)."""
+    k = _check_k(k)
     s, y = _format(scores, target)
     return _compute_ranking(_update_ranking(s, y, (k,)), (k,))[f"precision_at_{k}"]
 
 
 def recall_at_k(scores, target, k: int = 1) -> float:
     """R@k = |top-k ∩ Y| / |Y|, averaged over rows with at least one positive."""
+    k = _check_k(k)
     s, y = _format(scores, target)
     return _compute_ranking(_update_ranking(s, y, (k,)), (k,))[f"recall_at_{k}"]
 
@@ -310,6 +322,7 @@ def ndcg_at_k(scores, target, k: int = 1) -> float:
 
     Averaged over rows with at least one positive.
     """
+    k = _check_k(k)
     s, y = _format(scores, target)
     return _compute_ranking(_update_ranking(s, y, (k,)), (k,))[f"ndcg_at_{k}"]
 
@@ -328,6 +341,7 @@ def annotation_scores(scores, target, k: int = 3) -> dict:
         dict with ``per_class_precision``, ``per_class_recall``,
         ``overall_precision``, ``overall_recall`` and ``n_plus``.
     """
+    k = _check_k(k)
     s, y = _format(scores, target)
     from .decode import top_k
 
@@ -389,7 +403,8 @@ class MultilabelEvaluator:
     """
 
     def __init__(self, ks: Sequence[int] = (1, 3, 5), annotation_k: int = 3, decoder=None, label_ap: bool = True):
-        self.ks, self.annotation_k, self.decoder, self.label_ap = tuple(ks), annotation_k, decoder, label_ap
+        self.ks = tuple(_check_k(k, "ks") for k in ks)
+        self.annotation_k, self.decoder, self.label_ap = _check_k(annotation_k, "annotation_k"), decoder, label_ap
         self.reset()
 
     def reset(self) -> None:
