@@ -43,6 +43,8 @@ def test_k_comes_from_the_caller_not_the_largest_index():
         ((torch.tensor([0]), torch.tensor([0, 1])), {"values": torch.tensor([1, 2])}, TypeError, "floating-point"),
         ((torch.tensor([0]), torch.tensor([0, 1])), {"values": torch.ones(2)}, ValueError, "shape of `indices`"),
         ((torch.tensor([0]), torch.tensor([0, 1]), 0), {}, ValueError, "positive int"),
+        ((torch.tensor([0]), torch.tensor([0, 1]), 2.0), {}, ValueError, "positive int"),
+        ((torch.tensor([0]), torch.tensor([0, 1]), True), {}, ValueError, "positive int"),
         (([0], torch.tensor([0, 1])), {}, TypeError, "torch tensors"),
     ],
 )
@@ -54,3 +56,11 @@ def test_bad_construction(args, kwargs, exc, match):
 def test_from_lists_rejects_non_integers():
     with pytest.raises(TypeError, match="integers"):
         Positives.from_lists([[0.5]])
+
+
+def test_num_classes_may_be_a_numpy_int():
+    import numpy as np
+
+    t = Positives.from_lists([[0, 2]], num_classes=np.int64(3))
+    assert t.num_classes == 3 and type(t.num_classes) is int
+    assert t.to_dense().tolist() == [[1.0, 0.0, 1.0]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -80,12 +81,13 @@ class Positives:
                     f"Expected `values` to have the shape of `indices` {tuple(indices.shape)}, "
                     f"but got {tuple(values.shape)}"
                 )
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
+                                        or num_classes < 1):
             raise ValueError(f"Expected `num_classes` to be a positive int or None, but got {num_classes!r}")
         self.indices = indices.long().contiguous()
         self.offsets = offsets.long().contiguous()
         self.values = None if values is None else values.contiguous()
-        self.num_classes = num_classes
+        self.num_classes = None if num_classes is None else int(num_classes)  # a NumPy int too
 
     # ------------------------------------------------------------------ constructors
     @classmethod
