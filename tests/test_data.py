@@ -58,6 +58,7 @@ def test_read_xc(tmp_path):
         ("1 4 5\n0,9 0:1\n", 2, "label out of range"),
         ("1 4 5\n0 0:x\n", 2, "bad feature"),
         ("1 4 5\n0 7:1\n", 2, "bad feature"),
+        ("1 4 5\n0 -1:1\n", 2, "bad feature"),
         ("2 4 5\n0 0:1\n", None, "header says N=2 rows, found 1"),
     ],
 )
@@ -113,6 +114,10 @@ def test_read_arff_labels_first_and_errors(tmp_path):
     p.write_text("@relation r\n@attribute f1 numeric\n@attribute l1 {0,1}\n@data\n1,0,7\n")
     with pytest.raises(D.DataFormatError, match=":5: bad data row"):
         D.read_arff(p, num_labels=1)
+    for bad in ("-1", "2"):  # a sparse row's index out of range (NumPy would count -1 from the end)
+        p.write_text(f"@relation r\n@attribute f1 numeric\n@attribute l1 {{0,1}}\n@data\n{{{bad} 1}}\n")
+        with pytest.raises(D.DataFormatError, match=f":5: bad data row \\(attribute index {bad} out of range"):
+            D.read_arff(p, num_labels=1)
 
 
 def test_read_csv_and_npz(tmp_path):

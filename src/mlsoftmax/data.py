@@ -209,6 +209,8 @@ def read_xc(path) -> MultiLabelDataset:
                 try:
                     fi, fv = t.split(":")
                     fi = int(fi)
+                    if fi < 0:  # NumPy would count it from the end
+                        raise IndexError(fi)
                     feats[r, fi] = float(fv)
                 except (ValueError, IndexError):
                     raise DataFormatError(path, lineno, f"bad feature {t[:40]!r} (expected index:value, index < {d})")
@@ -261,6 +263,8 @@ def read_arff(path, num_labels: int, *, labels_first: bool = False) -> MultiLabe
                     for item in line[1:-1].split(","):
                         if item.strip():
                             i, v = item.split()
+                            if not 0 <= int(i) < n_attr:
+                                raise ValueError(f"attribute index {int(i)} out of range [0, {n_attr})")
                             vals[int(i)] = float(v)
                 else:
                     fields = [t.strip() for t in line.split(",")]
