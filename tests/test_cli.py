@@ -184,6 +184,45 @@ def test_amp_trains_in_bf16_and_the_fused_head_follows_the_plain_one(tmp_path):
     assert json.loads((tmp_path / "fused" / "config.json").read_text())["amp"] is True
 
 
+def test_top_k_evaluation_for_extreme_label_spaces(tmp_path, monkeypatch, capsys):
+    """From FUSED_MIN_CLASSES labels (here lowered to yeast's 14) --model linear trains the fused head and
+    evaluates from each row's top labels, scored in label chunks: its test metrics equal the functional ones (and
+    scikit-learn's nDCG) on the checkpoint's full scores; the epoch is picked by validation nDCG@5."""
+    import torch
+    from sklearn.metrics import ndcg_score
+
+    import mlsoftmax.cli as C
+
+    monkeypatch.setattr(C, "FUSED_MIN_CLASSES", 10)
+    out = tmp_path / "xc"
+    assert main(["train", "--model", "linear", "--epochs", "2", "--out", str(out)]) == 0
+    assert "ndcg at 5" in capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["fused"] is True and cfg["eval"] == "top-k" and cfg["decoder"] is None
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["history"]["val_ndcg_at_5"]) == 2 and m["val_ndcg_at_5"] == max(m["history"]["val_ndcg_at_5"])
+    test = m["test"]
+    assert "average_precision" not in test and "micro_f1" not in test
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    model = C.build_model("linear", 103, 14, cfg["hidden"], cfg["dropout"], fused=True)
+    model.load_state_dict(ck["model"])
+    model.eval()
+    x, y = load_yeast("test")
+    with torch.no_grad():
+        s = model(x)  # [N, K] full scores
+    for k in (1, 3, 5):
+        assert test[f"precision_at_{k}"] == pytest.approx(M.precision_at_k(s, y, k), abs=1e-12)
+        assert test[f"recall_at_{k}"] == pytest.approx(M.recall_at_k(s, y, k), abs=1e-12)
+        keep = y.sum(1) > 0
+        assert test[f"ndcg_at_{k}"] == pytest.approx(ndcg_score(y[keep].numpy(), s[keep].numpy(), k=k), abs=1e-9)
+    assert test["one_error"] == pytest.approx(M.one_error(s, y), abs=1e-12)
+    ann = M.annotation_scores(s, y, 3)
+    assert all(test[f"{key}_at_3"] == pytest.approx(v, abs=1e-12) for key, v in ann.items())
+    # --eval full on the same run: every metric again
+    assert main(["train", "--model", "linear", "--epochs", "1", "--eval", "full", "--out", str(tmp_path / "f")]) == 0
+    assert "average_precision" in json.loads((tmp_path / "f" / "metrics.json").read_text())["test"]
+
+
 def test_fused_needs_softmax_loss(tmp_path, capsys):
     assert main(["train", "--fused", "--loss", "bce", "--epochs", "1", "--out", str(tmp_path)]) == 2
     assert "--fused and --shard-labels need --loss softmax" in capsys.readouterr().err

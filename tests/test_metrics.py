@@ -141,6 +141,49 @@ def test_evaluator_batches_equal_functional(rng):
         M.MultilabelEvaluator().compute()
 
 
+@pytest.mark.parametrize("form", ["dense", "positives"])
+def test_evaluator_top_k_updates_match_sklearn_and_the_score_updates(rng, form):
+    """``update_top_k`` from ranked indices alone (no scores, no dense target): nDCG@k against scikit-learn,
+    P@k against a NumPy count, and every top-k and annotation metric equal to ``update`` on the scores."""
+    s, y = _data(rng, n=57, k=23, empty=True)  # continuous scores: no ties, so the ranking is unique
+    top = np.argsort(-s, axis=1)[:, :5]
+    ev_top = M.MultilabelEvaluator(ks=(1, 3, 5), annotation_k=3)
+    ev_all = M.MultilabelEvaluator(ks=(1, 3, 5), annotation_k=3, label_ap=False)
+    for i in range(0, 57, 10):
+        yb = y[i:i + 10]
+        tgt = Positives.from_lists([np.flatnonzero(r).tolist() for r in yb], 23) if form == "positives" else yb
+        ev_top.update_top_k(torch.from_numpy(top[i:i + 10]), tgt)
+        ev_all.update(s[i:i + 10], yb)
+    got, ref = ev_top.compute(), ev_all.compute()
+    nonempty = y.any(1)
+    for k in (1, 3, 5):
+        assert got[f"ndcg_at_{k}"] == pytest.approx(skm.ndcg_score(y[nonempty], s[nonempty], k=k), abs=1e-12)
+        hits = np.take_along_axis(y, top[:, :k], 1).sum(1)
+        assert got[f"precision_at_{k}"] == pytest.approx((hits / k).mean(), abs=1e-12)
+    assert set(got) == {key for key in ref if not key.startswith(("average_precision", "ranking_loss", "coverage"))}
+    for key in got:
+        assert got[key] == pytest.approx(ref[key], abs=1e-12), key
+
+
+def test_evaluator_top_k_bad_input():
+    y = np.eye(3, 6)
+    ev = M.MultilabelEvaluator(ks=(1, 3), annotation_k=2)
+    with pytest.raises(ValueError, match="top 3 labels, but got 2"):
+        ev.update_top_k(torch.zeros(3, 2, dtype=torch.long), y)
+    with pytest.raises(ValueError, match=r"Expected `indices` in \[0, 6\), but got \[0, 6\]"):
+        ev.update_top_k(torch.tensor([[0, 1, 6]] * 3), y)
+    with pytest.raises(ValueError, match="integer tensor"):
+        ev.update_top_k(torch.zeros(3, 3), y)
+    with pytest.raises(ValueError, match="num_classes"):
+        ev.update_top_k(torch.zeros(3, 3, dtype=torch.long), Positives.from_lists([[0], [1], [2]]))
+    ev.update_top_k(torch.tensor([[0, 1, 2]] * 3), y)
+    with pytest.raises(ValueError, match="every one `update_top_k`, but got both"):
+        ev.update(np.zeros((3, 6)), y)
+    small = M.MultilabelEvaluator(ks=(1, 5), annotation_k=3)  # K = 2 < 5: its 2 labels are the whole ranking
+    small.update_top_k(torch.tensor([[1, 0]]), np.array([[1, 0]]))
+    assert small.compute()["precision_at_1"] == 0.0 and small.compute()["recall_at_5"] == 1.0
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="Expected `target` to have the shape"):
         M.average_precision(np.zeros((2, 3)), np.zeros((2, 4)))

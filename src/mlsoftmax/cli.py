@@ -8,6 +8,7 @@ Commands (each also runs as ``python -m mlsoftmax ...``):
     mlsoftmax compare --losses softmax,bce,warp,ranking,asl,zlpr --seeds 5 --out runs/compare
     mlsoftmax predict --checkpoint runs/train --input features.csv --top-k 3
     mlsoftmax train --model linear --fused --out runs/fused             # fused linear + loss head
+    mlsoftmax train --data xc.txt --model linear --eval top-k --out runs/xc  # XC metrics from top-5 labels only
     mlsoftmax train --amp --device cuda --out runs/amp                  # bf16 autocast (mixed precision)
     mlsoftmax train --resume runs/train --out runs/train                # continue after the last finished epoch
     torchrun --nproc-per-node 2 -m mlsoftmax train --out runs/ddp       # data-parallel (DDP), gloo on CPU
@@ -138,6 +139,20 @@ def predict_scores(model, ds, device, batch_size=None):
     batch_size = batch_size or max(1, min(1024, (1 << 26) // max(ds.num_classes, 1)))
     out = [model(ds.features[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(ds), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, ds.num_classes)
+
+
+@torch.no_grad()
+def top_labels(model, x, device, m, batch_size=1024):
+    """Each row's ``m`` best labels ``[N, m]`` (best first), scored in label chunks: no ``[N, K]`` scores."""
+    from .linear import chunked_top_k
+
+    model.eval()
+    head = model.head
+    m = min(m, head.weight.shape[0])
+    out = [chunked_top_k(model.body(x[i : i + batch_size].to(device)), head.weight, m, bias=head.bias,
+                         weight_scale=getattr(head, "weight_scale", None))[1].cpu()
+           for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, m, dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -348,6 +363,9 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
     device = dd.device
     fit, val, test = load_data(args)
     k, d = fit.num_classes, fit.num_features
+    # extreme label spaces: evaluate from each row's top labels (XC metrics), never from [N, K] scores
+    top_eval = args.eval == "top-k" or (args.eval == "auto" and k >= FUSED_MIN_CLASSES)
+    sel = "ndcg_at_5" if top_eval else "average_precision"  # the validation metric that picks the epoch
     fused = args.fused or (args.model == "linear" and args.loss == "softmax" and k >= FUSED_MIN_CLASSES)
     if (fused or args.shard_labels) and args.loss != "softmax":
         raise CLIError(f"--fused and --shard-labels need --loss softmax, got --loss {args.loss}")
@@ -368,7 +386,7 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
     sampler = DistributedSampler(fit, num_replicas=dd.world, rank=dd.rank, shuffle=True, seed=args.seed)
     loader = DataLoader(fit, batch_size=args.batch_size, sampler=sampler, collate_fn=lambda b: collate(b, k))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(1, args.epochs * len(loader)))
-    history = {"epoch": [], "train_loss": [], "val_average_precision": []}
+    history = {"epoch": [], "train_loss": [], f"val_{sel}": []}
     best, start = (-math.inf, None, 0), 1
     # Resume state after every epoch: rank 0 writes last.pt (with every rank's RNG state); with the
     # classifier sharded, each rank writes its own rows and optimiser state to last.rank{r}.pt.
@@ -391,6 +409,13 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
 
     def evaluator_model():
         return full_model(model, dd, k, args, d) if args.shard_labels else model
+
+    def validate(net_):
+        if not top_eval:
+            return average_precision(predict_scores(net_, val, device), val.labels)
+        ev = MultilabelEvaluator(ks=(5,), annotation_k=1)
+        ev.update_top_k(top_labels(net_, val.features, device, 5), val.labels)
+        return ev.compute()[sel]
 
     def step_loss(xb, tb):
         if not args.shard_labels:
@@ -420,11 +445,11 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
         if not args.shard_labels:  # sharded: the loss is already the global batch's
             dd.all_reduce_(tot)
         # validation on every rank (the same scores everywhere: no communication)
-        val_ap = average_precision(predict_scores(evaluator_model(), val, device), val.labels)
+        val_ap = validate(evaluator_model())
         history["epoch"].append(epoch)
         history["train_loss"].append(float(tot[0] / tot[1].clamp_min(1)))
-        history["val_average_precision"].append(val_ap)
-        bar.set_postfix(loss=f"{history['train_loss'][-1]:.4f}", val_ap=f"{val_ap:.4f}")
+        history[f"val_{sel}"].append(val_ap)
+        bar.set_postfix({"loss": f"{history['train_loss'][-1]:.4f}", f"val_{sel}": f"{val_ap:.4f}"})
         if val_ap > best[0]:
             best = (val_ap, {kk: v.detach().clone() for kk, v in model.state_dict().items()}, epoch)
         rngs = dd.gather_object(_rng_state(device))  # every rank's dropout RNG, for an exact resume
@@ -436,24 +461,30 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
     if best[1] is not None:
         model.load_state_dict(best[1])
     final = evaluator_model()
-    decoder = fit_decoder(predict_scores(final, val, device), val.labels, rule=args.decode, metric="micro_f1")
+    decoder = None if top_eval else fit_decoder(predict_scores(final, val, device), val.labels, rule=args.decode,
+                                                metric="micro_f1")
     # test metrics: each rank scores its rows, the metric states are all-reduced
     ev = MultilabelEvaluator(ks=(1, 3, 5), annotation_k=3, decoder=decoder, label_ap=not dd.on)
     mine = test.subset(np.arange(dd.rank, len(test), dd.world))
-    ev.update(predict_scores(final, mine, device), mine.labels)
+    if top_eval:  # the top-k metrics only: the full-ranking and set metrics need every score
+        ev.update_top_k(top_labels(final, mine.features, device, 5), mine.labels)
+    else:
+        ev.update(predict_scores(final, mine, device), mine.labels)
     if dd.on:
         ev.sync()
     metrics = ev.compute()
     metrics["best_epoch"] = best[2]
-    metrics["val_average_precision"] = best[0]
+    metrics[f"val_{sel}"] = best[0]
     config = {k_: v for k_, v in vars(args).items() if k_ not in ("func",)}
-    config.update(num_features=d, num_classes=k, decoder=decoder.to_dict(), n_fit=len(fit), n_val=len(val),
-                  n_test=len(test), fused=fused, world_size=dd.world)
+    config.update(num_features=d, num_classes=k, decoder=None if decoder is None else decoder.to_dict(),
+                  n_fit=len(fit), n_val=len(val), n_test=len(test), fused=fused, world_size=dd.world,
+                  eval="top-k" if top_eval else "full", selection=f"val_{sel}")
     return metrics, history, final, decoder, config
 
 
 TABLE_KEYS = ("average_precision", "ranking_loss", "coverage", "one_error", "precision_at_1", "precision_at_3",
-              "ndcg_at_3", "mean_average_precision", "micro_f1", "macro_f1", "hamming_loss")
+              "precision_at_5", "ndcg_at_3", "ndcg_at_5", "recall_at_5", "mean_average_precision", "micro_f1",
+              "macro_f1", "hamming_loss")
 
 
 def plot_curve(history, path, title):
@@ -467,8 +498,9 @@ def plot_curve(history, path, title):
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("train loss", color="tab:blue")
     ax2 = ax1.twinx()
-    ax2.plot(history["epoch"], history["val_average_precision"], color="tab:orange", label="val AP")
-    ax2.set_ylabel("validation average precision", color="tab:orange")
+    key = next(k for k in history if k.startswith("val_"))
+    ax2.plot(history["epoch"], history[key], color="tab:orange", label=key)
+    ax2.set_ylabel("validation " + key[4:].replace("_", " "), color="tab:orange")
     ax1.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -481,16 +513,17 @@ def cmd_train(args):
     metrics, history, model, decoder, config = train_run(args)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 writes and reports
         return
-    test_metrics = {k: metrics[k] for k in metrics if k not in ("best_epoch", "val_average_precision")}
+    sel = config["selection"]  # val_average_precision, or val_ndcg_at_5 for the top-k evaluation
+    test_metrics = {k: metrics[k] for k in metrics if k not in ("best_epoch", sel)}
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump({"test": test_metrics, "best_epoch": metrics["best_epoch"],
-                   "val_average_precision": metrics["val_average_precision"], "history": history}, f, indent=2)
+        json.dump({"test": test_metrics, "best_epoch": metrics["best_epoch"], sel: metrics[sel],
+                   "history": history}, f, indent=2)
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     atomic_save({"model": model.state_dict(), "config": config}, os.path.join(args.out, "checkpoint.pt"))
     plot_curve(history, os.path.join(args.out, "curve.png"), f"{args.loss} on {os.path.basename(str(args.data))}")
     print(f"\n{args.loss} loss, {args.model} model, data={args.data}: best epoch {metrics['best_epoch']} "
-          f"(val AP {metrics['val_average_precision']:.4f}), {time.time() - t0:.1f}s")
+          f"({sel.replace('_', ' ')} {metrics[sel]:.4f}), {time.time() - t0:.1f}s")
     print(f"{'test metric':<28}{'value':>10}")
     for k in TABLE_KEYS + tuple(k for k in test_metrics if k.endswith("_at_3") and k.startswith(("per_", "overall", "n_plus"))):
         if k in test_metrics:
@@ -513,10 +546,13 @@ def cmd_compare(args):
             a.loss, a.seed, a.out = l, args.seed + s, None  # no per-epoch checkpoints
             m = train_run(a, quiet=True)[0]
             runs.append(m)
-            print(f"{l:<8} seed {a.seed}: AP {m['average_precision']:.4f}  RL {m['ranking_loss']:.4f}", flush=True)
+            shown = [(n, key) for n, key in (("AP", "average_precision"), ("RL", "ranking_loss"),
+                                             ("P@1", "precision_at_1"), ("nDCG@5", "ndcg_at_5")) if key in m][:2]
+            print(f"{l:<8} seed {a.seed}: " + "  ".join(f"{n} {m[key]:.4f}" for n, key in shown), flush=True)
         results[l] = runs
-    keys = ("average_precision", "ranking_loss", "coverage", "one_error", "precision_at_1", "mean_average_precision",
-            "micro_f1", "macro_f1")
+    keys = tuple(key for key in ("average_precision", "ranking_loss", "coverage", "one_error", "precision_at_1",
+                                 "precision_at_5", "ndcg_at_5", "mean_average_precision", "micro_f1", "macro_f1")
+                 if key in runs[0])[:8]
     lines = ["| loss | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for l, runs in results.items():
         cells = []
@@ -537,7 +573,7 @@ def cmd_compare(args):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key in zip(axes, ("average_precision", "ranking_loss")):
+    for ax, key in zip(axes, keys[:2]):  # AP and ranking loss; one-error and P@1 for the top-k evaluation
         vals = [np.array([r[key] for r in results[l]]) for l in losses]
         ax.bar(losses, [v.mean() for v in vals], yerr=[v.std() for v in vals], capsize=3, color="tab:blue")
         ax.set_title(key.replace("_", " "))
@@ -582,11 +618,7 @@ def cmd_predict(args):
         x = torch.tensor(rows, dtype=torch.float32)
     if x.dim() != 2 or x.shape[1] != d:
         raise CLIError(f"{args.input}: expected rows of {d} features, got shape {tuple(x.shape)}")
-    with torch.no_grad():
-        if model.fused:  # label chunks: no [N, K] scores
-            top = model.head.top_k(model.body(x), min(args.top_k, k))[1]
-        else:
-            top = torch.topk(model(x), min(args.top_k, k), dim=1).indices
+    top = top_labels(model, x, "cpu", args.top_k)  # label chunks: no [N, K] scores
     for row in top.tolist():
         print(",".join(str(j) for j in row))
 
@@ -608,6 +640,10 @@ def _common(p):
     p.add_argument("--split-seed", type=int, default=0, help="seed of the fit/validation partition")
     p.add_argument("--decode", default="mass", choices=("top_k", "threshold", "mass"),
                    help="decoding rule for F1/Hamming, fitted on validation")
+    p.add_argument("--eval", default="auto", choices=("auto", "full", "top-k"),
+                   help="full: every metric, from [N, K] scores; top-k: P@k, nDCG@k, recall@k, one-error and the "
+                        "annotation scores from each row's top 5 labels (scored in label chunks), the epoch picked "
+                        f"by validation nDCG@5; auto: top-k from {FUSED_MIN_CLASSES} labels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--amp", action="store_true",

@@ -26,7 +26,8 @@ from .loss import (_as_grad_mode_sees, _canonical_target, _check_first_order, _c
                    _check_weights, _once, _requiring_grad, _row_scale, _split_row_scale)
 from .targets import Positives
 
-__all__ = ["linear_multilabel_softmax_loss", "LinearMultiLabelSoftmaxLoss", "LinearMultiLabelSoftmaxFunction"]
+__all__ = ["linear_multilabel_softmax_loss", "LinearMultiLabelSoftmaxLoss", "LinearMultiLabelSoftmaxFunction",
+           "chunked_top_k"]
 
 LINEAR_IMPLS = ("auto", "torch", "triton")
 MEMORY_BUDGET = 256 << 20  # bytes of temporaries beyond the inputs and their gradients (GPU default)
@@ -419,39 +420,67 @@ class LinearMultiLabelSoftmaxLoss(nn.Module):
             memory_budget=self.memory_budget, impl=self.impl, validate=self.validate,
         )
 
-    def _chunk_logits(self, h: Tensor, c0: int, c1: int) -> Tensor:
-        z = h @ self.weight[c0:c1].T  # [B, C]
-        if self.weight_scale is not None:
-            z = z * self.weight_scale
-        return z if self.bias is None else z + self.bias[c0:c1]
-
     def logits(self, hidden: Tensor) -> Tensor:
         """The full scores ``[..., K]`` (materialised: use :meth:`top_k` for large ``K``)."""
-        return self._chunk_logits(hidden, 0, self.num_classes)
+        z = hidden @ self.weight.T  # [..., K]
+        if self.weight_scale is not None:
+            z = z * self.weight_scale
+        return z if self.bias is None else z + self.bias
 
-    @torch.no_grad()
     def top_k(self, hidden: Tensor, k: int, *, chunk_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
-        """The ``k`` best scores and labels per row, ``([..., k], [..., k])``, computed in label chunks.
-
-        Memory is ``O(B * (chunk + k))``.
-        """
-        if not 1 <= k <= self.num_classes:
-            raise ValueError(f"Expected `k` in [1, {self.num_classes}], but got {k}")
-        h = hidden.reshape(-1, self.in_features)  # [B, D]
-        chunk = chunk_size or default_chunk(h.shape[0], self.num_classes, h.dtype, device=h.device)
-        chunk = max(chunk, k)
-        best_v = h.new_empty(h.shape[0], 0)  # [B, <=k]
-        best_i = torch.empty(h.shape[0], 0, dtype=torch.long, device=h.device)
-        for c0 in range(0, self.num_classes, chunk):
-            c1 = min(self.num_classes, c0 + chunk)
-            v, i = self._chunk_logits(h, c0, c1).topk(min(k, c1 - c0), dim=1, sorted=False)  # [B, k]
-            v, i2 = torch.cat([best_v, v], 1), torch.cat([best_i, i + c0], 1)  # [B, <=2k] merge with the best so far
-            top = v.topk(min(k, v.shape[1]), dim=1, sorted=False).indices
-            best_v, best_i = v.gather(1, top), i2.gather(1, top)
-        order = best_v.argsort(1, descending=True)
-        shape = hidden.shape[:-1] + (k,)
-        return best_v.gather(1, order).reshape(shape), best_i.gather(1, order).reshape(shape)
+        """The ``k`` best scores and labels per row, ``([..., k], [..., k])``, computed in label chunks
+        (:func:`chunked_top_k`). Memory is ``O(B * (chunk + k))``."""
+        return chunked_top_k(hidden, self.weight, k, bias=self.bias, weight_scale=self.weight_scale,
+                             chunk_size=chunk_size)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "
                 f"reduction={self.reduction!r}, impl={self.impl!r}")
+
+
+@torch.no_grad()
+def chunked_top_k(hidden: Tensor, weight: Tensor, k: int, *, bias: Optional[Tensor] = None,
+                  weight_scale: Optional[float] = None, chunk_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """The ``k`` best scores and labels of ``s * hidden @ weight.T + bias`` per row, best first, in label chunks.
+
+    No ``[B, K]`` buffer: each chunk's ``[B, C]`` scores are reduced to their top
+    ``k`` and merged with the best so far. Memory is ``O(B * (C + k))``, with
+    ``C`` from ``chunk_size`` or the memory budget (:func:`default_chunk`).
+
+    Args:
+        hidden: ``[..., D]`` features.
+        weight: ``[K, D]`` classifier weight.
+        k: how many labels per row, in ``[1, K]``.
+        bias: ``[K]`` classifier bias.
+        weight_scale: logit scale ``s``.
+        chunk_size: classes per chunk.
+
+    Returns:
+        ``(scores [..., k], labels [..., k])``.
+
+    Example:
+        >>> import torch
+        >>> h, w = torch.randn(3, 8), torch.randn(1000, 8)
+        >>> v, i = chunked_top_k(h, w, 5, chunk_size=128)
+        >>> torch.equal(i, torch.topk(h @ w.T, 5).indices)
+        True
+    """
+    num_classes = weight.shape[0]
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= num_classes:
+        raise ValueError(f"Expected `k` in [1, {num_classes}], but got {k!r}")
+    h = hidden.reshape(-1, weight.shape[1])  # [B, D]
+    chunk = max(chunk_size or default_chunk(h.shape[0], num_classes, h.dtype, device=h.device), k)
+    best_v = h.new_empty(h.shape[0], 0)  # [B, <=k]
+    best_i = torch.empty(h.shape[0], 0, dtype=torch.long, device=h.device)
+    for c0 in range(0, num_classes, chunk):
+        c1 = min(num_classes, c0 + chunk)
+        z = h @ weight[c0:c1].T  # [B, C]
+        z = z if weight_scale is None else z * weight_scale
+        z = z if bias is None else z + bias[c0:c1]
+        v, i = z.topk(min(k, c1 - c0), dim=1, sorted=False)  # [B, <=k]
+        v, i2 = torch.cat([best_v, v], 1), torch.cat([best_i, i + c0], 1)  # [B, <=2k] merge with the best so far
+        top = v.topk(min(k, v.shape[1]), dim=1, sorted=False).indices
+        best_v, best_i = v.gather(1, top), i2.gather(1, top)
+    order = best_v.argsort(1, descending=True)
+    shape = hidden.shape[:-1] + (k,)
+    return best_v.gather(1, order).reshape(shape), best_i.gather(1, order).reshape(shape)

@@ -134,42 +134,69 @@ def _topk_hits(s: Tensor, y: Tensor, k: int) -> Tensor:
     return torch.gather(y, 1, idx)
 
 
-def _ndcg_rows(s: Tensor, y: Tensor, k: int) -> Tensor:
-    hits = _topk_hits(s, y, k).double()
+def _ndcg_rows(hits: Tensor, npos: Tensor) -> Tensor:
+    """nDCG of each row from its top labels' hits ``[N, k]`` and its number of positives ``[N]``."""
+    hits = hits.double()
     disc = 1.0 / torch.log2(torch.arange(2, hits.shape[1] + 2, dtype=torch.float64))
     dcg = (hits * disc).sum(1)
-    ideal_n = y.sum(1).clamp(max=hits.shape[1])
+    ideal_n = npos.clamp(max=hits.shape[1])
     idcg = torch.cumsum(disc, 0)[(ideal_n - 1).clamp_min(0)]
     return torch.where(ideal_n > 0, dcg / idcg, torch.zeros_like(dcg))
+
+
+def _ranked_hits(idx: Tensor, target) -> tuple[Tensor, Tensor, Tensor]:
+    """``(hits [N, m] bool, npos [N], positives' class ids [nnz])`` of ranked labels ``idx`` ``[N, m]``, without
+    a dense ``[N, K]`` target: each (row, label) pair is looked up among the row's positives."""
+    if isinstance(target, Positives):
+        pos = target.to("cpu")
+        if pos.batch_size != idx.shape[0]:
+            raise ValueError(f"Expected `target` to have {idx.shape[0]} rows, but got {pos.batch_size}")
+        rows, cls, npos = pos.row_ids(), pos.indices, pos.counts()
+    else:
+        y = _as_tensor(target, "target")
+        if y.dim() != 2 or y.shape[0] != idx.shape[0]:
+            raise ValueError(f"Expected `target` to have shape [{idx.shape[0]}, K], but got {tuple(y.shape)}")
+        rows, cls = torch.nonzero(y > 0, as_tuple=True)
+        npos = (y > 0).sum(1)
+    big = int(max(int(idx.max()) if idx.numel() else 0, int(cls.max()) if cls.numel() else 0)) + 1
+    keys, _ = torch.sort(rows * big + cls)  # [nnz] (row, class) pairs
+    query = torch.arange(idx.shape[0]).unsqueeze(1) * big + idx  # [N, m]
+    at = torch.searchsorted(keys, query).clamp(max=max(keys.numel() - 1, 0))
+    hits = (keys[at] == query) if keys.numel() else torch.zeros(query.shape, dtype=torch.bool)
+    return hits, npos, cls
 
 
 # --------------------------------------------------------------------------- _update / _compute
 
 
+def _update_top(hits_of, npos: Tensor, ks: Sequence[int]) -> dict:
+    """Summed per-row statistics of the top-k metrics; ``hits_of(k)``: ``[N, <=k]`` hits of each row's top labels."""
+    has = npos > 0
+    st = {"rows": float(npos.shape[0]), "rows_pos": float(has.sum()),
+          "one_error": float((has & ~hits_of(1)[:, 0]).sum())}
+    for k in ks:
+        top = hits_of(k)
+        hits = top.double().sum(1)
+        st[f"precision_at_{k}"] = float((hits / k).sum())
+        st[f"recall_at_{k}"] = float(torch.where(has, hits / npos.clamp_min(1), torch.zeros_like(hits)).sum())
+        st[f"ndcg_at_{k}"] = float(_ndcg_rows(top, npos.long()).sum())
+    return st
+
+
 def _update_ranking(s: Tensor, y: Tensor, ks: Sequence[int]) -> dict:
     """Summed per-row statistics of one batch (example-based and top-k metrics)."""
-    has = y.any(1)
-    top1 = _topk_hits(s, y, 1)[:, 0]
-    st = {
-        "rows": float(s.shape[0]),
-        "rows_pos": float(has.sum()),
+    st = _update_top(lambda k: _topk_hits(s, y, k), y.sum(1), ks)
+    st.update({
         "average_precision": float(_ap_rows(s, y).sum()),
         "ranking_loss": float(_ranking_loss_rows(s, y).sum()),
         "coverage": float(_coverage_rows(s, y).sum()),
-        "one_error": float((has & ~top1).sum()),
-    }
-    npos = y.sum(1).double()
-    for k in ks:
-        hits = _topk_hits(s, y, k).double().sum(1)
-        st[f"precision_at_{k}"] = float((hits / k).sum())
-        st[f"recall_at_{k}"] = float(torch.where(npos > 0, hits / npos.clamp_min(1), torch.zeros_like(hits)).sum())
-        st[f"ndcg_at_{k}"] = float(_ndcg_rows(s, y, k).sum())
+    })
     return st
 
 
 def _compute_ranking(st: dict, ks: Sequence[int]) -> dict:
     n, npos = max(st["rows"], 1.0), max(st["rows_pos"], 1.0)
-    out = {key: st[key] / n for key in ("average_precision", "ranking_loss", "coverage")}
+    out = {key: st[key] / n for key in ("average_precision", "ranking_loss", "coverage") if key in st}
     out["one_error"] = st["one_error"] / npos
     for k in ks:
         out[f"precision_at_{k}"] = st[f"precision_at_{k}"] / n
@@ -412,10 +439,18 @@ class MultilabelEvaluator:
         self._annot = None
         self._sets = None
         self._kept: list[tuple[Tensor, Tensor]] = []
+        self._mode = None  # "scores" or "top_k": what the updates gave
+
+    def _set_mode(self, mode: str) -> None:
+        if self._mode not in (None, mode):
+            raise ValueError(f"Expected every update of one evaluation to be `update` or every one `update_top_k`, "
+                             f"but got both (reset() between evaluations)")
+        self._mode = mode
 
     def update(self, scores, target) -> None:
         from .decode import top_k
 
+        self._set_mode("scores")
         s, y = _format(scores, target)
         self._rank = _merge(self._rank, _update_ranking(s, y, self.ks))
         self._annot = _merge(self._annot, _update_sets(top_k(s, self.annotation_k), y))
@@ -423,6 +458,48 @@ class MultilabelEvaluator:
             self._sets = _merge(self._sets, _update_sets(_as_tensor(self.decoder(s), "decoded") > 0, y))
         if self.label_ap:
             self._kept.append((s.float(), y))
+
+    def update_top_k(self, indices, target) -> None:
+        """Update from each row's best labels instead of its scores: the extreme-classification evaluation.
+
+        ``indices`` ``[N, m]`` are each row's top labels, best first (as
+        ``torch.topk(scores, m).indices``, or a classifier's chunked top-k), with
+        ``m >= max(ks + (annotation_k,))`` (or K, if fewer). It costs O(N m) a
+        batch, and with a :class:`~mlsoftmax.Positives` target nothing ``[N, K]``
+        is built. It gives the top-k metrics: one-error, precision, recall and
+        nDCG at each k, and the annotation scores. The full-ranking metrics, the
+        decoder's set metrics and label AP need every score; :meth:`compute`
+        leaves them out.
+
+        Example:
+            >>> import torch
+            >>> ev = MultilabelEvaluator(ks=(1, 2), annotation_k=2)
+            >>> ev.update_top_k(torch.tensor([[4, 0], [1, 2]]), torch.tensor([[0, 0, 0, 0, 1], [0, 0, 1, 0, 0]]))
+            >>> ev.compute()["precision_at_1"], ev.compute()["recall_at_2"]
+            (0.5, 1.0)
+        """
+        self._set_mode("top_k")
+        idx = _as_tensor(indices, "indices")
+        if idx.dim() != 2 or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise ValueError(f"Expected `indices` to be an integer tensor [N, m], but got {tuple(idx.shape)} "
+                             f"of dtype {idx.dtype}")
+        k_all = target.num_classes if isinstance(target, Positives) else _as_tensor(target, "target").shape[-1]
+        if k_all is None:
+            raise ValueError("Expected `target.num_classes` to be set for `update_top_k`, but got None")
+        need = min(max(self.ks + (self.annotation_k,)), k_all)
+        if idx.shape[1] < need:
+            raise ValueError(f"Expected `indices` to hold each row's top {need} labels, but got {idx.shape[1]}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= k_all):
+            raise ValueError(f"Expected `indices` in [0, {k_all}), but got [{int(idx.min())}, {int(idx.max())}]")
+        idx = idx.long()
+        hits, npos, cls = _ranked_hits(idx, target)
+        self._rank = _merge(self._rank, _update_top(lambda k: hits[:, :k], npos, self.ks))
+        top, top_hits = idx[:, :self.annotation_k], hits[:, :self.annotation_k]
+        annot = {"tp": torch.zeros(k_all, dtype=torch.float64).index_add_(0, top[top_hits],
+                                                                         torch.ones(int(top_hits.sum()), dtype=torch.float64)),
+                 "pred": torch.bincount(top.reshape(-1), minlength=k_all).double(),
+                 "true": torch.bincount(cls, minlength=k_all).double()}
+        self._annot = _merge(self._annot, annot)
 
     def sync(self, group=None) -> None:
         """Sum the states of every rank of ``group`` in place (``torch.distributed`` all-reduce).
@@ -434,7 +511,7 @@ class MultilabelEvaluator:
         """
         import torch.distributed as dist
 
-        if self.label_ap:
+        if self.label_ap and self._mode != "top_k":
             raise ValueError("Expected `label_ap=False` for a synced evaluator (label AP needs every score)")
         for name in ("_rank", "_annot", "_sets"):
             st = getattr(self, name)
@@ -462,7 +539,7 @@ class MultilabelEvaluator:
         out.update({f"{k}_at_{self.annotation_k}": v for k, v in _compute_annotation(self._annot).items()})
         if self._sets is not None:
             out.update(_compute_sets(self._sets))
-        if self.label_ap:
+        if self.label_ap and self._kept:
             s = torch.cat([a for a, _ in self._kept]).double()
             y = torch.cat([b for _, b in self._kept])
             ap = _label_ap(s, y)
