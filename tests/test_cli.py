@@ -113,6 +113,29 @@ def test_train_on_a_user_file(tmp_path):
     assert json.loads((out / "config.json").read_text())["n_test"] == 40 and "average_precision" in m["test"]
 
 
+def test_predict_reads_a_sparse_xc_file(tmp_path, capsys):
+    """predict on an XC file (sparse features, dense rows a batch at a time) prints the top labels of the
+    checkpoint's scores on the dense features."""
+    import torch
+
+    from mlsoftmax.cli import build_model
+    from mlsoftmax.data import read_xc
+
+    p = _write_xc(tmp_path / "syn.txt", 120, 6, 9)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(p), "--model", "linear", "--epochs", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(out), "--input", str(p), "--format", "xc", "--top-k", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    model = build_model("linear", 6, 9, ck["config"]["hidden"], ck["config"]["dropout"])
+    model.load_state_dict(ck["model"])
+    model.eval()
+    with torch.no_grad():
+        top = torch.topk(model(read_xc(p).features.to_dense()), 3).indices
+    assert lines == [",".join(map(str, r)) for r in top.tolist()]
+
+
 @pytest.mark.parametrize(
     "argv,msg",
     [

@@ -47,7 +47,8 @@ def test_read_xc(tmp_path):
     p.write_text("3 4 5\n0,3 0:1.5 2:-1\n 1:2.0\n4 3:0.25\n")
     ds = D.read_xc(p)
     assert len(ds) == 3 and ds.num_classes == 5 and ds.num_features == 4
-    assert ds.features.tolist() == [[1.5, 0, -1, 0], [0, 2.0, 0, 0], [0, 0, 0, 0.25]]
+    assert ds.sparse and ds.features.values().numel() == 4  # only the stored entries
+    assert ds.features.to_dense().tolist() == [[1.5, 0, -1, 0], [0, 2.0, 0, 0], [0, 0, 0, 0.25]]
     assert ds.labels.to_dense().tolist() == [[1, 0, 0, 1, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1]]
 
 
@@ -138,6 +139,32 @@ def test_read_csv_and_npz(tmp_path):
         D.read_npz(q)
     with pytest.raises(D.DataFormatError, match="no such file"):
         D.load_file(tmp_path / "missing.txt")
+
+
+def test_sparse_features_give_the_dense_rows(rng):
+    """A dataset with sparse CSR features (as read_xc gives) serves the same dense rows, subsets, batches and
+    feature moments as one holding the dense matrix (NumPy's mean and unbiased std the oracle)."""
+    x = rng.normal(size=(9, 7)) * (rng.random((9, 7)) < 0.3)
+    x[4] = 0.0  # an empty row
+    lab = Positives.from_lists([[i % 3] for i in range(9)], 3)
+    sp = D.MultiLabelDataset(torch.from_numpy(x).to_sparse_csr(), lab)
+    dn = D.MultiLabelDataset(torch.from_numpy(x), lab)
+    assert sp.sparse and not dn.sparse
+    for index in (slice(2, 6), slice(0, 9), [8, 4, 0, 4], torch.tensor([3])):
+        np.testing.assert_array_equal(sp.rows(index).numpy(), x[index if not isinstance(index, torch.Tensor)
+                                                                else index.numpy()].astype(np.float32))
+        np.testing.assert_array_equal(dn.rows(index).numpy(), sp.rows(index).numpy())
+    assert torch.equal(sp[4][0], torch.zeros(7)) and torch.equal(sp[1][1], dn[1][1])
+    sub = sp.subset([7, 4, 1])
+    assert sub.sparse and sub.labels.to_dense().tolist() == dn.subset([7, 4, 1]).labels.to_dense().tolist()
+    np.testing.assert_array_equal(sub.features.to_dense().numpy(), x[[7, 4, 1]].astype(np.float32))
+    mean, std = sp.feature_moments()
+    np.testing.assert_allclose(mean.numpy(), x.mean(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(std.numpy(), x.std(0, ddof=1), rtol=1e-5, atol=1e-7)
+    xb, _ = D.collate([sp[i] for i in range(3)], 3)
+    np.testing.assert_array_equal(xb.numpy(), x[:3].astype(np.float32))
+    with pytest.raises(ValueError, match="2-D dense or sparse CSR"):
+        D.MultiLabelDataset(torch.from_numpy(x).to_sparse(), lab)
 
 
 def test_dataset_collate_yields_positives():

@@ -137,19 +137,22 @@ def predict_scores(model, ds, device, batch_size=None):
     """Scores ``[N, K]`` in row batches of at most ~64M scores."""
     model.eval()
     batch_size = batch_size or max(1, min(1024, (1 << 26) // max(ds.num_classes, 1)))
-    out = [model(ds.features[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(ds), batch_size)]
+    out = [model(ds.rows(slice(i, i + batch_size)).to(device)).float().cpu() for i in range(0, len(ds), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, ds.num_classes)
 
 
 @torch.no_grad()
 def top_labels(model, x, device, m, batch_size=1024):
-    """Each row's ``m`` best labels ``[N, m]`` (best first), scored in label chunks: no ``[N, K]`` scores."""
+    """Each row's ``m`` best labels ``[N, m]`` (best first), scored in label chunks: no ``[N, K]`` scores.
+
+    ``x``: a dense features tensor, or a ``MultiLabelDataset`` (dense rows a batch at a time)."""
     from .linear import chunked_top_k
 
     model.eval()
     head = model.head
     m = min(m, head.weight.shape[0])
-    out = [chunked_top_k(model.body(x[i : i + batch_size].to(device)), head.weight, m, bias=head.bias,
+    batch = x.rows if hasattr(x, "rows") else x.__getitem__
+    out = [chunked_top_k(model.body(batch(slice(i, i + batch_size)).to(device)), head.weight, m, bias=head.bias,
                          weight_scale=getattr(head, "weight_scale", None))[1].cpu()
            for i in range(0, len(x), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, m, dtype=torch.long)
@@ -371,7 +374,8 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
         raise CLIError(f"--fused and --shard-labels need --loss softmax, got --loss {args.loss}")
     if args.shard_labels and k < dd.world:
         raise CLIError(f"--shard-labels needs at least one label per rank: {k} labels, {dd.world} ranks")
-    mean, std = fit.features.mean(0), fit.features.std(0).clamp_min(1e-6)
+    mean, std = fit.feature_moments()
+    std = std.clamp_min(1e-6)
     model = build_model(args.model, d, k, args.hidden, args.dropout, mean, std, fused=fused,
                         criterion=loss_fn(args.loss)).to(device)
     if args.shard_labels:
@@ -414,7 +418,7 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
         if not top_eval:
             return average_precision(predict_scores(net_, val, device), val.labels)
         ev = MultilabelEvaluator(ks=(5,), annotation_k=1)
-        ev.update_top_k(top_labels(net_, val.features, device, 5), val.labels)
+        ev.update_top_k(top_labels(net_, val, device, 5), val.labels)
         return ev.compute()[sel]
 
     def step_loss(xb, tb):
@@ -467,7 +471,7 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
     ev = MultilabelEvaluator(ks=(1, 3, 5), annotation_k=3, decoder=decoder, label_ap=not dd.on)
     mine = test.subset(np.arange(dd.rank, len(test), dd.world))
     if top_eval:  # the top-k metrics only: the full-ranking and set metrics need every score
-        ev.update_top_k(top_labels(final, mine.features, device, 5), mine.labels)
+        ev.update_top_k(top_labels(final, mine, device, 5), mine.labels)
     else:
         ev.update(predict_scores(final, mine, device), mine.labels)
     if dd.on:
@@ -602,7 +606,7 @@ def cmd_predict(args):
     if args.input.endswith(".npy"):
         x = torch.from_numpy(np.load(args.input).astype(np.float32))
     elif args.format or args.input.endswith((".arff", ".npz")):
-        x = D.load_file(args.input, args.format, args.num_labels or k).features
+        x = D.load_file(args.input, args.format, args.num_labels or k)  # a dataset: dense rows a batch at a time
     else:  # CSV of features only (a header row is skipped)
         rows = []
         with open(args.input) as f:
@@ -616,8 +620,9 @@ def cmd_predict(args):
                         continue
                     raise CLIError(f"{args.input}:{lineno}: non-numeric value")
         x = torch.tensor(rows, dtype=torch.float32)
-    if x.dim() != 2 or x.shape[1] != d:
-        raise CLIError(f"{args.input}: expected rows of {d} features, got shape {tuple(x.shape)}")
+    shape = tuple(x.features.shape) if isinstance(x, D.MultiLabelDataset) else tuple(x.shape)
+    if len(shape) != 2 or shape[1] != d:
+        raise CLIError(f"{args.input}: expected rows of {d} features, got shape {shape}")
     top = top_labels(model, x, "cpu", args.top_k)  # label chunks: no [N, K] scores
     for row in top.tolist():
         print(",".join(str(j) for j in row))

@@ -14,6 +14,7 @@ import gzip
 import importlib.util
 import os
 import re
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -51,18 +52,53 @@ class DataFormatError(ValueError):
 class MultiLabelDataset(Dataset):
     """Features ``[N, D]`` and per-row positive label lists (CSR).
 
+    The features are a dense tensor, or a sparse CSR one (``torch.sparse_csr``,
+    as :func:`read_xc` gives: extreme-classification data has bag-of-words
+    features with D in the 10^5-10^6 range, too large to hold dense). Either
+    way :meth:`rows` and indexing give dense float32 rows, one batch at a time.
+
     Args:
-        features: ``[N, D]`` float tensor.
+        features: ``[N, D]`` float tensor, dense or sparse CSR.
         labels: :class:`~mlsoftmax.Positives` with ``N`` rows and ``num_classes`` set.
     """
 
     def __init__(self, features: Tensor, labels: Positives):
         if labels.num_classes is None:
             raise ValueError("Expected `labels.num_classes` to be set, but got None")
+        if features.layout not in (torch.strided, torch.sparse_csr) or features.dim() != 2:
+            raise ValueError(f"Expected `features` to be a 2-D dense or sparse CSR tensor, but got a "
+                             f"{features.dim()}-D {features.layout} tensor")
         if features.shape[0] != labels.batch_size:
             raise ValueError(f"Expected {features.shape[0]} label rows, but got {labels.batch_size}")
-        self.features = features.float()
+        self.features = features.float() if features.layout == torch.strided else _csr_float(features)
         self.labels = labels
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the features are stored as sparse CSR."""
+        return self.features.layout == torch.sparse_csr
+
+    def rows(self, index) -> Tensor:
+        """Dense float32 features ``[n, D]`` of the rows ``index`` (a slice, or a sequence or tensor of row ids)."""
+        if not self.sparse:
+            return self.features[index] if isinstance(index, slice) else self.features[torch.as_tensor(index)]
+        ids = torch.arange(len(self))[index] if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long)
+        local, pos = _csr_gather(self.features.crow_indices(), ids)
+        out = torch.zeros(ids.numel(), self.num_features)
+        out[local, self.features.col_indices()[pos]] = self.features.values()[pos]
+        return out
+
+    def feature_moments(self) -> tuple[Tensor, Tensor]:
+        """Per-feature mean and standard deviation ``([D], [D])`` over the rows (unbiased, as ``Tensor.std``),
+        computed from the stored entries when the features are sparse."""
+        if not self.sparse:
+            return self.features.mean(0), self.features.std(0)
+        n, col, val = len(self), self.features.col_indices(), self.features.values().double()
+        total = torch.zeros(self.num_features, dtype=torch.float64).index_add_(0, col, val)
+        sq = torch.zeros(self.num_features, dtype=torch.float64).index_add_(0, col, val * val)
+        mean = total / max(n, 1)
+        var = (sq - n * mean * mean).clamp_min(0) / (n - 1) if n > 1 else torch.full_like(mean, float("nan"))
+        return mean.float(), var.sqrt().float()
 
     @property
     def num_classes(self) -> int:
@@ -77,17 +113,50 @@ class MultiLabelDataset(Dataset):
 
     def __getitem__(self, i: int):
         o = self.labels.offsets
-        return self.features[i], self.labels.indices[o[i] : o[i + 1]]
+        x = self.rows([i])[0] if self.sparse else self.features[i]
+        return x, self.labels.indices[o[i] : o[i + 1]]
 
     def subset(self, rows) -> "MultiLabelDataset":
-        """The rows ``rows`` (an index sequence) as a new dataset."""
+        """The rows ``rows`` (an index sequence) as a new dataset (sparse features stay sparse)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        lists = [self[int(r)][1].tolist() for r in rows]
-        return MultiLabelDataset(self.features[rows], Positives.from_lists(lists, self.num_classes))
+        o = self.labels.offsets
+        lists = [self.labels.indices[o[r] : o[r + 1]].tolist() for r in rows.tolist()]
+        if self.sparse:
+            crow = self.features.crow_indices()
+            _, pos = _csr_gather(crow, rows)
+            counts = crow[rows + 1] - crow[rows]
+            new_crow = torch.zeros(rows.numel() + 1, dtype=torch.long)
+            new_crow[1:] = torch.cumsum(counts, 0)
+            x = _csr(new_crow, self.features.col_indices()[pos], self.features.values()[pos],
+                     (rows.numel(), self.num_features))
+        else:
+            x = self.features[rows]
+        return MultiLabelDataset(x, Positives.from_lists(lists, self.num_classes))
 
     def dense_labels(self) -> Tensor:
         """``[N, K]`` float multi-hot (for small K: metrics, sklearn)."""
         return self.labels.to_dense()
+
+
+def _csr(crow: Tensor, col: Tensor, val: Tensor, size) -> Tensor:
+    """A sparse CSR tensor with int64 indices and float32 values (without PyTorch's beta-feature warning)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow.long(), col.long(), val.float(), size=tuple(size), check_invariants=True)
+
+
+def _csr_float(x: Tensor) -> Tensor:
+    return _csr(x.crow_indices(), x.col_indices(), x.values(), x.shape)
+
+
+def _csr_gather(crow: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """``(local row [m], position in the CSR arrays [m])`` of every stored entry of the rows ``ids``, in order."""
+    starts, counts = crow[ids], crow[ids + 1] - crow[ids]
+    total = int(counts.sum())
+    local = torch.repeat_interleave(torch.arange(ids.numel()), counts, output_size=total)
+    first = torch.cumsum(counts, 0) - counts  # each row's first entry in the output
+    pos = torch.repeat_interleave(starts - first, counts, output_size=total) + torch.arange(total)
+    return local, pos
 
 
 def collate(batch, num_classes: Optional[int] = None):
@@ -177,7 +246,10 @@ def read_xc(path) -> MultiLabelDataset:
     """The Extreme Classification Repository sparse text format.
 
     First line ``N D K``; then one row per line: ``l1,l2,... f1:v1 f2:v2 ...``
-    (a line starting with a space has no labels). Features are 0-based.
+    (a line starting with a space has no labels). Features are 0-based; a
+    feature given twice in a row keeps its last value. The features come back
+    as a sparse CSR tensor (:class:`MultiLabelDataset` gives dense rows per
+    batch): XC data sets have up to millions of features.
     """
     with _open(path) as f:
         head = f.readline()
@@ -185,7 +257,7 @@ def read_xc(path) -> MultiLabelDataset:
         if len(parts) != 3 or not all(p.isdigit() for p in parts):
             raise DataFormatError(path, 1, f"expected a header 'N D K', got {head.strip()[:60]!r}")
         n, d, k = map(int, parts)
-        feats = np.zeros((n, d), dtype=np.float32)
+        cols, vals, crow = [], [], [0]
         lists = []
         for lineno, line in enumerate(f, start=2):
             if not line.strip():
@@ -203,21 +275,27 @@ def read_xc(path) -> MultiLabelDataset:
                 raise DataFormatError(path, lineno, f"labels must be comma-separated integers, got {lab_tok[:40]!r}")
             if any(l < 0 or l >= k for l in labs):
                 raise DataFormatError(path, lineno, f"label out of range [0, {k})")
+            row: dict[int, float] = {}
             for t in feat_toks:
                 if not t:
                     continue
                 try:
                     fi, fv = t.split(":")
                     fi = int(fi)
-                    if fi < 0:  # NumPy would count it from the end
+                    if not 0 <= fi < d:
                         raise IndexError(fi)
-                    feats[r, fi] = float(fv)
+                    row[fi] = float(fv)
                 except (ValueError, IndexError):
                     raise DataFormatError(path, lineno, f"bad feature {t[:40]!r} (expected index:value, index < {d})")
+            order = sorted(row)
+            cols.extend(order)
+            vals.extend(row[c] for c in order)
+            crow.append(len(cols))
             lists.append(labs)
     if len(lists) != n:
         raise DataFormatError(path, None, f"header says N={n} rows, found {len(lists)}")
-    return MultiLabelDataset(torch.from_numpy(feats), Positives.from_lists(lists, k))
+    x = _csr(torch.tensor(crow), torch.tensor(cols, dtype=torch.long), torch.tensor(vals), (n, d))
+    return MultiLabelDataset(x, Positives.from_lists(lists, k))
 
 
 _ATTR = re.compile(r"@attribute\s+('[^']*'|\"[^\"]*\"|\S+)\s+(.+)", re.IGNORECASE)
