@@ -323,22 +323,21 @@ def one_error(scores, target) -> float:
     Ties at the top go to the lowest class index.
     """
     s, y = _format(scores, target)
-    st = _update_ranking(s, y, ())
-    return _compute_ranking(st, ())["one_error"]
+    return _compute_ranking(_update_top(lambda j: _topk_hits(s, y, j), y.sum(1), ()), ())["one_error"]
 
 
 def precision_at_k(scores, target, k: int = 1) -> float:
     """P@k = |top-k ∩ Y| / k, averaged over all rows (the extreme-classification definition)."""
     k = _check_k(k)
     s, y = _format(scores, target)
-    return _compute_ranking(_update_ranking(s, y, (k,)), (k,))[f"precision_at_{k}"]
+    return _compute_ranking(_update_top(lambda j: _topk_hits(s, y, j), y.sum(1), (k,)), (k,))[f"precision_at_{k}"]
 
 
 def recall_at_k(scores, target, k: int = 1) -> float:
     """R@k = |top-k ∩ Y| / |Y|, averaged over rows with at least one positive."""
     k = _check_k(k)
     s, y = _format(scores, target)
-    return _compute_ranking(_update_ranking(s, y, (k,)), (k,))[f"recall_at_{k}"]
+    return _compute_ranking(_update_top(lambda j: _topk_hits(s, y, j), y.sum(1), (k,)), (k,))[f"recall_at_{k}"]
 
 
 def ndcg_at_k(scores, target, k: int = 1) -> float:
@@ -351,7 +350,7 @@ def ndcg_at_k(scores, target, k: int = 1) -> float:
     """
     k = _check_k(k)
     s, y = _format(scores, target)
-    return _compute_ranking(_update_ranking(s, y, (k,)), (k,))[f"ndcg_at_{k}"]
+    return _compute_ranking(_update_top(lambda j: _topk_hits(s, y, j), y.sum(1), (k,)), (k,))[f"ndcg_at_{k}"]
 
 
 def annotation_scores(scores, target, k: int = 3) -> dict:
