@@ -286,8 +286,10 @@ def linear_multilabel_softmax_loss(
             :func:`~mlsoftmax.multilabel_softmax_loss`).
         reduction, empty, label_smoothing, sample_weight, validate: as in
             :func:`~mlsoftmax.multilabel_softmax_loss` (a ``sample_weight``
-            that requires grad gets its gradient; a ``class_weight`` or
-            target that requires grad raises ``ValueError``).
+            that requires grad gets its gradient, from per-row losses scaled
+            outside the fused function: the fast Triton route then runs its
+            GEMMs again in the backward; a ``class_weight`` or target that
+            requires grad raises ``ValueError``).
         chunk_size: overrides the chunk of the route that :func:`plan` picks:
             classes per chunk (``impl="torch"``, and the lean Triton route) or
             rows per chunk (the fast Triton route).
