@@ -442,8 +442,8 @@ class MultilabelEvaluator:
 
     def _set_mode(self, mode: str) -> None:
         if self._mode not in (None, mode):
-            raise ValueError(f"Expected every update of one evaluation to be `update` or every one `update_top_k`, "
-                             f"but got both (reset() between evaluations)")
+            raise ValueError("Expected every update of one evaluation to be `update` or every one `update_top_k`, "
+                             "but got both (reset() between evaluations)")
         self._mode = mode
 
     def update(self, scores, target) -> None:
