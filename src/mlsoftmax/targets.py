@@ -134,7 +134,7 @@ class Positives:
         """Build from a padded index matrix ``[B, P]`` where ``-1`` marks padding.
 
         Duplicates within a row are merged (their values summed). Runs on the
-        tensor's device without a host sync beyond the output size.
+        tensor's device; it syncs for the largest index and the output size.
         """
         if not isinstance(idx, Tensor) or idx.dim() != 2:
             raise ValueError(f"Expected `idx` to be a 2-D tensor [B, P], but got {getattr(idx, 'shape', idx)!r}")
@@ -151,7 +151,7 @@ class Positives:
         valid = idx >= 0
         rows = torch.arange(b, device=idx.device).unsqueeze(1).expand(b, p)
         # Sort (row, class) keys so duplicates become adjacent, then merge them.
-        big = int(idx.max().clamp_min(0)) + 2 if idx.numel() else 2
+        big = int(idx.max().clamp_min(0)) + 2 if idx.numel() else 2  # past every index given, valid or not
         key = torch.where(valid, rows * big + idx, torch.full_like(idx, -1))[valid]
         v = vals[valid]
         uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
