@@ -244,6 +244,11 @@ def test_top_k_evaluation_for_extreme_label_spaces(tmp_path, monkeypatch, capsys
     # --eval full on the same run: every metric again
     assert main(["train", "--model", "linear", "--epochs", "1", "--eval", "full", "--out", str(tmp_path / "f")]) == 0
     assert "average_precision" in json.loads((tmp_path / "f" / "metrics.json").read_text())["test"]
+    # a resume under the other evaluation is refused: its epochs were picked by another metric
+    capsys.readouterr()
+    assert main(["train", "--model", "linear", "--epochs", "3", "--eval", "full", "--resume", str(out),
+                 "--out", str(out)]) == 2
+    assert "picked by another validation metric (val_ndcg_at_5); run with the same --eval" in capsys.readouterr().err
 
 
 def test_fused_needs_softmax_loss(tmp_path, capsys):

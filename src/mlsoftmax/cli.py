@@ -409,6 +409,9 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         history, best, start = ck["history"], ck["best"], ck["epoch"] + 1
+        if f"val_{sel}" not in history:
+            raise CLIError(f"--resume {args.resume}: its epochs were picked by another validation metric "
+                           f"({', '.join(k_ for k_ in history if k_.startswith('val_'))}); run with the same --eval")
         _set_rng_state(ck["rng"][dd.rank], device)
 
     def evaluator_model():
