@@ -83,7 +83,7 @@ class MultiLabelDataset(Dataset):
         if not self.sparse:
             return self.features[index] if isinstance(index, slice) else self.features[torch.as_tensor(index)]
         ids = torch.arange(len(self))[index] if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long)
-        local, pos = _csr_gather(self.features.crow_indices(), ids)
+        local, pos, _ = _csr_gather(self.features.crow_indices(), ids)
         out = torch.zeros(ids.numel(), self.num_features)
         out[local, self.features.col_indices()[pos]] = self.features.values()[pos]
         return out
@@ -122,9 +122,7 @@ class MultiLabelDataset(Dataset):
         o = self.labels.offsets
         lists = [self.labels.indices[o[r] : o[r + 1]].tolist() for r in rows.tolist()]
         if self.sparse:
-            crow = self.features.crow_indices()
-            _, pos = _csr_gather(crow, rows)
-            counts = crow[rows + 1] - crow[rows]
+            _, pos, counts = _csr_gather(self.features.crow_indices(), rows)
             new_crow = torch.zeros(rows.numel() + 1, dtype=torch.long)
             new_crow[1:] = torch.cumsum(counts, 0)
             x = _csr(new_crow, self.features.col_indices()[pos], self.features.values()[pos],
@@ -149,14 +147,15 @@ def _csr_float(x: Tensor) -> Tensor:
     return _csr(x.crow_indices(), x.col_indices(), x.values(), x.shape)
 
 
-def _csr_gather(crow: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """``(local row [m], position in the CSR arrays [m])`` of every stored entry of the rows ``ids``, in order."""
+def _csr_gather(crow: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(local row [m], position in the CSR arrays [m], entries of each row [n])`` of every stored entry of the
+    rows ``ids`` ``[n]``, in order."""
     starts, counts = crow[ids], crow[ids + 1] - crow[ids]
     total = int(counts.sum())
     local = torch.repeat_interleave(torch.arange(ids.numel()), counts, output_size=total)
     first = torch.cumsum(counts, 0) - counts  # each row's first entry in the output
     pos = torch.repeat_interleave(starts - first, counts, output_size=total) + torch.arange(total)
-    return local, pos
+    return local, pos, counts
 
 
 def collate(batch, num_classes: Optional[int] = None):
