@@ -103,6 +103,14 @@ def test_set_metrics_match_sklearn(rng):
     )
     with pytest.raises(ValueError, match="Expected `average`"):
         M.f1_score(pred, y2, "weighted")
+    probs = rng.random(y.shape)  # scores are not sets: a silent "> 0" would predict every label
+    for f in (M.f1_score, M.hamming_loss):
+        with pytest.raises(ValueError, match="Expected `pred` to be predicted label sets"):
+            f(probs, y2)
+    assert M.f1_score(pred.astype(bool), y2) == M.f1_score(pred.astype(np.float32), y2)
+    ev = M.MultilabelEvaluator(decoder=lambda sc: torch.softmax(sc, 1))  # a decoder that returns probabilities
+    with pytest.raises(ValueError, match="Expected `decoded` to be predicted label sets"):
+        ev.update(s, y)
 
 
 def test_annotation_scores_hand_computed():

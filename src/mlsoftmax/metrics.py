@@ -72,12 +72,21 @@ def _format(scores, target) -> tuple[Tensor, Tensor]:
     return s, y
 
 
-def _format_pred(pred, target) -> tuple[Tensor, Tensor]:
-    p = _as_tensor(pred, "pred")
+def _as_set(pred, name: str = "pred") -> Tensor:
+    """Predicted label sets ``[N, K]`` as bool, from bool or 0/1 values (scores are refused, not thresholded)."""
+    p = _as_tensor(pred, name)
     if p.dim() != 2:
-        raise ValueError(f"Expected `pred` to have shape [N, K], but got {tuple(p.shape)}")
+        raise ValueError(f"Expected `{name}` to have shape [N, K], but got {tuple(p.shape)}")
+    if p.dtype != torch.bool and bool(((p != 0) & (p != 1)).any()):  # scores or probabilities, not a set
+        raise ValueError(f"Expected `{name}` to be predicted label sets (bool or 0/1), but got other values: turn "
+                         "scores into sets with mlsoftmax.decode (top_k, threshold, cumulative_mass) first")
+    return p > 0
+
+
+def _format_pred(pred, target) -> tuple[Tensor, Tensor]:
+    p = _as_set(pred)
     _, y = _format(torch.zeros(p.shape, dtype=torch.float64), target)
-    return p > 0, y
+    return p, y
 
 
 def _check_k(k, name: str = "k") -> int:
@@ -454,7 +463,7 @@ class MultilabelEvaluator:
         self._rank = _merge(self._rank, _update_ranking(s, y, self.ks))
         self._annot = _merge(self._annot, _update_sets(top_k(s, self.annotation_k), y))
         if self.decoder is not None:
-            self._sets = _merge(self._sets, _update_sets(_as_tensor(self.decoder(s), "decoded") > 0, y))
+            self._sets = _merge(self._sets, _update_sets(_as_set(self.decoder(s), "decoded"), y))
         if self.label_ap:
             self._kept.append((s.float(), y))
 
