@@ -12,6 +12,10 @@ def test_top_k_and_threshold():
     s = torch.tensor([[3.0, 1.0, 2.0], [0.0, 1.0, 5.0]])
     assert top_k(s, 2).int().tolist() == [[1, 0, 1], [0, 1, 1]]
     assert top_k(s, 10).all() and not top_k(s, 0).any()
+    assert torch.equal(top_k(s, np.int64(2)), top_k(s, 2))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="Expected `k` to be an int >= 0"):
+            top_k(s, bad)
     p = torch.softmax(s, 1)
     assert torch.equal(threshold(s, 0.2), p >= 0.2)
     assert torch.equal(threshold(p, 0.2, from_logits=False), p >= 0.2)

@@ -19,6 +19,7 @@ predicts almost nothing once a row has two or more labels. Use instead:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +41,8 @@ def _scores(scores) -> Tensor:
 def top_k(scores, k: int) -> Tensor:
     """``[N, K]`` bool: the ``k`` highest-scoring labels of each row (``k`` is clipped to K)."""
     s = _scores(scores)
-    if k < 0:
-        raise ValueError(f"Expected `k` to be >= 0, but got {k}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+        raise ValueError(f"Expected `k` to be an int >= 0, but got {k!r}")
     k = min(int(k), s.shape[1])
     out = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
     return out.scatter_(1, torch.topk(s, k, dim=1).indices, True) if k else out
