@@ -46,6 +46,10 @@ def test_k_comes_from_the_caller_not_the_largest_index():
         ((torch.tensor([0]), torch.tensor([0, 1]), 2.0), {}, ValueError, "positive int"),
         ((torch.tensor([0]), torch.tensor([0, 1]), True), {}, ValueError, "positive int"),
         (([0], torch.tensor([0, 1])), {}, TypeError, "torch tensors"),
+        ((torch.tensor([0]), torch.tensor([0, 1], device="meta")), {}, ValueError,
+         "Expected `offsets` on cpu like `indices`, but got meta"),
+        ((torch.tensor([0]), torch.tensor([0, 1])), {"values": torch.ones(1, device="meta")}, ValueError,
+         "Expected `offsets` and `values` on cpu like `indices`, but got cpu and meta"),
     ],
 )
 def test_bad_construction(args, kwargs, exc, match):

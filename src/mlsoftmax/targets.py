@@ -81,6 +81,10 @@ class Positives:
                     f"Expected `values` to have the shape of `indices` {tuple(indices.shape)}, "
                     f"but got {tuple(values.shape)}"
                 )
+        if offsets.device != indices.device or (values is not None and values.device != indices.device):
+            where = f"{offsets.device}" + ("" if values is None else f" and {values.device}")
+            raise ValueError(f"Expected `offsets`{'' if values is None else ' and `values`'} on {indices.device} "
+                             f"like `indices`, but got {where}")
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
                                         or num_classes < 1):
             raise ValueError(f"Expected `num_classes` to be a positive int or None, but got {num_classes!r}")
