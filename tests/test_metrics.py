@@ -184,6 +184,9 @@ def test_evaluator_top_k_bad_input():
         ev.update_top_k(torch.zeros(3, 3), y)
     with pytest.raises(ValueError, match="num_classes"):
         ev.update_top_k(torch.zeros(3, 3, dtype=torch.long), Positives.from_lists([[0], [1], [2]]))
+    dup = Positives(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 2, 3, 4]), 6)  # row 0 lists class 0 twice
+    with pytest.raises(ValueError, match="unique class indices within each row"):
+        ev.update_top_k(torch.tensor([[0, 1, 2]] * 3), dup)
     ev.update_top_k(torch.tensor([[0, 1, 2]] * 3), y)
     with pytest.raises(ValueError, match="every one `update_top_k`, but got both"):
         ev.update(np.zeros((3, 6)), y)

@@ -169,6 +169,8 @@ def _ranked_hits(idx: Tensor, target) -> tuple[Tensor, Tensor, Tensor]:
         npos = (y > 0).sum(1)
     big = int(max(int(idx.max()) if idx.numel() else 0, int(cls.max()) if cls.numel() else 0)) + 1
     keys, _ = torch.sort(rows * big + cls)  # [nnz] (row, class) pairs
+    if bool((keys[1:] == keys[:-1]).any()):  # a raw Positives may repeat one: it would count twice in |Y|
+        raise ValueError("Expected `target` to have unique class indices within each row, but got duplicates")
     query = torch.arange(idx.shape[0]).unsqueeze(1) * big + idx  # [N, m]
     at = torch.searchsorted(keys, query).clamp(max=max(keys.numel() - 1, 0))
     hits = (keys[at] == query) if keys.numel() else torch.zeros(query.shape, dtype=torch.bool)
