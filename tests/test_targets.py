@@ -68,3 +68,21 @@ def test_num_classes_may_be_a_numpy_int():
     t = Positives.from_lists([[0, 2]], num_classes=np.int64(3))
     assert t.num_classes == 3 and type(t.num_classes) is int
     assert t.to_dense().tolist() == [[1.0, 0.0, 1.0]]
+
+
+def test_row_indexing_and_slicing():
+    """pos[i] is row i's class ids; pos[slice / ids] a Positives of those rows (values kept), as the lists say."""
+    lists = [[0, 2], [], [3, 1, 4], [5]]
+    vals = [[0.5, 1.5], [], [1.0, 2.0, 3.0], [4.0]]
+    t = Positives.from_lists(lists, 6, values=vals)
+    assert t[2].tolist() == [3, 1, 4] and t[-1].tolist() == [5] and t[1].numel() == 0
+    for index, rows in ((slice(1, 4), [1, 2, 3]), (slice(None, None, 2), [0, 2]), ([3, 0, 0], [3, 0, 0]),
+                        (torch.tensor([2]), [2]), (slice(2, 2), [])):
+        sub = t[index]
+        assert isinstance(sub, Positives) and sub.num_classes == 6 and len(sub) == len(rows)
+        assert sub.to_dense().tolist() == Positives.from_lists([lists[r] for r in rows], 6,
+                                                               values=[vals[r] for r in rows]).to_dense().tolist()
+    with pytest.raises(IndexError):
+        t[4]
+    with pytest.raises(IndexError, match="1-D sequence of row ids"):
+        t[torch.zeros(2, 2, dtype=torch.long)]

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .targets import Positives
+from .targets import Positives, csr_gather
 
 __all__ = [
     "DataFormatError",
@@ -83,7 +83,8 @@ class MultiLabelDataset(Dataset):
         if not self.sparse:
             return self.features[index] if isinstance(index, slice) else self.features[torch.as_tensor(index)]
         ids = torch.arange(len(self))[index] if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long)
-        local, pos, _ = _csr_gather(self.features.crow_indices(), ids)
+        pos, counts = csr_gather(self.features.crow_indices(), ids)
+        local = torch.repeat_interleave(torch.arange(ids.numel()), counts, output_size=pos.numel())
         out = torch.zeros(ids.numel(), self.num_features)
         out[local, self.features.col_indices()[pos]] = self.features.values()[pos]
         return out
@@ -112,24 +113,21 @@ class MultiLabelDataset(Dataset):
         return int(self.features.shape[0])
 
     def __getitem__(self, i: int):
-        o = self.labels.offsets
         x = self.rows([i])[0] if self.sparse else self.features[i]
-        return x, self.labels.indices[o[i] : o[i + 1]]
+        return x, self.labels[i]
 
     def subset(self, rows) -> "MultiLabelDataset":
         """The rows ``rows`` (an index sequence) as a new dataset (sparse features stay sparse)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        o = self.labels.offsets
-        lists = [self.labels.indices[o[r] : o[r + 1]].tolist() for r in rows.tolist()]
         if self.sparse:
-            _, pos, counts = _csr_gather(self.features.crow_indices(), rows)
+            pos, counts = csr_gather(self.features.crow_indices(), rows)
             new_crow = torch.zeros(rows.numel() + 1, dtype=torch.long)
             new_crow[1:] = torch.cumsum(counts, 0)
             x = _csr(new_crow, self.features.col_indices()[pos], self.features.values()[pos],
                      (rows.numel(), self.num_features))
         else:
             x = self.features[rows]
-        return MultiLabelDataset(x, Positives.from_lists(lists, self.num_classes))
+        return MultiLabelDataset(x, self.labels[rows])
 
     def dense_labels(self) -> Tensor:
         """``[N, K]`` float multi-hot (for small K: metrics, sklearn)."""
@@ -145,17 +143,6 @@ def _csr(crow: Tensor, col: Tensor, val: Tensor, size) -> Tensor:
 
 def _csr_float(x: Tensor) -> Tensor:
     return _csr(x.crow_indices(), x.col_indices(), x.values(), x.shape)
-
-
-def _csr_gather(crow: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(local row [m], position in the CSR arrays [m], entries of each row [n])`` of every stored entry of the
-    rows ``ids`` ``[n]``, in order."""
-    starts, counts = crow[ids], crow[ids + 1] - crow[ids]
-    total = int(counts.sum())
-    local = torch.repeat_interleave(torch.arange(ids.numel()), counts, output_size=total)
-    first = torch.cumsum(counts, 0) - counts  # each row's first entry in the output
-    pos = torch.repeat_interleave(starts - first, counts, output_size=total) + torch.arange(total)
-    return local, pos, counts
 
 
 def collate(batch, num_classes: Optional[int] = None):

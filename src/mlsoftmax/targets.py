@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -17,6 +17,16 @@ def scatter_dense(shape, indices: Tensor, row_ids: Tensor, values: Optional[Tens
     out = torch.zeros(shape, dtype=dtype, device=indices.device)
     vals = torch.ones_like(indices, dtype=dtype) if values is None else values.to(dtype)
     return out.index_put_((row_ids, indices), vals, accumulate=True)
+
+
+def csr_gather(offsets: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """``(positions [m], entries of each row [n])``: where the stored entries of the CSR rows ``ids`` ``[n]`` lie
+    in the entry arrays, row after row. (It syncs once, for ``m``.)"""
+    starts, counts = offsets[ids], offsets[ids + 1] - offsets[ids]
+    total = int(counts.sum())
+    first = torch.cumsum(counts, 0) - counts  # each row's first entry in the output
+    step = torch.arange(total, device=offsets.device)
+    return torch.repeat_interleave(starts - first, counts, output_size=total) + step, counts
 
 
 class Positives:
@@ -198,6 +208,28 @@ class Positives:
 
     def __len__(self) -> int:
         return self.batch_size
+
+    def __getitem__(self, index) -> Union[Tensor, "Positives"]:
+        """Row ``i``'s class ids ``[n_i]`` for an int (as a tensor's batch dimension drops), else the rows
+        ``index`` (a slice, or a sequence or 1-D tensor of row ids) as a new ``Positives``.
+
+        Example:
+            >>> t = Positives.from_lists([[0, 2], [1], [3]], num_classes=4)
+            >>> t[0].tolist(), t[1:].to_dense().tolist()
+            ([0, 2], [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+        """
+        if isinstance(index, numbers.Integral) and not isinstance(index, bool):
+            i = range(self.batch_size)[index]  # negative ids, and an IndexError past the end
+            return self.indices[self.offsets[i] : self.offsets[i + 1]]
+        ids = torch.arange(self.batch_size, device=self.device)[index] if isinstance(index, slice) \
+            else torch.as_tensor(index, dtype=torch.long, device=self.device)
+        if ids.dim() != 1:
+            raise IndexError(f"Expected an int, a slice or a 1-D sequence of row ids, but got {index!r:.60}")
+        pos, counts = csr_gather(self.offsets, ids)
+        offsets = torch.zeros(ids.numel() + 1, dtype=torch.long, device=self.device)
+        offsets[1:] = torch.cumsum(counts, 0)
+        vals = None if self.values is None else self.values[pos]
+        return Positives(self.indices[pos], offsets, self.num_classes, values=vals)
 
     def __repr__(self) -> str:
         return (
