@@ -80,6 +80,11 @@ def test_linear_benchmark_amp_mode():
     assert "autocast, fp32 weight" in out and rows == set(cases) and "skipped" not in out, out
 
 
+def test_eval_benchmark_runs():
+    out = _run("bench_eval.py", "--N", "20", "--D", "8", "--K", "300", "--batch", "7")
+    assert "full / top-k" in out and "largest difference 0.00e+00" in out, out
+
+
 def test_dw_accumulation_study_runs():
     out = _run("dw_accumulation.py", "--B", "256", "--D", "32", "--K", "512", "--chunks", "1", "4")
     assert len(out.splitlines()) == 4, out
