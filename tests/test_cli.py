@@ -80,6 +80,32 @@ def test_metrics_json_agrees_with_functional_metrics(trained):
     assert m["ranking_loss"] == pytest.approx(M.ranking_loss(s, y), abs=1e-6)
 
 
+def test_plot_overlays_runs(trained, tmp_path, monkeypatch, capsys):
+    """plot draws each run's training loss and validation metric from its metrics.json, one line a run."""
+    import matplotlib.pyplot as plt
+
+    other = tmp_path / "bce"
+    assert main(["train", "--loss", "bce", "--epochs", "2", "--out", str(other)]) == 0
+    drawn = {}
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, path, **kw):
+        drawn["lines"] = [[(ln.get_label(), list(ln.get_ydata())) for ln in ax.get_lines()] for ax in fig.axes]
+        return real_savefig(fig, path, **kw)
+
+    monkeypatch.setattr(plt.Figure, "savefig", spy)
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(trained), str(other / "metrics.json"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG" and f"wrote {out}" in capsys.readouterr().out
+    hist = [json.loads((d / "metrics.json").read_text())["history"] for d in (trained, other)]
+    loss_lines, val_lines = drawn["lines"]
+    assert [ln[0] for ln in loss_lines] == [f"{trained.name} (softmax, mlp)", "bce (bce, mlp)"]
+    assert [ln[1] for ln in loss_lines] == [h["train_loss"] for h in hist]
+    assert [ln[1] for ln in val_lines] == [h["val_average_precision"] for h in hist]
+    assert main(["plot", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "no metrics.json" in capsys.readouterr().err
+
+
 def test_compare_two_losses(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--losses", "softmax,bce", "--seeds", "2", "--epochs", "2", "--out", str(out)]) == 0

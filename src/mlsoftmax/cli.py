@@ -1,4 +1,4 @@
-"""The ``mlsoftmax`` command line: train, compare, predict.
+"""The ``mlsoftmax`` command line: train, compare, predict, plot.
 
 Commands (each also runs as ``python -m mlsoftmax ...``):
 
@@ -7,6 +7,7 @@ Commands (each also runs as ``python -m mlsoftmax ...``):
     mlsoftmax train --data data.txt --format xc --model linear --out runs/xc
     mlsoftmax compare --losses softmax,bce,warp,ranking,asl,zlpr --seeds 5 --out runs/compare
     mlsoftmax predict --checkpoint runs/train --input features.csv --top-k 3
+    mlsoftmax plot runs/train runs/bce --out curves.png  # training curves of several runs in one figure
     mlsoftmax train --model linear --fused --out runs/fused             # fused linear + loss head
     mlsoftmax train --data xc.txt --model linear --eval top-k --out runs/xc  # XC metrics from top-5 labels only
     mlsoftmax train --amp --device cuda --out runs/amp                  # bf16 autocast (mixed precision)
@@ -494,21 +495,28 @@ TABLE_KEYS = ("average_precision", "ranking_loss", "coverage", "one_error", "pre
               "macro_f1", "hamming_loss")
 
 
-def plot_curve(history, path, title):
+def plot_runs(runs, path, title):
+    """Training curves of ``runs`` (``(label, history)`` pairs) side by side: the training loss, and the validation
+    metric that picked each run's epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax1 = plt.subplots(figsize=(6, 3.5))
-    ax1.plot(history["epoch"], history["train_loss"], color="tab:blue", label="train loss")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    metrics = []
+    for label, history in runs:
+        key = next(k for k in history if k.startswith("val_"))
+        metrics.append(key[4:].replace("_", " "))
+        ax1.plot(history["epoch"], history["train_loss"], label=label)
+        ax2.plot(history["epoch"], history[key], label=label)
     ax1.set_xlabel("epoch")
-    ax1.set_ylabel("train loss", color="tab:blue")
-    ax2 = ax1.twinx()
-    key = next(k for k in history if k.startswith("val_"))
-    ax2.plot(history["epoch"], history[key], color="tab:orange", label=key)
-    ax2.set_ylabel("validation " + key[4:].replace("_", " "), color="tab:orange")
-    ax1.set_title(title)
+    ax1.set_ylabel("train loss")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("validation " + " / ".join(dict.fromkeys(metrics)))
+    if len(runs) > 1:
+        ax2.legend(fontsize="small")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -528,7 +536,8 @@ def cmd_train(args):
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     atomic_save({"model": model.state_dict(), "config": config}, os.path.join(args.out, "checkpoint.pt"))
-    plot_curve(history, os.path.join(args.out, "curve.png"), f"{args.loss} on {os.path.basename(str(args.data))}")
+    plot_runs([(args.loss, history)], os.path.join(args.out, "curve.png"),
+              f"{args.loss} on {os.path.basename(str(args.data))}")
     print(f"\n{args.loss} loss, {args.model} model, data={args.data}: best epoch {metrics['best_epoch']} "
           f"({sel.replace('_', ' ')} {metrics[sel]:.4f}), {time.time() - t0:.1f}s")
     print(f"{'test metric':<28}{'value':>10}")
@@ -631,6 +640,28 @@ def cmd_predict(args):
         print(",".join(str(j) for j in row))
 
 
+def cmd_plot(args):
+    """One figure of several runs' training curves, from their ``metrics.json`` (and ``config.json`` for labels)."""
+    runs = []
+    for run in args.runs:
+        path = os.path.join(run, "metrics.json") if os.path.isdir(run) else run
+        if not os.path.exists(path):
+            raise CLIError(f"no metrics.json at {path}")
+        with open(path) as f:
+            history = json.load(f).get("history")
+        if not history or not history.get("epoch"):
+            raise CLIError(f"{path}: no training history")
+        cfg_path = os.path.join(os.path.dirname(path), "config.json")
+        label = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+            label += f" ({cfg.get('loss')}, {cfg.get('model')})"
+        runs.append((label, history))
+    plot_runs(runs, args.out, args.title or f"{len(runs)} run{'s' if len(runs) > 1 else ''}")
+    print(f"wrote {args.out}")
+
+
 # ----------------------------------------------------------------------------- argparse
 def _common(p):
     p.add_argument("--data", default="yeast", help="yeast, or a path to a data file")
@@ -667,7 +698,7 @@ def _common(p):
 
 
 def make_parser():
-    p = argparse.ArgumentParser(prog="mlsoftmax", description="Multi-label softmax: train, compare, predict.")
+    p = argparse.ArgumentParser(prog="mlsoftmax", description="Multi-label softmax: train, compare, predict, plot.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one model and evaluate it on the test split")
     _common(t)
@@ -687,6 +718,11 @@ def make_parser():
     r.add_argument("--num-labels", type=int, default=None)
     r.add_argument("--top-k", type=int, default=3)
     r.set_defaults(func=cmd_predict)
+    g = sub.add_parser("plot", help="the training curves of several runs in one figure")
+    g.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or their metrics.json files)")
+    g.add_argument("--out", default="curves.png", help="the image to write")
+    g.add_argument("--title", default=None)
+    g.set_defaults(func=cmd_plot)
     return p
 
 
