@@ -245,17 +245,31 @@ def test_fused_impls_refuse_double_backward(impl, rng):
     assert torch.isfinite(gw).all()
 
 
-def test_per_sample_gradients_with_torch_func(rng):
-    """torch.func's vmap(grad(...)) (per-sample gradients, as in DP-SGD) works on the auto small path with
-    validate=False (PyTorch's own composition, no data-dependent checks): each row's gradient is the oracle's."""
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+@pytest.mark.parametrize("k", [40, 1 << 18])  # 2^18: "auto" would take the fused CPU kernel outside torch.func
+def test_per_sample_gradients_with_torch_func(impl, k, rng):
+    """torch.func's vmap(grad(...)) (per-sample gradients, as in DP-SGD) and grad(...) run PyTorch's composition
+    whatever the size: each row's gradient is the oracle's. Under vmap the data checks need validate=False."""
     from torch.func import grad, vmap
 
-    b, k = 6, 40
+    b = 3
     s = rng.normal(size=(b, k))
-    y = random_multihot(rng, b, k, p=0.1, empty_rows=[])
-    per_row = vmap(grad(lambda z, t: multilabel_softmax_loss(z[None], t[None], validate=False)))(
-        torch.from_numpy(s), torch.from_numpy(y).double())
+    y = random_multihot(rng, b, k, p=20 / k, empty_rows=[])
+    x, t = torch.from_numpy(s), torch.from_numpy(y).double()
+    per_row = vmap(grad(lambda z, tt: multilabel_softmax_loss(z[None], tt[None], validate=False, impl=impl)))(x, t)
     np.testing.assert_allclose(per_row.numpy(), R.grad(s, y), rtol=1e-10, atol=1e-12)
+    g = grad(lambda z: multilabel_softmax_loss(z, _positives_from_dense(y), reduction="sum", impl=impl))(x)
+    np.testing.assert_allclose(g.numpy(), R.grad(s, y), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="Expected validate=False under torch.func.vmap"):
+        vmap(grad(lambda z, tt: multilabel_softmax_loss(z[None], tt[None], impl=impl)))(x, t)
+
+
+@pytest.mark.parametrize("impl", [i for i in ("triton", "compile") if i in AVAILABLE])
+def test_fused_impls_refuse_torch_func(impl):
+    from torch.func import grad
+
+    with pytest.raises(ValueError, match=f"Expected impl='auto' or 'torch' under a torch.func transform .*'{impl}'"):
+        grad(lambda z: multilabel_softmax_loss(z, torch.eye(3, 7), impl=impl))(torch.randn(3, 7))
 
 
 # ----------------------------------------------------------------------------- PyTorch's own losses

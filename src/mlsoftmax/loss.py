@@ -12,6 +12,7 @@ Layers, from the bottom:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Union
 
 import torch
@@ -234,6 +235,26 @@ def _check_no_grad(name: Optional[str], what: str) -> None:
             "makes them, but it does: detach it, or use multilabel_softmax_loss on the logits with impl='auto' or "
             "'torch', whose PyTorch composition differentiates it"
         )
+
+
+def _functorch_wrapped(t: Tensor) -> bool:
+    """Whether ``t`` is wrapped by a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...)."""
+    if torch.compiler.is_compiling():  # Dynamo cannot trace the query (and traces no functorch wrapper here)
+        return False
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(is_wrapped is not None and is_wrapped(t))
+
+
+@contextlib.contextmanager
+def _checks_under(func: bool):
+    """Turn ``vmap``'s refusal of a data-dependent check into a ``ValueError`` that names the way out."""
+    try:
+        yield
+    except RuntimeError as e:
+        if func and "vmap" in str(e):
+            raise ValueError("Expected validate=False under torch.func.vmap, but got validate=True: the checks "
+                             "read the data, which vmap cannot") from e
+        raise
 
 
 def _split_row_scale(row_scale: Tensor) -> tuple[Tensor, Optional[Tensor]]:
@@ -530,25 +551,30 @@ def multilabel_softmax_loss(
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"Expected `logits` to have shape [..., K] with K >= 1, but got {tuple(logits.shape)}")
     _check_options(reduction, empty, label_smoothing, impl)
-    _check_weights(weight, sample_weight, logits, validate)
+    func = _functorch_wrapped(logits)  # under a torch.func transform: PyTorch's composition, which they support
+    with _checks_under(func):
+        _check_weights(weight, sample_weight, logits, validate)
     k = logits.shape[-1]
     batch_shape = logits.shape[:-1]
     x = logits.reshape(-1, k)  # [B, K]
     chosen = resolve_impl(impl, x)
     if inplace and chosen != "triton":
         raise ValueError(f"Expected impl='triton' (a CUDA tensor) for inplace=True, but got impl={chosen!r}")
+    if func and impl in ("triton", "compile"):
+        raise ValueError(f"Expected impl='auto' or 'torch' under a torch.func transform (the fused kernels' "
+                         f"autograd.Function does not support them), but got impl={impl!r}")
     grad_of = _requiring_grad(target, weight)  # a target or class weights to differentiate: the composition
     if grad_of is not None and (impl in ("triton", "compile") or inplace):
         _check_no_grad(grad_of, f"impl={impl!r}" + (" with inplace=True" if inplace else ""))
-    small = grad_of is not None or small_path(impl, chosen, x, inplace)
+    small = func or grad_of is not None or small_path(impl, chosen, x, inplace)
     # the Triton kernel reads the CSR offsets; row ids only for the other paths (or soft values' row sums)
     need_rows = small or chosen != "triton" or (isinstance(target, Positives) and target.values is not None)
-    dense, indices, row_ids, values = _canonical_target(target, logits, validate, row_ids=need_rows)
     acc = torch_chunked.acc_dtype(x.dtype)
-
     offsets = target.offsets if isinstance(target, Positives) else None
-    row_scale = _row_scale(dense, indices, row_ids, values, x.shape[0], acc, x.device, sample_weight, reduction, empty,
-                           offsets=offsets)
+    with _checks_under(func):
+        dense, indices, row_ids, values = _canonical_target(target, logits, validate, row_ids=need_rows)
+        row_scale = _row_scale(dense, indices, row_ids, values, x.shape[0], acc, x.device, sample_weight, reduction,
+                               empty, offsets=offsets)
     out_dtype = _amp.result_dtype(logits.dtype, _amp.autocast_dtype(x.device))  # fp32 at least under autocast
     with _amp.off(x.device):  # the logits as they are: the paths accumulate in fp32 already
         if small:
