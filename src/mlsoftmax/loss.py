@@ -539,6 +539,11 @@ def multilabel_softmax_loss(
     Returns:
         A scalar, or ``[...]`` for ``reduction="none"``.
 
+    Note:
+        Double backward (``create_graph=True``) and ``torch.func`` transforms
+        run PyTorch's composition under ``impl="auto"`` or ``"torch"`` (under
+        ``vmap`` with ``validate=False``); the fused kernels raise there.
+
     Example:
         >>> import torch
         >>> from mlsoftmax import multilabel_softmax_loss
