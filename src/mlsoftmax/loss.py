@@ -540,9 +540,10 @@ def multilabel_softmax_loss(
         A scalar, or ``[...]`` for ``reduction="none"``.
 
     Note:
-        Double backward (``create_graph=True``) and ``torch.func`` transforms
-        run PyTorch's composition under ``impl="auto"`` or ``"torch"`` (under
-        ``vmap`` with ``validate=False``); the fused kernels raise there.
+        Double backward (``create_graph=True``) works on the torch path (and
+        on ``"auto"``'s small path); ``torch.func`` transforms run PyTorch's
+        composition under ``impl="auto"`` or ``"torch"`` (under ``vmap`` with
+        ``validate=False``). The fused kernels raise in both cases.
 
     Example:
         >>> import torch
