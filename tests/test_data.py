@@ -150,7 +150,7 @@ def test_sparse_features_give_the_dense_rows(rng):
     sp = D.MultiLabelDataset(torch.from_numpy(x).to_sparse_csr(), lab)
     dn = D.MultiLabelDataset(torch.from_numpy(x), lab)
     assert sp.sparse and not dn.sparse
-    for index in (slice(2, 6), slice(0, 9), [8, 4, 0, 4], torch.tensor([3])):
+    for index in (slice(2, 6), slice(0, 9), [8, 4, 0, 4], torch.tensor([3]), slice(7, 1, -2)):
         np.testing.assert_array_equal(sp.rows(index).numpy(), x[index if not isinstance(index, torch.Tensor)
                                                                 else index.numpy()].astype(np.float32))
         np.testing.assert_array_equal(dn.rows(index).numpy(), sp.rows(index).numpy())

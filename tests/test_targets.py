@@ -77,7 +77,7 @@ def test_row_indexing_and_slicing():
     t = Positives.from_lists(lists, 6, values=vals)
     assert t[2].tolist() == [3, 1, 4] and t[-1].tolist() == [5] and t[1].numel() == 0
     for index, rows in ((slice(1, 4), [1, 2, 3]), (slice(None, None, 2), [0, 2]), ([3, 0, 0], [3, 0, 0]),
-                        (torch.tensor([2]), [2]), (slice(2, 2), [])):
+                        (torch.tensor([2]), [2]), (slice(2, 2), []), (slice(None, None, -1), [3, 2, 1, 0])):
         sub = t[index]
         assert isinstance(sub, Positives) and sub.num_classes == 6 and len(sub) == len(rows)
         assert sub.to_dense().tolist() == Positives.from_lists([lists[r] for r in rows], 6,

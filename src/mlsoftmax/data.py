@@ -80,9 +80,11 @@ class MultiLabelDataset(Dataset):
 
     def rows(self, index) -> Tensor:
         """Dense float32 features ``[n, D]`` of the rows ``index`` (a slice, or a sequence or tensor of row ids)."""
+        if not self.sparse and isinstance(index, slice) and (index.step or 1) > 0:
+            return self.features[index]  # a view
+        ids = torch.as_tensor(range(len(self))[index] if isinstance(index, slice) else index, dtype=torch.long)
         if not self.sparse:
-            return self.features[index] if isinstance(index, slice) else self.features[torch.as_tensor(index)]
-        ids = torch.arange(len(self))[index] if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long)
+            return self.features[ids]
         pos, counts = csr_gather(self.features.crow_indices(), ids)
         local = torch.repeat_interleave(torch.arange(ids.numel()), counts, output_size=pos.numel())
         out = torch.zeros(ids.numel(), self.num_features)

@@ -221,8 +221,8 @@ class Positives:
         if isinstance(index, numbers.Integral) and not isinstance(index, bool):
             i = range(self.batch_size)[index]  # negative ids, and an IndexError past the end
             return self.indices[self.offsets[i] : self.offsets[i + 1]]
-        ids = torch.arange(self.batch_size, device=self.device)[index] if isinstance(index, slice) \
-            else torch.as_tensor(index, dtype=torch.long, device=self.device)
+        ids = torch.as_tensor(range(self.batch_size)[index] if isinstance(index, slice) else index,  # any step
+                              dtype=torch.long, device=self.device)
         if ids.dim() != 1:
             raise IndexError(f"Expected an int, a slice or a 1-D sequence of row ids, but got {index!r:.60}")
         pos, counts = csr_gather(self.offsets, ids)
