@@ -518,3 +518,14 @@ def test_refuses_double_backward(route, rng):
     loss = linear_multilabel_softmax_loss(h, w, y, **_route(route, 4 if route.startswith("triton_rows") else 100))
     with pytest.raises(RuntimeError, match="Expected a first-order backward through the fused linear loss"):
         torch.autograd.grad(loss, (h, w), create_graph=True)
+
+
+def test_refuses_torch_func_with_a_clear_error():
+    from torch.func import grad
+
+    h, w, y = torch.randn(2, 3), torch.randn(5, 3), Positives.from_lists([[0], [4]], 5)
+    with pytest.raises(ValueError, match="Expected no torch.func transform around the fused linear loss"):
+        grad(lambda ww: linear_multilabel_softmax_loss(h, ww, y))(w)
+    gw = grad(lambda ww: multilabel_softmax_loss(h @ ww.T, y))(w)  # the way out the message names
+    _, (_, dw, _, _) = _oracle(h.double().numpy(), w.double().numpy(), None, 1.0, y.to_dense().double().numpy())
+    np.testing.assert_allclose(gw.numpy(), dw, rtol=1e-5, atol=1e-6)

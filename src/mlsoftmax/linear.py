@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from . import _amp, _validation as V
 from .kernels import resolve_impl, torch_chunked, torch_linear
 from .loss import (_as_grad_mode_sees, _canonical_target, _check_first_order, _check_no_grad, _check_options,
-                   _check_weights, _once, _requiring_grad, _row_scale, _split_row_scale)
+                   _check_weights, _functorch_wrapped, _once, _requiring_grad, _row_scale, _split_row_scale)
 from .targets import Positives
 
 __all__ = ["linear_multilabel_softmax_loss", "LinearMultiLabelSoftmaxLoss", "LinearMultiLabelSoftmaxFunction",
@@ -315,6 +315,9 @@ def linear_multilabel_softmax_loss(
     """
     amp = _amp.autocast_dtype(hidden.device)
     _check_linear(hidden, weight, bias, weight_scale, amp)
+    if any(t is not None and _functorch_wrapped(t) for t in (hidden, weight, bias)):
+        raise ValueError("Expected no torch.func transform around the fused linear loss (its autograd.Function "
+                         "does not support them), but got one: compute the logits and use multilabel_softmax_loss")
     if weight.shape[0] == 0:  # (a shard of the sharded loss may hold no class; the whole classifier may not)
         raise ValueError(f"Expected `weight` to have shape [K, D] with K >= 1, but got {tuple(weight.shape)}")
     _check_options(reduction, empty, label_smoothing, impl)
