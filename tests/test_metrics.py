@@ -142,7 +142,7 @@ def test_evaluator_batches_equal_functional(rng):
     assert out["one_error"] == pytest.approx(M.one_error(s, y), abs=1e-12)
     assert out["ndcg_at_3"] == pytest.approx(M.ndcg_at_k(s, y, 3), abs=1e-12)
     assert out["precision_at_1"] == pytest.approx(M.precision_at_k(s, y, 1), abs=1e-12)
-    assert out["mean_average_precision"] == pytest.approx(M.mean_average_precision(s, y), abs=1e-6)
+    assert out["mean_average_precision"] == pytest.approx(M.mean_average_precision(s, y), abs=1e-12)
     assert out["micro_f1"] == pytest.approx(M.f1_score(dec(torch.from_numpy(s)), y, "micro"))
     assert out["per_class_recall_at_3"] == pytest.approx(M.annotation_scores(s, y, 3)["per_class_recall"])
     with pytest.raises(ValueError, match="Expected at least one `update`"):
@@ -193,6 +193,20 @@ def test_evaluator_top_k_bad_input():
     small = M.MultilabelEvaluator(ks=(1, 5), annotation_k=3)  # K = 2 < 5: its 2 labels are the whole ranking
     small.update_top_k(torch.tensor([[1, 0]]), np.array([[1, 0]]))
     assert small.compute()["precision_at_1"] == 0.0 and small.compute()["recall_at_5"] == 1.0
+
+
+def test_evaluator_label_ap_keeps_fp64_scores(rng):
+    """Label AP from the evaluator equals the functional (and scikit-learn's) on fp64 scores that differ only below
+    fp32's resolution: kept in fp32, they would all tie."""
+    s = 1.0 + 1e-12 * rng.normal(size=(30, 4))
+    y = (rng.random((30, 4)) < 0.4).astype(int)
+    y[0] = 1
+    ev = M.MultilabelEvaluator(ks=(1,))
+    ev.update(s[:15], y[:15])
+    ev.update(s[15:], y[15:])
+    expected = np.mean([skm.average_precision_score(y[:, j], s[:, j]) for j in range(4)])
+    assert ev.compute()["mean_average_precision"] == pytest.approx(expected, abs=1e-12)
+    assert M.mean_average_precision(s, y) == pytest.approx(expected, abs=1e-12)
 
 
 def test_bad_inputs():

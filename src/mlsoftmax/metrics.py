@@ -466,8 +466,9 @@ class MultilabelEvaluator:
         self._annot = _merge(self._annot, _update_sets(top_k(s, self.annotation_k), y))
         if self.decoder is not None:
             self._sets = _merge(self._sets, _update_sets(_as_set(self.decoder(s), "decoded"), y))
-        if self.label_ap:
-            self._kept.append((s.float(), y))
+        if self.label_ap:  # kept in the scores' own precision (fp32 for fp32/bf16/fp16): ties as the functional sees
+            kept = s if _as_tensor(scores, "scores").dtype == torch.float64 else s.float()
+            self._kept.append((kept, y))
 
     def update_top_k(self, indices, target) -> None:
         """Update from each row's best labels instead of its scores: the extreme-classification evaluation.
