@@ -506,8 +506,7 @@ class MultilabelEvaluator:
         hits, npos, cls = _ranked_hits(idx, target)
         self._rank = _merge(self._rank, _update_top(lambda k: hits[:, :k], npos, self.ks))
         top, top_hits = idx[:, :self.annotation_k], hits[:, :self.annotation_k]
-        annot = {"tp": torch.zeros(k_all, dtype=torch.float64).index_add_(0, top[top_hits],
-                                                                         torch.ones(int(top_hits.sum()), dtype=torch.float64)),
+        annot = {"tp": torch.bincount(top[top_hits], minlength=k_all).double(),  # per class: correct, predicted, true
                  "pred": torch.bincount(top.reshape(-1), minlength=k_all).double(),
                  "true": torch.bincount(cls, minlength=k_all).double()}
         self._annot = _merge(self._annot, annot)
