@@ -78,6 +78,8 @@ KNOBS = {"p": ("triton_loss", "ROW_PROGRAMS", int), "b": ("triton_loss", "MAX_BL
          # the gradient pass backwards (the loss's default; the fused linear routes' too, with -r) or forwards
          "r": (("triton_loss", "triton_linear"), "REVERSE_GRAD", _ON), "f": ("triton_loss", "REVERSE_GRAD", _OFF),
          "e": ("triton_linear", "EPILOGUE", _ON),
+         # the lean rows route (dW accumulated in its own dtype) where the fast route does not fit the budget
+         "a": ("triton_linear", "LEAN_ROWS", _ON),
          "o": ("triton_loss", "ONE_READ", _ON), "m": ("triton_loss", "ONE_READ_MAXNREG", int),
          "q": ("triton_loss", "ONE_READ_BLOCKS", lambda v: (int(v),)),
          "w": ("triton_loss", "ROW_WARPS", int), "s": ("triton_loss", "STORE_EVICT_FIRST", _ON),

@@ -22,7 +22,10 @@ rows route with 2048-row chunks and an fp32 dW accumulator), ``ours-lean`` (a
 reversed, ``triton_loss.REVERSE_GRAD``; the knobs of bench_loss.py apply, as in
 ``ours-fast-o``, the rows route with the one-read loss kernel),
 ``ours-fast-e`` / ``ours-lean-e`` (the same with the logits GEMM carrying the loss in
-its epilogue, ``triton_linear.EPILOGUE``),
+its epilogue, ``triton_linear.EPILOGUE``), ``ours-lean-a`` (the 256 MB budget with
+``triton_linear.LEAN_ROWS`` on: the lean rows route, three GEMMs with dW accumulated
+in bf16 and the positives' target terms kept apart; 17 chunks of 482 rows at the
+issue's point),
 ``ours-torch`` (impl="torch": label chunks, GEMMs in the input dtype, every
 elementwise step in PyTorch), ``cce`` (Apple's Cut Cross-Entropy, first positive
 only, as it is called by default: its backward skips each tile of logits whose

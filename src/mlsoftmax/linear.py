@@ -63,17 +63,25 @@ def default_chunk(b: int, k: int, dtype: torch.dtype, budget: Optional[int] = No
 
 
 def plan(impl: str, b: int, d: int, k: int, dtype: torch.dtype, *, budget: Optional[int] = None,
-         device: Union[str, torch.device] = "cpu", grad_dtype: Optional[torch.dtype] = None) -> tuple[str, int]:
+         device: Union[str, torch.device] = "cpu", grad_dtype: Optional[torch.dtype] = None,
+         nnz: Optional[int] = None) -> tuple[str, int]:
     """The route and its chunk for a concrete ``impl`` (``"torch"`` or ``"triton"``) under a memory budget.
 
     ``dtype`` is the GEMMs' and ``grad_dtype`` that of ``dW`` (the weight's own:
-    fp32 for an fp32 master weight under autocast; default ``dtype``).
+    fp32 for an fp32 master weight under autocast; default ``dtype``). ``nnz``
+    is the number of positives of a sparse target (None: a dense target).
 
     * ``("torch", C)``: label chunks of ``C`` classes (:func:`default_chunk`).
     * ``("triton_rows", R)``, the fast route: three GEMMs, chunks of ``R`` rows;
       needs ``R K`` logits plus, for bf16/fp16, a ``4 K D``-byte fp32 ``dW``
       accumulator, unless ``dW`` is fp32 itself: then the accumulator is the
       gradient. Chosen when ``R >= min(B, FAST_MIN_ROWS)`` fits the budget.
+    * ``("triton_rows_lean", R)``, only with ``triton_linear.LEAN_ROWS`` on
+      (off until timed on a GPU), a sparse target and a 16-bit ``dW``: the rows
+      route with ``dW`` accumulated in its own dtype, the positives' target
+      terms apart (:func:`.triton_linear.run`); needs ``R K`` logits and
+      ``O(nnz + B)`` more, in at most ``triton_linear.MAX_LEAN_CHUNKS``
+      chunks of rows (balanced). Chosen when the fast route does not fit.
     * ``("triton_labels", C)``, the lean route: four GEMMs, chunks of ``C``
       classes; needs ``B C`` logits plus two ``[B, D]`` fp32 buffers.
 
@@ -94,7 +102,30 @@ def plan(impl: str, b: int, d: int, k: int, dtype: torch.dtype, *, budget: Optio
     rows = min(max(b, 1), max(0, budget - acc) // max(k * elt, 1))
     if rows >= min(max(b, 1), FAST_MIN_ROWS):
         return "triton_rows", rows
+    if acc and nnz is not None:
+        from .kernels import triton_linear
+
+        lean = lean_rows(b, k, dtype, budget, nnz) if triton_linear.LEAN_ROWS else 0
+        if lean:
+            return "triton_rows_lean", lean
     return "triton_labels", labels_chunk(b, d, k, dtype, budget)
+
+
+def lean_rows(b: int, k: int, dtype: torch.dtype, budget: int, nnz: int) -> int:
+    """Rows per chunk of the lean rows route (0: it does not fit): ``R K`` logits and ``32 nnz + 16 B`` bytes for
+    the target terms and their sort, at most ``triton_linear.MAX_LEAN_CHUNKS`` chunks, balanced.
+
+    Example:
+        >>> lean_rows(8192, 262_144, torch.bfloat16, 256 << 20, 8 * 8192)
+        482
+    """
+    from .kernels import triton_linear
+
+    b = max(b, 1)
+    most = max(0, budget - 32 * nnz - 16 * b) // max(k * (torch.finfo(dtype).bits // 8), 1)
+    if most == 0 or -(-b // most) > triton_linear.MAX_LEAN_CHUNKS:
+        return 0
+    return -(-b // -(-b // most))
 
 
 def labels_chunk(b: int, d: int, k: int, dtype: torch.dtype, budget: Optional[int] = None,
@@ -133,20 +164,21 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
         if bias is not None and impl != "torch":
             bias = bias.to(hidden.dtype)  # the Triton routes add it in the GEMM (the torch route in fp32)
         ctx.dw_dtype = _amp.master_grad_dtype(ctx.dtypes[1], weight.dtype)
-        if impl == "triton_rows":
+        if impl in ("triton_rows", "triton_rows_lean"):
             from .kernels import triton_linear
 
             ctx.eager = reduce and any(needs)
             loss, dx, dw, db, ds = triton_linear.run(
                 hidden, weight, bias, scale, dense, indices, offsets, values, class_weight, row_scale,
-                label_smoothing, chunk, need_grad=ctx.eager, **ctx.need,
+                label_smoothing, chunk, need_grad=ctx.eager, **ctx.need, row_ids=row_ids,
+                lean=impl == "triton_rows_lean",
             )
             if ctx.eager:  # in the parameters' dtypes now (one rounding; the fp32 dW accumulator is freed)
                 ctx.save_for_backward(*(None if t is None else t.to(dt) for t, dt in zip((dx, dw, db, ds),
                                                                                            ctx.dtypes)))
             else:
                 ctx.save_for_backward(hidden, weight, bias, scale, dense, indices, offsets, values, class_weight,
-                                      row_scale)
+                                      row_scale, row_ids)
         else:
             xg = None
             if impl == "triton_labels":
@@ -169,7 +201,8 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
     def backward(ctx, grad):
         _check_first_order("the fused linear loss")
         needs = ctx.needs_input_grad[:4]
-        if ctx.impl == "triton_rows" and ctx.eager:
+        rows_route = ctx.impl in ("triton_rows", "triton_rows_lean")
+        if rows_route and ctx.eager:
             from .kernels import triton_loss
 
             _once(ctx)
@@ -183,13 +216,14 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
                     t = t * grad.to(t.dtype)
                 out.append(t if need else None)
             return tuple(out) + (None,) * 12
-        if ctx.impl == "triton_rows":
+        if rows_route:
             from .kernels import triton_linear
 
-            hidden, weight, bias, scale, dense, indices, offsets, values, cw, row_scale = ctx.saved_tensors
+            hidden, weight, bias, scale, dense, indices, offsets, values, cw, row_scale, row_ids = ctx.saved_tensors
             _, *grads = triton_linear.run(
                 hidden, weight, bias, scale, dense, indices, offsets, values, cw, (row_scale * grad).float(),
-                ctx.label_smoothing, ctx.chunk, need_grad=True, **ctx.need,
+                ctx.label_smoothing, ctx.chunk, need_grad=True, **ctx.need, row_ids=row_ids,
+                lean=ctx.impl == "triton_rows_lean",
             )
         else:
             hidden, weight, bias, scale, lse, coef, inv_mass, dense, indices, row_ids, values, cw, row_scale, xg = (
@@ -292,7 +326,7 @@ def linear_multilabel_softmax_loss(
             requires grad raises ``ValueError``).
         chunk_size: overrides the chunk of the route that :func:`plan` picks:
             classes per chunk (``impl="torch"``, and the lean Triton route) or
-            rows per chunk (the fast Triton route).
+            rows per chunk (the fast Triton route, and the lean rows route).
         memory_budget: bytes of temporaries beyond the inputs and their
             gradients (default 256 MB on GPUs, 32 MB on the CPU). It sizes the
             chunks, and with ``impl="triton"`` picks the route: the fast one
@@ -342,7 +376,8 @@ def linear_multilabel_softmax_loss(
     if weight_scale is not None:
         scale = (weight_scale if isinstance(weight_scale, Tensor) else torch.tensor(float(weight_scale)))
         scale = scale.to(device=h.device, dtype=acc).reshape(())
-    route, chunk = plan(chosen, h.shape[0], d, k, cdt, budget=memory_budget, device=h.device, grad_dtype=weight.dtype)
+    route, chunk = plan(chosen, h.shape[0], d, k, cdt, budget=memory_budget, device=h.device, grad_dtype=weight.dtype,
+                        nnz=None if indices is None else indices.numel())
     chunk = chunk_size or chunk
     offsets = target.offsets if isinstance(target, Positives) else None
     h, weight, bias, scale = _as_grad_mode_sees(h, weight, bias, scale)

@@ -17,6 +17,13 @@ chunk plus the fp32 ``dW`` accumulator (``4 K D`` bytes for bf16/fp16 weights).
 Sparse targets reach the kernel through a slice of the CSR offsets (the kernel
 reads absolute positions), so no host sync is needed to cut the positives.
 
+**Lean rows** (``run(lean=True)``, behind ``LEAN_ROWS``). The rows route in a small budget, with no fp32
+accumulator: ``dW`` accumulates in the weight's own dtype (bf16/fp16), one rounding a chunk. To keep that rounding
+off the large gradients of the classes with a positive, the positives' target terms ``E`` (fp32,
+:func:`target_terms`) are added back over each chunk's gradient after its ``dX`` GEMM (:func:`add_entries_`), so
+that ``dW`` accumulates ``P = G + E``, and ``E^T h`` is taken from ``dW`` once at the end in fp32
+(:func:`subtract_target_rows_`, the positives sorted by class). Sparse targets only.
+
 **Labels** (:func:`labels_forward`, :func:`labels_backward`, the lean route).
 Like :mod:`.torch_linear`, chunks of ``C`` classes with an online log-sum-exp,
 but each chunk's elementwise work is one Triton pass over the cuBLAS logits:
@@ -71,6 +78,14 @@ EPILOGUE = False
 # The loss kernels' gradient pass backwards in these routes (``triton_loss.REVERSE_GRAD`` is the loss's own):
 # off, measured slower in the rows route on an H200 at the point above (23.0-23.6 against 21.8-22.2 ms, 3 runs).
 REVERSE_GRAD = False
+# The lean rows route (``run(lean=True)``): when the fast route's fp32 dW accumulator does not fit the budget, the rows
+# route with dW accumulated in the weight's own dtype (bf16/fp16), the positives' target terms kept out of it and
+# added once at the end in fp32: three GEMMs instead of the labels route's four. Off until timed on a GPU (case
+# ``ours-lean-a`` in benchmarks/bench_linear.py). Its dW error, emulated on the CPU (benchmarks/dw_accumulation.py,
+# the issue's reference: the fp32 path), is the naive bf16 path's overall, and about 2.2x the naive path's on the
+# classes without a positive in the batch at 16 chunks (3x at 32); ``MAX_LEAN_CHUNKS`` caps the chunks.
+LEAN_ROWS = False
+MAX_LEAN_CHUNKS = 32
 ROW_ALIGN = 64  # elements between the rows of a chunk's logits: C rounded up (an odd C would misalign every row)
 TILE_N = 128  # classes per GEMM tile (fixed, with STATS_TILES: it sets the statistics' shape)
 STATS_TILES = 8  # tiles of classes per program when reducing to statistics: one slot per 1024 classes
@@ -108,21 +123,56 @@ def _positive_logits_kernel(
 
 
 @triton.jit
-def _write_entries_kernel(
-    G, stride_g,  # [B, C] gradient of the classes [c0, c0 + C)
-    IDX, ROWS, VALS,  # [nnz] class, row and fp32 gradient of each positive
-    NNZ, c0, C,
-    BLOCK_N: tl.constexpr,
+def _entries_kernel(
+    G, stride_g,  # [R, C] gradient of the rows [r0, r0 + R) and classes [c0, c0 + C)
+    IDX, ROWS, VALS,  # [nnz] class, row and fp32 value of each positive
+    NNZ, r0, R, c0, C,
+    ADD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # 1. this program's positives that fall in the chunk
+    # 1. this program's positives that fall in the block of rows and classes
     j = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     jm = j < NNZ
-    idx = tl.load(IDX + j, mask=jm, other=0).to(tl.int64) - c0  # [BLOCK_N] column in the chunk
-    mine = jm & (idx >= 0) & (idx < C)
-    rows = tl.load(ROWS + j, mask=mine, other=0).to(tl.int64)
-    # 2. their exact entries, rounded once
+    idx = tl.load(IDX + j, mask=jm, other=0).to(tl.int64) - c0  # [BLOCK_N] column in the block
+    rows = tl.load(ROWS + j, mask=jm, other=0).to(tl.int64) - r0  # [BLOCK_N] row in the block
+    mine = jm & (idx >= 0) & (idx < C) & (rows >= 0) & (rows < R)
+    ptr = G + rows * stride_g + idx  # [BLOCK_N]
+    # 2. their entries (ADD: added to the stored ones in fp32), rounded once; a row lists a class once, so no
+    # two positives meet at one entry
     v = tl.load(VALS + j, mask=mine, other=0.0)
-    tl.store(G + rows * stride_g + idx, v.to(G.dtype.element_ty), mask=mine)
+    if ADD:
+        v += tl.load(ptr, mask=mine, other=0.0).to(tl.float32)
+    tl.store(ptr, v.to(G.dtype.element_ty), mask=mine)
+
+
+@triton.jit
+def _target_rows_kernel(
+    DW, stride_dw,  # [K, D] the weight's gradient, in its own dtype (updated in place)
+    H, stride_h,  # [B, D] hidden
+    SIDX, ORDER, END,  # [nnz] the positives' classes sorted, their positions in the CSR, each run of a class's end
+    ROWS, TGT,  # [nnz] row and fp32 target term of each positive (CSR order)
+    SCALE,  # [] fp32 logit scale (HAS_SCALE)
+    NNZ, D,
+    HAS_SCALE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # 1. one program per positive (in class order) and block of features: the first of a class's run does the work
+    j = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    dm = d < D
+    k = tl.load(SIDX + j).to(tl.int64)
+    prev = tl.load(SIDX + tl.maximum(j - 1, 0)).to(tl.int64)
+    if (j == 0) | (prev != k):
+        # 2. sum_j t_j h[row_j] over the class's positives, in fp32
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for q in range(j, tl.load(END + j)):
+            p = tl.load(ORDER + q)
+            r = tl.load(ROWS + p).to(tl.int64)
+            acc += tl.load(TGT + p) * tl.load(H + r * stride_h + d, mask=dm, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            acc = acc * tl.load(SCALE)
+        # 3. taken from the class's accumulated gradient, rounded once
+        ptr = DW + k * stride_dw + d  # [BLOCK_D]
+        g = tl.load(ptr, mask=dm, other=0.0).to(tl.float32) - acc
+        tl.store(ptr, g.to(DW.dtype.element_ty), mask=dm)
 
 
 @triton.jit
@@ -262,14 +312,43 @@ def positive_logits(h: Tensor, w: Tensor, indices: Tensor, row_ids: Tensor) -> T
     return out
 
 
-def write_entries_(g: Tensor, indices: Tensor, row_ids: Tensor, vals: Tensor, c0: int) -> Tensor:
-    """``g[row, k - c0] = vals`` for the positives ``(row, k)`` with ``k`` in ``[c0, c0 + C)``; no host sync."""
+def _entries(g: Tensor, indices: Tensor, row_ids: Tensor, vals: Tensor, r0: int, c0: int, add: bool) -> Tensor:
     nnz = indices.numel()
     if nnz:
-        _write_entries_kernel[(cdiv(nnz, BLOCK_N),)](
-            g, g.stride(0), indices, row_ids, vals, nnz, c0, g.shape[1], BLOCK_N=BLOCK_N,
+        _entries_kernel[(cdiv(nnz, BLOCK_N),)](
+            g, g.stride(0), indices, row_ids, vals, nnz, r0, g.shape[0], c0, g.shape[1], ADD=add, BLOCK_N=BLOCK_N,
         )
     return g
+
+
+def write_entries_(g: Tensor, indices: Tensor, row_ids: Tensor, vals: Tensor, c0: int) -> Tensor:
+    """``g[row, k - c0] = vals`` for the positives ``(row, k)`` with ``k`` in ``[c0, c0 + C)``; no host sync."""
+    return _entries(g, indices, row_ids, vals, 0, c0, add=False)
+
+
+def add_entries_(g: Tensor, indices: Tensor, row_ids: Tensor, vals: Tensor, r0: int) -> Tensor:
+    """``g[row - r0, k] += vals`` (in fp32, rounded once) for the positives of the rows ``[r0, r0 + R)``."""
+    return _entries(g, indices, row_ids, vals, r0, 0, add=True)
+
+
+def subtract_target_rows_(dw: Tensor, h: Tensor, indices: Tensor, row_ids: Tensor, tgt: Tensor,
+                          scale: Optional[Tensor]) -> Tensor:
+    """``dw[k] -= s * sum_j tgt_j h[row_j]`` over the positives ``j`` of class ``k``: in fp32, one rounding a class.
+
+    The positives are sorted by class (no host sync), and the first of each class's run sums the run.
+    """
+    nnz, d = indices.numel(), h.shape[1]
+    if not nnz:
+        return dw
+    h = h if h.stride(1) == 1 else h.contiguous()
+    sidx, order = torch.sort(indices)  # [nnz] each
+    end = torch.searchsorted(sidx, sidx, right=True)  # [nnz] where each class's run ends
+    block_d = INTERPRET_BLOCK_D if triton_interpreting() else BLOCK_D
+    _target_rows_kernel[(nnz, cdiv(d, block_d))](
+        dw, dw.stride(0), h, h.stride(0), sidx, order, end, row_ids, tgt, tgt if scale is None else scale, nnz, d,
+        HAS_SCALE=scale is not None, BLOCK_D=block_d,
+    )
+    return dw
 
 
 @functools.cache
@@ -384,17 +463,32 @@ def run(
     need_grad: bool,
     need_x: bool = True,
     need_w: bool = True,
+    row_ids: Optional[Tensor] = None,  # [nnz] (lean)
+    lean: bool = False,
 ):
     """The rows route: ``(row_scale * loss [B] fp32, dX [B, D], dW [K, D] fp32, db [K] fp32, ds [] fp32)``.
 
     The gradients are ``None`` when ``need_grad`` is false; ``dX`` and ``ds``
     also unless ``need_x``, ``dW`` unless ``need_w``, ``db`` without a bias.
+
+    ``lean`` (a sparse target): ``dW`` accumulates in ``w``'s own dtype, with no fp32 accumulator. The gradient is
+    ``G = P - E``, ``E`` the positives' target terms ``w_k (bt v)`` (exact in fp32, :func:`target_terms`) and ``P``
+    the rest (the softmax term and any smoothing). ``G @ W`` and ``db`` take ``G`` as the loss kernel wrote it;
+    then ``E`` is added back at the positives (:func:`add_entries_`), so that each chunk adds only ``P_r^T h_r`` to
+    ``dW``, and ``E^T h`` is taken from ``dW`` once at the end, in fp32 (:func:`subtract_target_rows_`). So a
+    positive's class, whose gradient ``E`` dominates, is rounded about as often as the naive path's, and the rest
+    (small gradients) once a chunk.
     """
     b, k = h.shape[0], w.shape[0]
     loss = torch.empty(b, dtype=torch.float32, device=h.device)  # [B]
     need_x, need_w = need_grad and need_x, need_grad and need_w
+    lean = lean and need_w
+    if lean and (indices is None or row_ids is None):
+        raise ValueError("the lean rows route takes a sparse target (indices, offsets and row_ids)")
     dx = torch.empty_like(h) if need_x else None  # [B, D]
-    dw = (torch.empty if b else torch.zeros)(w.shape, dtype=torch.float32, device=h.device) if need_w else None
+    dw = (torch.empty if b else torch.zeros)(w.shape, dtype=w.dtype if lean else torch.float32,
+                                             device=h.device) if need_w else None  # [K, D]
+    tgt = target_terms(indices, row_ids, values, class_weight, row_scale, label_smoothing) if lean else None  # [nnz]
     db = torch.zeros(k, dtype=torch.float32, device=h.device) if need_grad and bias is not None else None  # [K]
     ds = torch.zeros((), dtype=torch.float32, device=h.device) if need_x else None
     epi = _epilogue(dense, indices)
@@ -427,6 +521,7 @@ def run(
                 reverse=REVERSE_GRAD,
             )[0]
         if not need_grad:
+            del z
             continue
         # 3. the products; G @ W is shared by dX and ds
         if dx is not None:
@@ -434,13 +529,30 @@ def run(
             if scale is not None:
                 ds += (hr.float() * gw.float()).sum()
             dx[r0:r1] = gw if scale is None else gw * scale.to(gw.dtype)
-        if dw is not None:
-            addmm_fp32_(dw, z.T, hr, beta=0.0 if r0 == 0 else 1.0)  # the first chunk overwrites
         if db is not None:
             db += z.sum(0, dtype=torch.float32)
+        if dw is not None and lean:
+            add_entries_(z, indices, row_ids, tgt, r0)  # P: the positives' target terms added back
+            dw.addmm_(z.T, hr, beta=0.0 if r0 == 0 else 1.0)  # dW += P^T h_r in w's dtype, rounded once a chunk
+        elif dw is not None:
+            addmm_fp32_(dw, z.T, hr, beta=0.0 if r0 == 0 else 1.0)  # the first chunk overwrites
+        del z  # before the next chunk's logits: one chunk alive at a time
     if dw is not None and scale is not None:
         dw.mul_(scale)
+    if dw is not None and lean:
+        subtract_target_rows_(dw, h, indices, row_ids, tgt, scale)  # dW -= s E^T h, in fp32
     return loss, dx, dw, db, ds
+
+
+def target_terms(indices: Tensor, row_ids: Tensor, values: Optional[Tensor], class_weight: Optional[Tensor],
+                 row_scale: Tensor, label_smoothing: float) -> Tensor:
+    """The positives' target terms of the row-scaled gradient, ``[nnz]`` fp32: ``w_k bt v_j`` with
+    ``bt = (1 - eps) rs / mass`` per row (``mass`` the row's target sum), as :func:`.triton_loss._row_terms`."""
+    v = torch.ones(indices.numel(), dtype=torch.float32, device=indices.device) if values is None else values.float()
+    mass = torch.zeros(row_scale.shape[0], dtype=torch.float32, device=v.device).index_add_(0, row_ids, v)  # [B]
+    bt = (1.0 - float(label_smoothing)) * row_scale.float() / torch.where(mass > 0, mass, 1.0)  # [B]
+    t = bt[row_ids] * v
+    return t if class_weight is None else t * class_weight.float()[indices]
 
 
 def labels_partial_sums(
