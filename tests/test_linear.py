@@ -54,6 +54,18 @@ def _oracle(h, w, b, s, soft, *, cw=None, eps=0.0, sw=None, reduction="mean", up
     return out, (s * g @ w, s * g.T @ h, g.sum(0), (g * (h @ w.T)).sum())
 
 
+def _problem(rng, b, allopts, d=19, k=1031):
+    """``(h, w, y, soft, bias, scale, class weight, sample weight, eps)`` with an empty row; ``allopts`` draws
+    soft values, bias, logit scale, class and sample weights and smoothing (else None, 1 and 0)."""
+    h, w = rng.normal(size=(b, d)), rng.normal(size=(k, d)) / 3
+    y = random_multihot(rng, b, k, p=0.01, empty_rows=[1])
+    soft = y * rng.uniform(0.5, 2.0, size=(b, k)) if allopts else y.astype(np.float64)
+    bias = rng.normal(size=k) if allopts else None
+    cw = rng.uniform(0.3, 2.0, size=k) if allopts else None
+    sw = rng.uniform(0.1, 2.0, size=b) if allopts else None
+    return h, w, y, soft, bias, 1.7 if allopts else 1.0, cw, sw, 0.1 if allopts else 0.0
+
+
 def _exact_dtype(route):
     return torch.float64 if route == "torch" else torch.float32
 
@@ -64,16 +76,9 @@ def _exact_dtype(route):
 @pytest.mark.parametrize("options", ["plain", "all"])
 def test_matches_oracle(route, reduction, sparse, options, rng):
     """D=19, K=1031, with empty rows; "all" adds bias, logit scale, class and sample weights, smoothing."""
-    b, d, k = 6, 19, 1031
-    h, w = rng.normal(size=(b, d)), rng.normal(size=(k, d)) / 3
-    y = random_multihot(rng, b, k, p=0.01, empty_rows=[1])
+    b = 6
     allopts = options == "all"
-    soft = y * rng.uniform(0.5, 2.0, size=(b, k)) if allopts else y.astype(np.float64)
-    bias = rng.normal(size=k) if allopts else None
-    scale = 1.7 if allopts else 1.0
-    cw = rng.uniform(0.3, 2.0, size=k) if allopts else None
-    sw = rng.uniform(0.1, 2.0, size=b) if allopts else None
-    eps = 0.1 if allopts else 0.0
+    h, w, y, soft, bias, scale, cw, sw, eps = _problem(rng, b, allopts)
     # upstream gradient: per row for "none"; a scalar != 1 for "sum" (the rows route scales its stored gradients
     # in place), exactly 1 for "mean" (which it skips)
     upstream = rng.normal(size=b) if reduction == "none" else (np.full(b, 1.7) if reduction == "sum" else None)
@@ -350,16 +355,9 @@ def test_lean_rows_route_matches_oracle(options, rows, need_x, rng):
     (``need_x=False``, a frozen ``hidden``) too."""
     from mlsoftmax.kernels import triton_linear
 
-    b, d, k = 9, 19, 1031
-    h, w = rng.normal(size=(b, d)), rng.normal(size=(k, d)) / 3
-    y = random_multihot(rng, b, k, p=0.01, empty_rows=[1])
     allopts = options == "all"
-    soft = y * rng.uniform(0.5, 2.0, size=(b, k)) if allopts else y.astype(np.float64)
-    bias = rng.normal(size=k) if allopts else None
-    scale = 1.7 if allopts else 1.0
-    cw = rng.uniform(0.3, 2.0, size=k) if allopts else None
-    sw = rng.uniform(0.1, 2.0, size=b) if allopts else np.ones(b)
-    eps = 0.1 if allopts else 0.0
+    h, w, y, soft, bias, scale, cw, sw, eps = _problem(rng, 9, allopts)
+    sw = np.ones(9) if sw is None else sw  # the row scale
     pos = _positives_from_dense(y, values=soft if allopts else None)
     f32 = (lambda a: None if a is None else torch.tensor(a, dtype=torch.float32))
     loss, dx, dw, db, ds = triton_linear.run(
