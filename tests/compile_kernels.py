@@ -117,8 +117,13 @@ def main():
         build(tlin._positive_logits_kernel, dict(H=x, stride_h="i32", Wt=x, stride_w="i32", IDX="*i64",
                                                  ROWS="*i64", OUT="*fp32", NNZ="i32", D="i32"),
               dict(BLOCK_N=tlin.BLOCK_N, BLOCK_D=tlin.BLOCK_D))
-        build(tlin._write_entries_kernel, dict(G=x, stride_g="i32", IDX="*i64", ROWS="*i64", VALS="*fp32",
-                                               NNZ="i32", c0="i32", C="i32"), dict(BLOCK_N=tlin.BLOCK_N))
+        for add in (False, True):  # the labels route's exact entries; the lean rows route's target terms added back
+            build(tlin._entries_kernel, dict(G=x, stride_g="i32", IDX="*i64", ROWS="*i64", VALS="*fp32", NNZ="i32",
+                                             r0="i32", R="i32", c0="i32", C="i32"), dict(ADD=add, BLOCK_N=tlin.BLOCK_N))
+        for has_scale in (False, True):  # the lean rows route's final E^T h, in fp32, one class's run a program
+            build(tlin._target_rows_kernel, dict(DW=x, stride_dw="i32", H=x, stride_h="i32", SIDX="*i64",
+                                                 ORDER="*i64", END="*i64", ROWS="*i64", TGT="*fp32", SCALE="*fp32",
+                                                 NNZ="i32", D="i32"), dict(HAS_SCALE=has_scale, BLOCK_D=tlin.BLOCK_D))
         # the epilogue GEMM: the rows route's mode (logits and their statistics), the labels route's two (statistics
         # alone, the gradient), plain and with every option, in each autotuning configuration for bf16 (the first
         # mode and configuration alone for fp32 and fp16)
