@@ -429,6 +429,23 @@ def test_masked_minus_inf_classes(impl, sparse):
     np.testing.assert_allclose(out.item(), R.loss(s.detach().double().numpy(), y).sum(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("impl", IMPLS)  # "auto" at this size: PyTorch's own loss on the dense target
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_positive_at_minus_inf_logit_gives_inf(impl, eps):
+    """A positive whose logit is -inf (a masked class), or with smoothing any -inf logit, has probability 0 under
+    the target: the oracle's loss is +inf for that row, on every path (the small path clamped it to a finite
+    number once); the other rows keep their finite losses, and the gradient is the oracle's finite one."""
+    s = torch.tensor([[1.0, float("-inf"), 0.5, 2.0], [0.0, 1.0, -1.0, 0.5]], dtype=torch.float64)
+    y = np.array([[1, 1, 0, 0], [0, 1, 0, 1]], dtype=bool)
+    x = s.to(torch.float32 if impl == "triton" else s.dtype, copy=True).requires_grad_()
+    out = multilabel_softmax_loss(x, torch.from_numpy(y), reduction="none", label_smoothing=eps, impl=impl)
+    out.sum().backward()
+    np.testing.assert_allclose(out.detach().double().numpy(), R.loss(s.numpy(), y, label_smoothing=eps), rtol=1e-6)
+    assert out[0] == float("inf")
+    np.testing.assert_allclose(x.grad.double().numpy(), R.grad(s.numpy(), y, label_smoothing=eps), rtol=1e-6,
+                               atol=1e-7)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_huge_logits_stay_finite_and_exact(impl, dtype):

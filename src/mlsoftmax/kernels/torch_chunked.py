@@ -64,8 +64,12 @@ def small_rows(
     t = scatter_dense(x.shape, indices, row_ids, values, acc) if dense is None else dense.to(acc)  # [B, K]
     mass = t.sum(1, keepdim=True)  # [B, 1]
     # -inf logits (masked classes) would give 0 * -inf = nan in F.cross_entropy's sum over a probability target;
-    # half the dtype's lowest is as good as -inf for exp, and leaves room to subtract the row max
-    z = x.to(acc).clamp_min(torch.finfo(acc).min / 2)
+    # half the dtype's lowest is as good as -inf for exp, and leaves room to subtract the row max. Only where the
+    # class has no target mass: a positive at -inf (or, with smoothing, any -inf) has loss +inf, as on the other
+    # paths, not a clamped finite one
+    z = x.to(acc)
+    if not label_smoothing:
+        z = torch.where(t > 0, z, z.clamp_min(torch.finfo(acc).min / 2))
     rows = torch.nn.functional.cross_entropy(
         z, t / mass.clamp_min(torch.finfo(acc).tiny), weight=None if weight is None else weight.to(acc),
         label_smoothing=float(label_smoothing), reduction="none",
