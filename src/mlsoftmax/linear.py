@@ -331,7 +331,9 @@ def linear_multilabel_softmax_loss(
             gradients (default 256 MB on GPUs, 32 MB on the CPU). It sizes the
             chunks, and with ``impl="triton"`` picks the route: the fast one
             (three GEMMs, needs ``4 K D`` bytes for an fp32 ``dW`` accumulator
-            in bf16/fp16) when it fits, else the lean one (four GEMMs).
+            in bf16/fp16) when it fits, else the lean one (four GEMMs), or,
+            with ``kernels.triton_linear.LEAN_ROWS`` on, the lean rows route
+            (three GEMMs, ``dW`` accumulated in its own dtype; see :func:`plan`).
         impl: ``"auto"`` (Triton routes on CUDA, else torch), ``"torch"`` or ``"triton"``.
 
     Returns:
