@@ -82,8 +82,8 @@ REVERSE_GRAD = False
 # route with dW accumulated in the weight's own dtype (bf16/fp16), the positives' target terms kept out of it and
 # added once at the end in fp32: three GEMMs instead of the labels route's four. Off until timed on a GPU (case
 # ``ours-lean-a`` in benchmarks/bench_linear.py). Its dW error, emulated on the CPU (benchmarks/dw_accumulation.py,
-# the issue's reference: the fp32 path), is the naive bf16 path's overall, and about 2.2x the naive path's on the
-# classes without a positive in the batch at 16 chunks (3x at 32); ``MAX_LEAN_CHUNKS`` caps the chunks.
+# the issue's reference: the fp32 path), is the naive bf16 path's overall, and 2.2-2.4x the naive path's on the
+# classes without a positive in the batch at 16-17 chunks (3.0-3.2x at 32); ``MAX_LEAN_CHUNKS`` caps the chunks.
 LEAN_ROWS = False
 MAX_LEAN_CHUNKS = 32
 ROW_ALIGN = 64  # elements between the rows of a chunk's logits: C rounded up (an odd C would misalign every row)
