@@ -118,6 +118,8 @@ ncu_loss() {
   done
 }
 STEPS=("$@")
-[ ${#STEPS[@]} -gt 0 ] || STEPS=(point kernel_tests ncu_loss linear other_tests sweep host amp profile)
+# Default order: the two open targets' measurements first (the loss at its point, issue #4; the fused linear
+# routes with the lean rows route, issue #5), then the GPU tests, then the rest
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(point linear kernel_tests other_tests ncu_loss sweep host amp profile)
 for s in "${STEPS[@]}"; do "$s"; done
 echo "== done at $SECONDS s; cut for time:${SKIPPED:- nothing}" | tee -a "$OUT/gpu.txt"
