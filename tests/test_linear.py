@@ -379,6 +379,29 @@ def test_lean_rows_route_matches_oracle(options, rows, need_x, rng):
 
 
 @pytest.mark.skipif("triton_rows" not in ROUTES, reason="Triton not installed")
+@pytest.mark.parametrize("soft", [False, True])
+def test_lean_rows_target_terms(soft, rng):
+    """The terms the lean rows route keeps out of its 16-bit accumulation are the target's share of the gradient:
+    ``(1 - eps) rs_i w_k Y_ik / sum_k Y_ik`` (the note's ``Y / |Y|``, with class and row weights and smoothing).
+    (The route's gradient is exact for any such terms, since it adds them back and takes them off again; these
+    decide only its rounding, so they are checked here, on their own.)"""
+    from mlsoftmax.kernels import triton_linear
+
+    b, k, eps = 7, 40, 0.1
+    y = random_multihot(rng, b, k, p=0.2, empty_rows=[3])
+    vals = y * rng.uniform(0.5, 2.0, size=(b, k)) if soft else y.astype(np.float64)
+    cw, rs = rng.uniform(0.3, 2.0, size=k), rng.uniform(0.1, 2.0, size=b)
+    pos = _positives_from_dense(y, values=vals if soft else None)
+    got = triton_linear.target_terms(pos.indices, pos.offsets, pos.row_ids(),
+                                     None if pos.values is None else pos.values.float(),
+                                     torch.tensor(cw, dtype=torch.float32), torch.tensor(rs, dtype=torch.float32), eps)
+    mass = np.maximum(vals.sum(1, keepdims=True), 1e-300)
+    rows, cols = np.nonzero(y)
+    np.testing.assert_allclose(got.numpy(), ((1 - eps) * rs[:, None] * cw[None, :] * vals / mass)[rows, cols],
+                               rtol=1e-6)
+
+
+@pytest.mark.skipif("triton_rows" not in ROUTES, reason="Triton not installed")
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_lean_rows_route_bf16_error_within_twice_naive(reduction, monkeypatch, rng):
     """bf16 at 64 row chunks, the route picked by the budget: dX and dW no further from the fp64 oracle than twice

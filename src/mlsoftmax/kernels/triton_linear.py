@@ -477,18 +477,21 @@ def run(
     then ``E`` is added back at the positives (:func:`add_entries_`), so that each chunk adds only ``P_r^T h_r`` to
     ``dW``, and ``E^T h`` is taken from ``dW`` once at the end, in fp32 (:func:`subtract_target_rows_`). So a
     positive's class, whose gradient ``E`` dominates, is rounded about as often as the naive path's, and the rest
-    (small gradients) once a chunk.
+    (small gradients) once a chunk. What is added back is taken off again, so the gradient is exact for any ``E``
+    in exact arithmetic: ``E`` only decides what the 16-bit accumulation sees.
     """
     b, k = h.shape[0], w.shape[0]
     loss = torch.empty(b, dtype=torch.float32, device=h.device)  # [B]
     need_x, need_w = need_grad and need_x, need_grad and need_w
     lean = lean and need_w
-    if lean and (indices is None or row_ids is None):
+    if lean and (indices is None or offsets is None or row_ids is None):
         raise ValueError("the lean rows route takes a sparse target (indices, offsets and row_ids)")
     dx = torch.empty_like(h) if need_x else None  # [B, D]
     dw = (torch.empty if b else torch.zeros)(w.shape, dtype=w.dtype if lean else torch.float32,
                                              device=h.device) if need_w else None  # [K, D]
-    tgt = target_terms(indices, row_ids, values, class_weight, row_scale, label_smoothing) if lean else None  # [nnz]
+    tgt = None  # [nnz] the positives' target terms (lean)
+    if lean:
+        tgt = target_terms(indices, offsets, row_ids, values, class_weight, row_scale, label_smoothing)
     db = torch.zeros(k, dtype=torch.float32, device=h.device) if need_grad and bias is not None else None  # [K]
     ds = torch.zeros((), dtype=torch.float32, device=h.device) if need_x else None
     epi = _epilogue(dense, indices)
@@ -544,14 +547,18 @@ def run(
     return loss, dx, dw, db, ds
 
 
-def target_terms(indices: Tensor, row_ids: Tensor, values: Optional[Tensor], class_weight: Optional[Tensor],
-                 row_scale: Tensor, label_smoothing: float) -> Tensor:
+def target_terms(indices: Tensor, offsets: Tensor, row_ids: Tensor, values: Optional[Tensor],
+                 class_weight: Optional[Tensor], row_scale: Tensor, label_smoothing: float) -> Tensor:
     """The positives' target terms of the row-scaled gradient, ``[nnz]`` fp32: ``w_k bt v_j`` with
-    ``bt = (1 - eps) rs / mass`` per row (``mass`` the row's target sum), as :func:`.triton_loss._row_terms`."""
-    v = torch.ones(indices.numel(), dtype=torch.float32, device=indices.device) if values is None else values.float()
-    mass = torch.zeros(row_scale.shape[0], dtype=torch.float32, device=v.device).index_add_(0, row_ids, v)  # [B]
+    ``bt = (1 - eps) rs / mass`` per row (``mass`` the row's target sum: its count of positives without values,
+    exact and with no atomics), as :func:`.triton_loss._row_terms`."""
+    if values is None:
+        mass = (offsets[1:] - offsets[:-1]).float()  # [B]
+    else:
+        mass = torch.zeros(row_scale.shape[0], dtype=torch.float32, device=indices.device).index_add_(
+            0, row_ids, values.float())  # [B]
     bt = (1.0 - float(label_smoothing)) * row_scale.float() / torch.where(mass > 0, mass, 1.0)  # [B]
-    t = bt[row_ids] * v
+    t = bt[row_ids] if values is None else bt[row_ids] * values.float()
     return t if class_weight is None else t * class_weight.float()[indices]
 
 
