@@ -466,7 +466,8 @@ def run(
     row_ids: Optional[Tensor] = None,  # [nnz] (lean)
     lean: bool = False,
 ):
-    """The rows route: ``(row_scale * loss [B] fp32, dX [B, D], dW [K, D] fp32, db [K] fp32, ds [] fp32)``.
+    """The rows route: ``(row_scale * loss [B] fp32, dX [B, D], dW [K, D] fp32 (lean: w's dtype), db [K] fp32,
+    ds [] fp32)``.
 
     The gradients are ``None`` when ``need_grad`` is false; ``dX`` and ``ds``
     also unless ``need_x``, ``dW`` unless ``need_w``, ``db`` without a bias.
