@@ -111,6 +111,24 @@ def test_matches_oracle(route, reduction, sparse, options, rng):
 
 
 @pytest.mark.parametrize("route", ROUTES)
+def test_full_smoothing_matches_oracle(route, rng):
+    """``label_smoothing=1.0`` (the uniform target, which ``F.cross_entropy`` accepts): the positives drop out of
+    the loss, while empty rows stay out of it; bias and class weights on, against the oracle."""
+    h, w, y, soft, bias, _, cw, _, _ = _problem(rng, 5, True)
+    dt = _exact_dtype(route)
+    tol = 1e-9 if dt == torch.float64 else 2e-4
+    th, tw, tb = (torch.tensor(a, dtype=dt, requires_grad=True) for a in (h, w, bias))
+    out = linear_multilabel_softmax_loss(th, tw, _positives_from_dense(y), bias=tb, label_smoothing=1.0,
+                                         class_weight=torch.tensor(cw, dtype=dt), reduction="sum",
+                                         **_route(route, 2 if route.startswith("triton_rows") else 100))
+    out.backward()
+    exp_out, (dx, dw, db, _) = _oracle(h, w, bias, 1.0, y.astype(np.float64), cw=cw, eps=1.0, reduction="sum")
+    np.testing.assert_allclose(out.item(), exp_out, rtol=tol)
+    for got, exp in ((th.grad, dx), (tw.grad, dw), (tb.grad, db)):
+        np.testing.assert_allclose(got.numpy(), exp, rtol=tol * 10, atol=tol)
+
+
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("b,k", [(3, 423), (25, 507), (1, 1)])
 def test_odd_shapes_and_chunks_match_explicit_logits(route, b, k, rng):
     """Every chunk size gives the explicit composition's value and gradients (torch autograd on h @ w.T)."""

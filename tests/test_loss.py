@@ -290,7 +290,7 @@ def test_single_positive_equals_cross_entropy_with_index(impl, dtype, rng):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2, 1.0])  # 1.0: the uniform target, which PyTorch accepts too
 def test_soft_targets_equal_cross_entropy_with_probs(impl, smoothing, rng):
     b, k = 17, 29
     dt = _exact_dtype(impl)
@@ -582,8 +582,8 @@ def _bad_cases():
         ((x, y), {"reduction": "avg"}, ValueError, "Expected `reduction` to be one of"),
         ((x, y), {"empty": "skip"}, ValueError, "Expected `empty` to be one of"),
         ((x, y), {"impl": "cuda"}, ValueError, r"Expected `impl` to be one of \('auto', 'torch', 'triton', 'compile'\)"),
-        ((x, y), {"label_smoothing": 1.0}, ValueError, r"in \[0, 1\)"),
-        ((x, y), {"label_smoothing": -0.1}, ValueError, r"in \[0, 1\)"),
+        ((x, y), {"label_smoothing": 1.01}, ValueError, r"in \[0, 1\]"),
+        ((x, y), {"label_smoothing": -0.1}, ValueError, r"in \[0, 1\]"),
         ((x, y), {"weight": torch.ones(4)}, ValueError, "Expected `weight` to have shape"),
         ((x, y), {"weight": -torch.ones(5)}, ValueError, "non-negative"),
         ((x, y), {"sample_weight": torch.ones(2)}, ValueError, "Expected `sample_weight` to have shape"),

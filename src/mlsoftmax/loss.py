@@ -363,8 +363,8 @@ def _check_options(reduction, empty, label_smoothing, impl) -> None:
     V.check_choice("impl", impl, IMPLS)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"Expected `label_smoothing` to be a float, but got {type(label_smoothing).__name__}")
-    if not 0.0 <= float(label_smoothing) < 1.0:
-        raise ValueError(f"Expected `label_smoothing` to be in [0, 1), but got {label_smoothing}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"Expected `label_smoothing` to be in [0, 1], but got {label_smoothing}")
 
 
 def _canonical_target(target, logits: Tensor, validate: bool, shape=None, row_ids: bool = True):
@@ -522,7 +522,7 @@ def multilabel_softmax_loss(
             ``"none"`` (per-row ``[...]``).
         empty: rows with no positive: ``"ignore"`` (loss 0, gradient 0, left out
             of the mean) or ``"error"`` (``ValueError`` naming the rows; syncs).
-        label_smoothing: ``eps`` in ``[0, 1)``: the target becomes
+        label_smoothing: ``eps`` in ``[0, 1]`` (as ``F.cross_entropy``): the target becomes
             ``(1 - eps) Y/|Y| + eps/K`` on rows with a target.
         impl: ``"auto"``, ``"torch"``, ``"triton"`` or ``"compile"``. ``"auto"``
             picks Triton on CUDA when installed; on the CPU it picks the fused

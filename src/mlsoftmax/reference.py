@@ -56,7 +56,7 @@ def target_distribution(target, *, label_smoothing=0.0):
 
     Args:
         target: ``[B, K]`` non-negative array (multi-hot or soft weights).
-        label_smoothing: ``eps`` in ``[0, 1)``.
+        label_smoothing: ``eps`` in ``[0, 1]``.
 
     Returns:
         ``[B, K]`` float64 array; each non-empty row sums to 1.
@@ -79,7 +79,7 @@ def loss(scores, target, *, weight=None, label_smoothing=0.0):
         target: ``[B, K]`` multi-hot or non-negative soft target ``Y``.
         weight: optional ``[K]`` class weights ``w`` (PyTorch's meaning for soft
             targets: each term of the sum is scaled by ``w_k``).
-        label_smoothing: ``eps`` in ``[0, 1)``.
+        label_smoothing: ``eps`` in ``[0, 1]``.
 
     Returns:
         ``[B]`` float64 losses; 0 for rows with no positive.
@@ -104,7 +104,7 @@ def grad(scores, target, *, weight=None, label_smoothing=0.0):
         scores: ``[B, K]`` scores ``S``.
         target: ``[B, K]`` multi-hot or non-negative soft target ``Y``.
         weight: optional ``[K]`` class weights.
-        label_smoothing: ``eps`` in ``[0, 1)``.
+        label_smoothing: ``eps`` in ``[0, 1]``.
 
     Returns:
         ``[B, K]`` float64 gradient of each row's loss (not reduced); zero on
