@@ -20,6 +20,35 @@ def test_constructors_agree_and_round_trip():
     assert "nnz=5" in repr(a)
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.float32, torch.float64])
+def test_from_dense_matches_numpy_nonzero(dtype, rng):
+    """The positives are NumPy's nonzero entries, row by row; values only for soft (non-binary) targets."""
+    import numpy as np
+
+    y = (rng.random((6, 11)) < 0.3) * (rng.integers(1, 4, size=(6, 11)) if dtype != torch.bool else 1)
+    y[2] = 0  # an empty row
+    if dtype in (torch.bool, torch.int64):
+        y = y > 0
+    t = Positives.from_dense(torch.from_numpy(y).to(dtype))
+    rows, cols = np.nonzero(y)
+    assert t.num_classes == 11 and t.indices.tolist() == cols.tolist()
+    assert t.offsets.tolist() == np.concatenate([[0], np.cumsum((y != 0).sum(1))]).tolist()
+    soft = dtype.is_floating_point and (y[rows, cols] != 1).any()
+    assert (t.values is not None) == soft
+    if soft:
+        assert t.values.dtype == dtype and t.values.tolist() == y[rows, cols].tolist()
+    assert Positives.from_dense(torch.from_numpy(y).to(dtype), soft=True).to_dense().tolist() == (y * 1.0).tolist()
+
+
+def test_from_dense_bad_input():
+    with pytest.raises(ValueError, match="Expected `target` to be a real 2-D tensor"):
+        Positives.from_dense(torch.ones(3))
+    with pytest.raises(ValueError, match="non-negative"):
+        Positives.from_dense(torch.tensor([[1.0, -1.0]]))
+    with pytest.raises(ValueError, match="K >= 1"):
+        Positives.from_dense(torch.ones(2, 0))
+
+
 def test_duplicates_are_merged_and_values_kept():
     p = Positives.from_lists([[2, 2, 0]], values=[[0.5, 0.25, 1.0]])
     assert p.to_dense(3).tolist() == [[1.0, 0.0, 0.75]]

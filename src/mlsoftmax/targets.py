@@ -176,6 +176,36 @@ class Positives:
         offsets[1:] = torch.cumsum(counts, 0)
         return cls(uniq - r_of * big, offsets, num_classes, values=merged if values is not None else None)
 
+    @classmethod
+    def from_dense(cls, target: Tensor, *, soft: Optional[bool] = None) -> "Positives":
+        """Build from a dense ``[B, K]`` target: its nonzero entries are the positives, ``K`` its width.
+
+        ``soft`` keeps the entries as ``values``; by default they are kept only
+        when some differ from 1 (a multi-hot target gives plain positives). Runs
+        on the tensor's device; it syncs for the number of positives.
+
+        Example:
+            >>> t = Positives.from_dense(torch.tensor([[0.0, 2.0, 1.0], [0.0, 0.0, 0.0]]))
+            >>> t.indices.tolist(), t.offsets.tolist(), t.values.tolist(), t.num_classes
+            ([1, 2], [0, 2, 2], [2.0, 1.0], 3)
+        """
+        if not isinstance(target, Tensor) or target.dim() != 2 or target.is_complex():
+            raise ValueError("Expected `target` to be a real 2-D tensor [B, K], but got "
+                             f"{getattr(target, 'shape', type(target).__name__)!r}")
+        if target.shape[1] < 1:
+            raise ValueError(f"Expected `target` to have K >= 1 columns, but got shape {tuple(target.shape)}")
+        if target.dtype != torch.bool and bool((target < 0).any()):
+            raise ValueError("Expected `target` to be non-negative, but got a negative entry")
+        rows, cols = target.nonzero(as_tuple=True)  # row-major: CSR order
+        offsets = torch.zeros(target.shape[0] + 1, dtype=torch.long, device=target.device)
+        offsets[1:] = torch.cumsum(torch.bincount(rows, minlength=target.shape[0]), 0)
+        vals = target[rows, cols]
+        if soft is None:
+            soft = target.is_floating_point() and bool((vals != 1).any())
+        if soft:
+            vals = vals if vals.is_floating_point() else vals.float()
+        return cls(cols, offsets, target.shape[1], values=vals if soft else None)
+
     # ------------------------------------------------------------------ views
     @property
     def batch_size(self) -> int:
