@@ -45,6 +45,8 @@ def test_from_dense_bad_input():
         Positives.from_dense(torch.ones(3))
     with pytest.raises(ValueError, match="non-negative"):
         Positives.from_dense(torch.tensor([[1.0, -1.0]]))
+    with pytest.raises(ValueError, match="finite"):
+        Positives.from_dense(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(ValueError, match="K >= 1"):
         Positives.from_dense(torch.ones(2, 0))
 

@@ -194,6 +194,8 @@ class Positives:
                              f"{getattr(target, 'shape', type(target).__name__)!r}")
         if target.shape[1] < 1:
             raise ValueError(f"Expected `target` to have K >= 1 columns, but got shape {tuple(target.shape)}")
+        if target.is_floating_point() and not bool(torch.isfinite(target).all()):
+            raise ValueError("Expected `target` to be finite, but got a NaN or infinite entry")
         if target.dtype != torch.bool and bool((target < 0).any()):
             raise ValueError("Expected `target` to be non-negative, but got a negative entry")
         rows, cols = target.nonzero(as_tuple=True)  # row-major: CSR order
