@@ -80,8 +80,6 @@ KNOBS = {"p": ("triton_loss", "ROW_PROGRAMS", int), "b": ("triton_loss", "MAX_BL
          "e": ("triton_linear", "EPILOGUE", _ON),
          # the lean rows route (dW accumulated in its own dtype) where the fast route does not fit the budget
          "a": ("triton_linear", "LEAN_ROWS", _ON),
-         "o": ("triton_loss", "ONE_READ", _ON), "m": ("triton_loss", "ONE_READ_MAXNREG", int),
-         "q": ("triton_loss", "ONE_READ_BLOCKS", lambda v: (int(v),)),
          "w": ("triton_loss", "ROW_WARPS", int), "s": ("triton_loss", "STORE_EVICT_FIRST", _ON),
          "n": ("triton_loss", "ROW_STAGES", int),
          # the lagged kernel: on, its programs a SM, its slice in bytes

@@ -20,7 +20,7 @@ rows route with 2048-row chunks and an fp32 dW accumulator), ``ours-lean`` (a
 256 MB budget: the Triton labels route, four GEMMs, no dW accumulator),
 ``ours-fast-r`` / ``ours-lean-r`` (the same with the loss kernel's gradient pass
 reversed, ``triton_loss.REVERSE_GRAD``; the knobs of bench_loss.py apply, as in
-``ours-fast-o``, the rows route with the one-read loss kernel),
+``ours-fast-n3-s``, the rows route with its loss kernel's loops pipelined),
 ``ours-fast-e`` / ``ours-lean-e`` (the same with the logits GEMM carrying the loss in
 its epilogue, ``triton_linear.EPILOGUE``), ``ours-lean-a`` (the 256 MB budget with
 ``triton_linear.LEAN_ROWS`` on: the lean rows route, three GEMMs with dW accumulated

@@ -20,8 +20,7 @@ path, then the fused compiled kernel from ``COMPILE_MIN_ELEMS``), ``ours-triton`
 capping the rows in flight so that their second read can stay in L2), ``ours-b<N>``
 (CUDA: the kernel with N elements of a row per step, ``MAX_BLOCK``), ``ours-f`` (CUDA:
 the gradient pass walks each row forwards; ``ours-r``: backwards, ``REVERSE_GRAD``, the default; knobs combine,
-as in ``ours-r-p132``), ``ours-o`` (CUDA: the one-read kernel, ``ONE_READ``; ``ours-o-q<N>``: N columns a
-program, ``ours-o-m<N>``: ptxas capped at N registers a thread), ``ours-w<N>``, ``ours-s`` and ``ours-n<N>``
+as in ``ours-r-p132``), ``ours-w<N>``, ``ours-s`` and ``ours-n<N>``
 (CUDA: the one-row kernel with N warps, ``ROW_WARPS``; its gradient stored ``evict_first``,
 ``STORE_EVICT_FIRST``; its loops software-pipelined N stages deep, ``ROW_STAGES``), ``ours-l`` (CUDA: the
 lagged kernel, ``LAGGED``; ``-g<N>``: N programs a SM, ``-c<N>``: slices of N bytes), ``ours-cg`` (ours under

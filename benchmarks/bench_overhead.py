@@ -11,7 +11,6 @@ Commands:
     python benchmarks/bench_overhead.py --device cuda --B 1 --K 131072
     python benchmarks/bench_overhead.py --device cpu --dtype fp32 --B 64 --K 14   # the CPU's eager torch path
     python benchmarks/bench_overhead.py --device cpu --stub --B 1 --K 131072      # Triton path's host work, no GPU
-    python benchmarks/bench_overhead.py --device cuda --B 1 --K 131072 --one-read  # the one-read kernel's path
 """
 
 from __future__ import annotations
@@ -77,17 +76,15 @@ def main():
     p.add_argument("--stub", action="store_true",
                    help="CPU: ours takes the Triton path with every loss kernel replaced by a no-op launch, so the "
                         "time is the host's own work around the kernels (no GPU needed)")
-    p.add_argument("--one-read", action="store_true", help="the Triton path with the one-read kernel (ONE_READ)")
     args = p.parse_args()
     if args.stub:
         os.environ["TRITON_INTERPRET"] = "1"  # Triton's CPU mode, before it is imported; no kernel body runs
     from mlsoftmax import Positives, multilabel_softmax_loss
     from mlsoftmax.kernels import triton_loss
 
-    triton_loss.ONE_READ = args.one_read
     if args.stub:
         for name in ("_msl_fwd_kernel", "_scale_rows_kernel", "_msl_split_stats_kernel", "_msl_split_combine_kernel",
-                     "_msl_split_grad_kernel", "_msl_one_read_kernel"):
+                     "_msl_split_grad_kernel", "_msl_lagged_kernel"):
             setattr(triton_loss, name, _NoLaunch())
 
     cuda = args.device == "cuda"
@@ -110,7 +107,6 @@ def main():
         triton_loss.scale_rows_(g, go)
 
     where = torch.cuda.get_device_name() if cuda else "CPU" + (" (Triton kernels stubbed)" if args.stub else "")
-    where += ", one-read kernel" if args.one_read else ""
     print(f"{where}, torch {torch.__version__}; B={args.B} K={args.K} "
           f"{args.dtype}: host microseconds per call ({args.n} calls queued, one sync)")
     steps = [("F.cross_entropy fwd+bwd", torch_step), ("ours fwd+bwd" + (", Triton" if cuda else ""), ours_step)]

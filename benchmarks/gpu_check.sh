@@ -34,9 +34,6 @@ run() {  # run CAP FILE CMD...: CMD under the cap, its output to stdout and appe
   timeout -k 10 "$t" "$@" 2>&1 | tee -a "$OUT/$f"
   return "${PIPESTATUS[0]}"
 }
-# 0. The one-read kernel's GPU tests on their own (not a default step: the kernel is off, measured slower): its
-#    programs wait at a per-row barrier, so a fault there could hang rather than fail
-one_read() { run 90 tests.txt python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_kernels.py -k one_read; }
 # 1. The loss at the point (B=4096, K=131072, bf16 and fp32): ours; the gradient stored evict_first (-s);
 #    half the rows in flight, one 32-warp program a SM, with -s (-w32-p132-s); the loops software-pipelined (-n3,
 #    -n4: 2 or 3 blocks of cp.async in flight, one program a SM), with -s too; the lagged kernel with -s (-l-s; 4

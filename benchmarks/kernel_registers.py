@@ -8,8 +8,7 @@ of 16 marked so. Two points: the issue's K = 131072 (the rows, ``K`` and the str
 boundary). For each this runs ``ptxas -v`` and prints registers per thread, spills, programs per SM (64K
 registers and 2048 threads per SM), and the global loads and stores of the logits and gradient in the PTX that
 are 128-bit vectors against those that are not (the two-pass kernel's row streams: four vector accesses of x
-and g per step; scalar ones there mean a 16-bit or 32-bit access per column). ``one-read/32`` is the one-read
-kernel with ptxas capped at 32 registers a thread (``ONE_READ_MAXNREG``, a benchmark knob); ``two-pass/32w`` and
+and g per step; scalar ones there mean a 16-bit or 32-bit access per column). ``two-pass/32w`` and
 ``two-pass/n3`` are the two-pass kernel at 32 warps (``ROW_WARPS``) and with its loops pipelined, three stages
 (``ROW_STAGES``: its loads become cp.async copies, and the shared memory they take, in kB, limits programs per SM
 too); ``lagged`` is the lagged kernel (``LAGGED``, its slices streamed in blocks of ``LAGGED_BLOCK``). Run it with another
@@ -77,8 +76,8 @@ def main():
         common = dict(X=x, stride_x="i32", G=x, stride_g="i32", T="*fp32", stride_t="i32", IDX="*i64",
                       OFFS="*i64", VALS="*fp32", SCRATCH="*fp32", W="*fp32")
         for k, peel in ((131072, False), (131071, True)):
-            # integers that Triton marks divisible by 16 at this K (B = 4096, the one-read S = 16 or 8; the strides
-            # and K itself only when K is a multiple of 16)
+            # integers that Triton marks divisible by 16 at this K (B = 4096, S and SPAN; the strides and K itself
+            # only when K is a multiple of 16)
             ints = {"B", "S", "SPAN"} | ({"K", "stride_x", "stride_g"} if k % 16 == 0 else set())
             two_pass = dict(common, RS="*fp32", LOSS="*fp32", B="i32", K="i32", eps="fp32")
             flags = dict(SPARSE, COMPUTE_GRAD=True, REVERSE=True, EVICT_STORE=False, PEEL=peel, G_ALIGNED=peel,
@@ -94,12 +93,6 @@ def main():
                      dict(SPARSE, REVERSE=True, EVICT_STORE=False, PEEL=peel, G_ALIGNED=peel, PHASE=2, LAG=tl_.LAG,
                           BLOCK=tl_.LAGGED_BLOCK, BLOCK_P=tl_.BLOCK_P, BLOCK_S=16, STAGES=1),
                      tl_._num_warps(tl_.LAGGED_BLOCK), tl_.LAGGED_BLOCK, {})]  # LAGGED
-            for width, cap in [(w, None) for w in tl_.ONE_READ_BLOCKS] + [(8192, 32)] if not peel else []:
-                runs.append(("one-read" + (f"/{cap}" if cap else ""), tl_._msl_one_read_kernel,
-                             dict(common, WSUM="*fp32", RS="*fp32", LOSS="*fp32", STATS="*fp32", ARRIVED="*i32",
-                                  K="i32", S="i32", eps="fp32"),
-                             dict(SPARSE, PHASE=2, BLOCK=width, BLOCK_P=tl_.BLOCK_P, BLOCK_S=64),
-                             tl_._one_read_warps(width), width, {"maxnreg": cap} if cap else {}))
             for name, fn, sig, consts, warps, width, options in runs:
                 aligned = [a for a in sig if a in POINTERS or a in ints]
                 kernel = build(fn, sig, consts, num_warps=warps, aligned=aligned, **options)

@@ -7,8 +7,7 @@ for bf16 at B=4096, K=131072 is 1 GiB read and 1 GiB written.
         --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \\
         python benchmarks/ncu_loss.py --dtype bf16            # --forward: the gradient pass forwards
 
-With ``--one-read`` the one-read kernel (``_msl_one_read_kernel``) runs instead; ``regex:_msl_`` names either.
-``--row-warps 32``, ``--evict-store``, ``--stages 3`` and ``--programs 132`` set the one-row kernel's knobs
+``regex:_msl_`` names every loss kernel. ``--row-warps 32``, ``--evict-store``, ``--stages 3`` and ``--programs 132`` set the one-row kernel's knobs
 (``ROW_WARPS``, ``STORE_EVICT_FIRST``, ``ROW_STAGES``, ``ROW_PROGRAMS``); ``--lagged`` runs the lagged kernel
 (``LAGGED``; ``--evict-store`` and ``--stages`` apply to it too).
 """
@@ -26,7 +25,6 @@ def main():
     p.add_argument("--B", type=int, default=4096)
     p.add_argument("--K", type=int, default=131072)
     p.add_argument("--forward", action="store_true", help="the gradient pass walks each row forwards")
-    p.add_argument("--one-read", action="store_true", help="the one-read kernel (ONE_READ)")
     p.add_argument("--row-warps", type=int, default=None, help="warps of the one-row kernel (ROW_WARPS)")
     p.add_argument("--evict-store", action="store_true", help="the gradient stored evict_first (STORE_EVICT_FIRST)")
     p.add_argument("--stages", type=int, default=1, help="software-pipeline stages of its loops (ROW_STAGES)")
@@ -36,7 +34,6 @@ def main():
     from mlsoftmax.kernels import triton_loss
 
     triton_loss.REVERSE_GRAD = not args.forward
-    triton_loss.ONE_READ = args.one_read
     triton_loss.ROW_WARPS = args.row_warps
     triton_loss.STORE_EVICT_FIRST = args.evict_store
     triton_loss.ROW_STAGES = args.stages

@@ -89,15 +89,6 @@ def main():
             for rev, peel in itertools.product((False, True), (False, True) if common else (False,)):
                 build(tl_._msl_split_grad_kernel, sig, dict(flags, REVERSE=rev, PEEL=peel, G_ALIGNED=peel, **blocks),
                       num_warps=16)
-            # the one-read kernel (a benchmark knob): its GPU form, with the barrier; both widths for the common form
-            sig = dict(X=x, stride_x="i32", G=x, stride_g="i32", T="*fp32", stride_t="i32", IDX="*i64", OFFS="*i64",
-                       VALS="*fp32", SCRATCH="*fp32", W="*fp32", WSUM="*fp32", RS="*fp32", LOSS="*fp32",
-                       STATS="*fp32", ARRIVED="*i32", K="i32", S="i32", eps="fp32")
-            for width, cap in ([(w, None) for w in tl_.ONE_READ_BLOCKS] + [(8192, 32)] if common
-                               else [(tl_.ONE_READ_BLOCKS[0], None)]):  # cap: the ONE_READ_MAXNREG knob
-                build(tl_._msl_one_read_kernel, sig, dict(flags, PHASE=2, BLOCK=width, BLOCK_P=tl_.BLOCK_P,
-                                                          BLOCK_S=64), num_warps=tl_._one_read_warps(width),
-                      **({"maxnreg": cap} if cap else {}))
             # the lagged kernel (a benchmark knob): its GPU form, the gradient pass backwards; aligned for every form
             # in bf16, peeled, pipelined and with evict_first stores too for the common one
             sig = dict(X=x, stride_x="i32", G=x, stride_g="i32", T="*fp32", stride_t="i32", IDX="*i64", OFFS="*i64",

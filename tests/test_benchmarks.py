@@ -35,10 +35,7 @@ def test_case_names_parse_into_kernel_knobs():
                                                         (loss, "LAGGED_SPAN_BYTES"): 65536})
     assert split_knobs("ours-fast-e") == ("ours-fast", {(linear, "EPILOGUE"): True})
     assert split_knobs("ours-lean-r") == ("ours-lean", {(loss, "REVERSE_GRAD"): True, (linear, "REVERSE_GRAD"): True})
-    assert split_knobs("ours-fast-o") == ("ours-fast", {(loss, "ONE_READ"): True})
     assert split_knobs("ours-lean-a") == ("ours-lean", {(linear, "LEAN_ROWS"): True})
-    assert split_knobs("ours-o-q4096-m32") == ("ours", {(loss, "ONE_READ"): True, (loss, "ONE_READ_BLOCKS"): (4096,),
-                                                        (loss, "ONE_READ_MAXNREG"): 32})
     assert split_knobs("ours-e5") == ("ours-e5", {})  # a switch takes no number: not a knob
 
 
@@ -55,8 +52,7 @@ def test_loss_benchmark_runs_every_case_of_the_gpu_check():
     cases = ["torch", "ours", "ours-triton", "ours-small", "ours-dense", "ours-r", "ours-f", "ours-w32", "ours-s",
              "ours-w32-s", "ours-w32-p132-s", "ours-n3", "ours-n3-s", "ours-n4-s", "ours-l-s",
              "ours-l-g4-s", "ours-l-c65536-s", "ours-s-p264", "ours-r-p2",
-             "ours-b64", "ours-o", "ours-o-m32",
-             "ours-o-q4096", "ours-o-q16384-m32", "compile", "ours-cg"]
+             "ours-b64", "compile", "ours-cg"]
     out = _run("bench_loss.py", "--device", "cpu", "--B", "3", "--K", "300", "--npos", "2", "--reps", "1",
                "--cases", *cases)
     rows = {line.split()[4] for line in out.splitlines() if line.startswith("fp32")}
@@ -64,7 +60,7 @@ def test_loss_benchmark_runs_every_case_of_the_gpu_check():
 
 
 def test_linear_benchmark_runs_every_case_of_the_gpu_check():
-    cases = ["gemms", "naive", "ours-fast", "ours-fast-r", "ours-fast-o", "ours-fast-e", "ours-fast-n3-s", "ours-lean",
+    cases = ["gemms", "naive", "ours-fast", "ours-fast-r", "ours-fast-e", "ours-fast-n3-s", "ours-lean",
              "ours-lean-r", "ours-lean-e", "ours-lean-a"]
     out = _run("bench_linear.py", "--device", "cpu", "--B", "8", "--D", "16", "--K", "300", "--reps", "1",
                "--cases", *cases)
@@ -91,12 +87,9 @@ def test_dw_accumulation_study_runs():
     assert len(out.splitlines()) == 4, out
 
 
-@pytest.mark.parametrize("one_read", [False, True])
-def test_overhead_benchmark_runs_with_stubbed_kernels(one_read):
-    out = _run("bench_overhead.py", "--device", "cpu", "--stub", "--B", "4", "--K", "300", "--n", "5",
-               *(["--one-read"] if one_read else []))
+def test_overhead_benchmark_runs_with_stubbed_kernels():
+    out = _run("bench_overhead.py", "--device", "cpu", "--stub", "--B", "4", "--K", "300", "--n", "5")
     assert "Triton kernels stubbed" in out and "ours fwd+bwd" in out, out
-    assert ("one-read kernel" in out) == one_read, out
 
 
 @pytest.mark.skipif("triton" not in IMPLS, reason="Triton not installed")
@@ -112,8 +105,7 @@ def test_kernel_registers_reports_every_kernel():
     two_pass = ["two-pass", "two-pass/32w", "two-pass/n3", "lagged"]
     assert [(r[0], r[1], r[2]) for r in rows] == [
         (name, d, k) for d in ("bf16", "fp32")
-        for k, names in (("131072", two_pass + ["one-read", "one-read", "one-read/32"]), ("131071", two_pass))
-        for name in names]
+        for k in ("131072", "131071") for name in two_pass]
     assert all(int(r[5]) > 0 and int(r[7]) >= 1 for r in rows), proc.stdout
     for r in rows:
         if r[0].startswith("two-pass") or r[0] == "lagged":  # the rows' loads and stores of x and g: 128-bit

@@ -85,16 +85,15 @@ def test_triton_rejects_fp64_and_inplace_needs_triton():
 @needs_triton
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("knobs", [{}, {"ONE_READ": True}, {"REVERSE_GRAD": False},
-                                   {"STORE_EVICT_FIRST": True, "ROW_WARPS": 32}, {"ROW_STAGES": 3},
-                                   {"LAGGED": True, "STORE_EVICT_FIRST": True}],
-                         ids=["default", "one_read", "forward", "evict_store_32w", "stages3", "lagged"])
+@pytest.mark.parametrize("knobs", [{}, {"REVERSE_GRAD": False}, {"STORE_EVICT_FIRST": True, "ROW_WARPS": 32},
+                                   {"ROW_STAGES": 3}, {"LAGGED": True, "STORE_EVICT_FIRST": True}],
+                         ids=["default", "forward", "evict_store_32w", "stages3", "lagged"])
 def test_inplace_gradient_overwrites_logits(sparse, dtype, knobs, rng, monkeypatch):
     from mlsoftmax.kernels import triton_loss
 
     for name, value in knobs.items():
         monkeypatch.setattr(triton_loss, name, value)
-    b, k = 5, 300  # several blocks per row under the interpreter (several programs per row with one_read)
+    b, k = 5, 300  # several blocks per row under the interpreter (several slices per row with lagged)
     y = random_multihot(rng, b, k, p=0.03, empty_rows=[2])
     s = torch.tensor(rng.normal(size=(b, k))).to(dtype)
     s64 = s.double().numpy()
@@ -251,18 +250,15 @@ def test_peel_and_gradient_alignment_predicates():
 
 # ----------------------------------------------------------------------------- GPU only
 @needs_triton
-@pytest.mark.parametrize("splits,programs,reverse,one_read,lagged", [
-    (1, None, False, False, False), (2, None, False, False, False), (3, None, False, False, False),
-    (7, None, False, False, False), (1, 1, False, False, False), (1, 2, False, False, False),
-    (1, None, True, False, False), (3, None, True, False, False), (7, None, True, False, False),
-    (1, 2, True, False, False), (None, None, False, True, False), (None, None, True, False, True),
-    (None, None, False, False, True)])
+@pytest.mark.parametrize("splits,programs,reverse,lagged", [
+    (1, None, False, False), (2, None, False, False), (3, None, False, False), (7, None, False, False),
+    (1, 1, False, False), (1, 2, False, False), (1, None, True, False), (3, None, True, False),
+    (7, None, True, False), (1, 2, True, False), (None, None, True, True), (None, None, False, True)])
 @pytest.mark.parametrize("form", ["sparse", "dense"])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_split_row_kernels_match_oracle(splits, programs, reverse, one_read, lagged, form, inplace, rng):
+def test_split_row_kernels_match_oracle(splits, programs, reverse, lagged, form, inplace, rng):
     """Several programs per row (slices + combine), or fewer programs than rows (each looping over rows), with
-    the gradient pass forwards or backwards, the one-read kernel (9 slices a row here: under the interpreter
-    its barrier is a second launch), or the lagged kernel (5 slices a row, taken in turn by 2 programs; under the
+    the gradient pass forwards or backwards, or the lagged kernel (5 slices a row, taken in turn by 2 programs; under the
     interpreter its statistics and gradients are two launches), give the oracle's loss and gradient, for every
     option."""
     from mlsoftmax.kernels import triton_loss
@@ -285,7 +281,7 @@ def test_split_row_kernels_match_oracle(splits, programs, reverse, one_read, lag
         args = (t, None, None, None)
     loss, grad = triton_loss.forward(x, *args, torch.tensor(w, dtype=torch.float32), torch.tensor(rs).float(), 0.1,
                                      True, inplace=inplace, splits=splits, programs=programs,
-                                     reverse=reverse, one_read=one_read, lagged=lagged)
+                                     reverse=reverse, lagged=lagged)
     np.testing.assert_allclose(loss.numpy(), R.loss(s, soft, weight=w, label_smoothing=0.1) * rs, rtol=1e-5,
                                atol=1e-5)
     expected = R.grad(s, soft, weight=w, label_smoothing=0.1) * rs[:, None]
@@ -343,13 +339,13 @@ def test_split_heuristic_fills_the_machine():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sparse", [False, True])
-@pytest.mark.parametrize("knob", [None, ("REVERSE_GRAD", False), ("ONE_READ", True), ("ROW_STAGES", 3),
-                                  ("LAGGED", True)], ids=["default", "forward", "one_read", "stages3", "lagged"])
+@pytest.mark.parametrize("knob", [None, ("REVERSE_GRAD", False), ("ROW_STAGES", 3), ("LAGGED", True)],
+                         ids=["default", "forward", "stages3", "lagged"])
 @pytest.mark.parametrize("b", [64, 600])
 def test_gpu_triton_matches_torch_path(dtype, sparse, knob, b, monkeypatch):
     """The Triton path against the torch path: split rows (64 rows cannot fill an H100) and one program per row
-    (600), with the gradient pass backwards (the default) or forwards, the one-read kernel (7 programs a row,
-    meeting at their row's barrier), the one-row kernel's loops pipelined (cp.async), or the lagged kernel."""
+    (600), with the gradient pass backwards (the default) or forwards, the one-row kernel's loops pipelined
+    (cp.async), or the lagged kernel."""
     from mlsoftmax.kernels import triton_loss
 
     if knob:
@@ -437,45 +433,6 @@ def test_gpu_split_rows_match_one_program_per_row(sparse):
         assert torch.equal(rev[1], ref[1]) and torch.equal(rev[0], ref[0])
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("sparse", [False, True])
-def test_gpu_one_read_long_rows(sparse):
-    """Rows of 1M classes (64 programs a row, each holding 16384 columns) in the one-read kernel give PyTorch's
-    own loss and gradient."""
-    from mlsoftmax.kernels import triton_loss
-
-    x, target, dense, rs = _long_rows(sparse)
-    assert triton_loss.one_read_block(x.shape[1], x.device) == 16384
-    loss, grad = triton_loss.forward(x, *target, None, None, rs, 0.1, True, one_read=True)
-    ref_loss, ref_grad = _torch_oracle(x, dense, 0.1)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(grad.float(), ref_grad, rtol=1e-2, atol=1e-8)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_one_read_barrier_under_load(dtype):
-    """Many rows of 16 programs each, the GPU full: every row's barrier must wait for all of its slices (a slice
-    merged too early gives a wrong log-sum-exp, and a loss far from PyTorch's), repeated in place."""
-    from mlsoftmax.kernels import triton_loss
-
-    g = torch.Generator().manual_seed(1)
-    b, k = 2048, 131072
-    x = (torch.randn(b, k, generator=g) * 4).to("cuda", dtype)
-    x[::7, : k // 2] -= 30.0  # rows whose mass sits in their last slices
-    idx = torch.rand(b, k, device="cuda").topk(8, 1).indices  # [B, 8] distinct positives
-    pos = Positives.from_padded(idx)
-    rs = torch.ones(b, device="cuda")
-    ref_loss, ref_grad = _torch_oracle(x, pos.to_dense(k), 0.0)
-    for _ in range(3):
-        z = x.clone()
-        loss, grad = triton_loss.forward(z, None, pos.indices, pos.offsets, None, None, rs, 0.0, True, inplace=True,
-                                         one_read=True)
-        torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(grad.float(), ref_grad, rtol=1e-2, atol=1e-7)
-        assert grad.data_ptr() == z.data_ptr()
-
-
 @needs_triton
 def test_resident_count_falls_back_to_one_program_a_sm():
     """Where the compiled kernel cannot be inspected (here: no GPU), the lagged kernel's launcher counts one
@@ -529,12 +486,11 @@ def test_gpu_lagged_kernel_long_rows_and_under_load(dtype, per_sm, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["two_pass", "one_read", "lagged"])
+@pytest.mark.parametrize("kernel", ["two_pass", "lagged"])
 def test_gpu_int64_offsets_large_tensor(kernel, monkeypatch):
     """B * K > 2**31: the row offsets must be int64 inside the kernel (each kernel)."""
     from mlsoftmax.kernels import triton_loss
 
-    monkeypatch.setattr(triton_loss, "ONE_READ", kernel == "one_read")
     monkeypatch.setattr(triton_loss, "LAGGED", kernel == "lagged")
     b, k = 2**15 + 3, 2**16 + 1
     try:
@@ -545,7 +501,7 @@ def test_gpu_int64_offsets_large_tensor(kernel, monkeypatch):
     pos = Positives.from_padded(torch.full((b, 1), k - 1, device="cuda"))
     expected_last = -torch.log_softmax(x[-1].float(), 0)[-1]
     expected_grad = torch.softmax(x[-1].float(), 0)[-1] - 1.0
-    # the gradient pass too (the one-read kernel only runs with it), written over the logits
+    # the gradient pass too (the lagged kernel only runs with it), written over the logits
     out = multilabel_softmax_loss(x.requires_grad_(), pos, reduction="none", impl="triton", inplace=True)
     torch.testing.assert_close(out[-1].float(), expected_last, rtol=1e-2, atol=1e-2)
     out.sum().backward()
@@ -601,7 +557,7 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu():
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 223 kernel variants" in proc.stdout
+    assert "compiled 203 kernel variants" in proc.stdout
 
 
 @needs_triton

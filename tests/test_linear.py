@@ -15,16 +15,15 @@ from test_loss import _positives_from_dense
 
 
 # the fused linear loss's routes: torch, and Triton's rows (fast) and labels (lean) routes, forced by the budget;
-# "+e": the same with the logits GEMM and the loss in one Triton kernel (triton_linear.EPILOGUE, sparse targets);
-# "+o": the rows route with the one-read loss kernel (triton_loss.ONE_READ)
-ROUTES = ["torch"] + (["triton_rows", "triton_labels", "triton_rows+e", "triton_labels+e", "triton_rows+o"]
+# "+e": the same with the logits GEMM and the loss in one Triton kernel (triton_linear.EPILOGUE, sparse targets)
+ROUTES = ["torch"] + (["triton_rows", "triton_labels", "triton_rows+e", "triton_labels+e"]
                       if "triton" in LOSS_IMPLS else [])
-KNOB_SUFFIXES = {"+e": ("triton_linear", "EPILOGUE"), "+o": ("triton_loss", "ONE_READ")}
+KNOB_SUFFIXES = {"+e": ("triton_linear", "EPILOGUE")}
 
 
 @pytest.fixture(autouse=True)
 def _kernel_knob(request, monkeypatch):
-    """Switch a kernel knob on for the "+e" / "+o" routes of a test parametrized over ``route``."""
+    """Switch a kernel knob on for the "+e" routes of a test parametrized over ``route``."""
     import importlib
 
     route = getattr(request.node, "callspec", None) and request.node.callspec.params.get("route")
@@ -543,7 +542,7 @@ def test_empty_error_mode():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("route,chunk", [("triton_rows", 64), ("triton_labels", 4096), ("triton_rows+e", 64),
-                                         ("triton_labels+e", 4096), ("triton_rows+o", 64)])
+                                         ("triton_labels+e", 4096)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_triton_route_matches_fp32_torch_route(route, chunk, dtype):
     """CUDA: the Triton routes (cuBLAS + fused kernels, or the epilogue GEMM) against the label-chunked torch

@@ -20,11 +20,6 @@ specialization of the arguments proves the alignment and the kernels stream as t
 The backward only scales the gradient by ``grad_out``; a row whose ``grad_out``
 is exactly 1 is skipped inside the kernel (no host sync, no memory traffic).
 
-``ONE_READ`` (a knob, off: measured 2.6x slower on an H200) replaces both passes with a kernel
-that reads the logits once: a row's slices go to programs that keep them in
-registers, meet at a per-row barrier (an atomic counter) to merge their
-statistics, then write the gradient from registers.
-
 ``LAGGED`` (a knob, off: not yet timed on a GPU) runs the lagged kernel instead: rows cut into slices, and a
 grid of resident programs that each stream one slice's statistics a step and, ``LAG`` steps later, that slice's
 gradient, once the rest of its row is in. Each slice's statistics are three 64-bit words written whole, so
@@ -70,12 +65,6 @@ ROW_PROGRAMS = None
 # 1.503 against 1.575 ms in fp32, three runs each (``ours-r`` / ``ours-f`` in benchmarks/bench_loss.py). The fused
 # linear routes keep their own switch (``triton_linear.REVERSE_GRAD``), off: measured slower there.
 REVERSE_GRAD = True
-# One read of the logits: each row is shared by programs that hold their slice in registers, publish its
-# statistics, wait at a per-row barrier for the rest, and write the gradient from registers (no second read, from
-# L2 or DRAM). Off: on an H200 it read the logits once (1.07 GB from DRAM, Nsight Compute) but took 1.9-2.0 ms
-# against 0.75 ms in bf16 at B=4096, K=131072, its programs waiting at their rows' barriers (BENCHMARKS.md);
-# a benchmark knob (``ours-o``, ``ours-fast-o``).
-ONE_READ = False
 # Two more knobs of the one-program-per-row kernel, aimed at the 0.63 GB of its second read that an H200 fetched
 # from DRAM instead of L2 (BENCHMARKS.md), and off until measured on a GPU (cases ``ours-w32``, ``ours-s``):
 # ROW_WARPS, its warps (None: 16 for a 16384-column block; at 32 this repository's Triton 3.9 gives 44 registers,
@@ -107,8 +96,6 @@ LAGGED_BLOCK = 8192  # columns a step, at 8 warps: 61-64 registers, four program
 # Programs a SM. They wait for each other, so all must be resident at once: keep this within what an SM holds of
 # the compiled kernel (benchmarks/kernel_registers.py: 4 at the default block, 2 with ROW_STAGES = 3)
 LAGGED_PER_SM = 2
-ONE_READ_BLOCKS = (8192, 16384)  # columns a program holds, 16 a thread (benchmarks/kernel_registers.py)
-ONE_READ_MAXNREG = None  # a register cap for ptxas (32: four 8192-column programs a SM, with spills); a knob
 
 
 # --------------------------------------------------------------------------- kernels
@@ -351,7 +338,7 @@ def _merge_slices(st_row, S, BLOCK_S: tl.constexpr):
     """A row's ``S`` slice records ``[S, 6]`` (max, sum-exp relative to it, mass, wmass, dot, sum w x), merged:
     log-sum-exp of the parts (an all -inf row keeps max -inf and sum 0), plain sums of the rest.
 
-    Read at L2 (``.cg``): in the one-read kernel, other programs wrote them during this launch.
+    Read at L2 (``.cg``): other programs wrote them.
     """
     sl = tl.arange(0, BLOCK_S)
     sm = sl < S
@@ -655,107 +642,6 @@ def _msl_split_grad_kernel(
 
 
 @triton.jit
-def _msl_one_read_kernel(
-    X, stride_x,  # [B, K] logits
-    G, stride_g,  # [B, K] gradient out (may alias X)
-    T, stride_t,  # [B, K] dense target (HAS_DENSE)
-    IDX, OFFS, VALS, SCRATCH,  # CSR target and [nnz] fp32 scratch (HAS_SPARSE)
-    W,  # [K] class weights (HAS_WEIGHT)
-    WSUM,  # [] fp32 sum of the class weights (HAS_WEIGHT)
-    RS,  # [B] row scale
-    LOSS,  # [B] fp32 out: row_scale * loss
-    STATS,  # [B, S, 6] fp32: each slice's partial statistics, published to the row's other slices
-    ARRIVED,  # [B] int32, zeroed by the launcher: how many of each row's slices have published (PHASE 2)
-    K, S, eps,
-    HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_VALUES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr,
-    PHASE: tl.constexpr,  # 2: publish, wait for the row's other slices, finish; 0 / 1: publish / finish alone
-    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    # 0. program row * S + j holds slice j (BLOCK columns) of the row: a row's slices have consecutive ids, so
-    # they are resident together (the launcher keeps S within what the GPU holds at once)
-    pid = tl.program_id(0).to(tl.int64)  # int64: B * K may pass 2^31
-    row = pid // S
-    split = pid % S
-    lo = split * BLOCK
-    offs = lo + tl.arange(0, BLOCK)  # [BLOCK]
-    mask = offs < K
-    x_row = X + row * stride_x
-
-    # 1. the slice, read once, kept in registers as exp(x - m): the gradient needs no second read
-    x = tl.load(x_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
-    m = tl.max(x, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    e = tl.exp2((x - m_safe) * LOG2E)  # [BLOCK]
-    s = tl.sum(e, 0)
-    mass = s * 0.0
-    wmass = mass
-    dot = mass
-    sx = mass
-    if HAS_WEIGHT:
-        w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK]
-    if HAS_DENSE:
-        t = tl.load(T + row * stride_t + offs, mask=mask, other=0, eviction_policy="evict_first").to(tl.float32)
-        tw = t * w if HAS_WEIGHT else t
-        mass = tl.sum(t, 0)
-        wmass = tl.sum(tw, 0)
-        dot = tl.sum(tl.where(t != 0, x, 0.0) * tw, 0)
-    if HAS_SMOOTH:
-        xs = tl.where(mask, x, 0.0)
-        sx = tl.sum(xs * w, 0) if HAS_WEIGHT else tl.sum(xs, 0)
-    if HAS_SPARSE:
-        # 2. the positives, gathered once per row (by its first slice)
-        p0 = tl.load(OFFS + row)
-        p1 = tl.load(OFFS + row + 1)
-        if split == 0:
-            mass, wmass, dot = _sparse_stats(x_row, IDX, VALS, W, p0, p1, HAS_VALUES, HAS_WEIGHT, BLOCK_P)
-
-    st_row = STATS + row * S * 6  # [S, 6]
-    if PHASE != 1:
-        # 3. publish the slice's statistics
-        out = st_row + split * 6
-        tl.store(out + 0, m)
-        tl.store(out + 1, s)
-        tl.store(out + 2, mass)
-        tl.store(out + 3, wmass)
-        tl.store(out + 4, dot)
-        tl.store(out + 5, sx)
-        if PHASE == 2:
-            if S > 1:
-                # 4. the row's barrier: count this slice in (release: after its statistics), wait for the rest
-                tl.debug_barrier()
-                tl.atomic_add(ARRIVED + row, 1, sem="release")
-                while tl.atomic_add(ARRIVED + row, 0, sem="acquire") < S:
-                    pass
-
-    if PHASE != 0:
-        # 5. the row's statistics, its loss and the gradient's scales
-        m_row, s_row, mass, wmass, dot, sx = _merge_slices(st_row, S, BLOCK_S)
-        wsum = tl.load(WSUM) if HAS_WEIGHT else K * 1.0
-        rs = tl.load(RS + row).to(tl.float32)
-        lse, loss, a, bt, bs = _row_terms(m_row, s_row, mass, wmass, dot, sx, wsum, rs, K, eps, HAS_SMOOTH)
-        if split == 0:
-            tl.store(LOSS + row, loss)
-        hi = tl.minimum(lo + BLOCK, K)
-        if HAS_SPARSE:
-            # 6. exact target entries of this slice's positives, from logits that only this program overwrites
-            _target_entries(x_row, IDX, VALS, W, SCRATCH, p0, p1, lo, hi, lse, a, bt, bs, HAS_VALUES, HAS_WEIGHT,
-                            HAS_SMOOTH, BLOCK_P)
-        # 7. the gradient from registers: a exp(x - lse) = exp(x - m) * a exp(m - lse), each entry rounded once
-        f = tl.where(m == float("-inf"), 0.0, tl.exp2((m_safe - lse) * LOG2E) * a)
-        g = e * f  # [BLOCK]
-        if HAS_DENSE:
-            g = g - (t * w if HAS_WEIGHT else t) * bt
-        if HAS_SMOOTH:
-            g = g - (bs * w if HAS_WEIGHT else bs)
-        g_row = G + row * stride_g
-        tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
-        if HAS_SPARSE:
-            # 8. the exact target entries, over step 7's
-            _write_target_entries(g_row, IDX, SCRATCH, p0, p1, lo, hi, BLOCK_P)
-
-
-@triton.jit
 def _scale_block(base, offs, mask, go):
     """``base[offs] *= go`` where ``mask``, in fp32, rounded once."""
     g = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -835,7 +721,6 @@ def forward(
     splits: Optional[int] = None,
     programs: Optional[int] = None,
     reverse: Optional[bool] = None,
-    one_read: Optional[bool] = None,
     lagged: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
     """Launch the fused kernel: returns ``(row_scale * loss [B] fp32, gradient [B, K] or empty)``.
@@ -844,10 +729,8 @@ def forward(
     than one, the split-row kernels run instead of the one-program-per-row kernel.
     ``programs`` (default ``ROW_PROGRAMS``, else one per row) is the grid of
     the latter: fewer programs than rows loop over the rows. ``reverse`` (default
-    ``REVERSE_GRAD``) runs the gradient pass backwards. ``one_read`` (default
-    ``ONE_READ``) runs the one-read kernel instead, where it applies
-    (:func:`one_read_block`), when the gradient is wanted; ``lagged`` (default
-    ``LAGGED``) the lagged kernel, when the gradient is wanted.
+    ``REVERSE_GRAD``) runs the gradient pass backwards. ``lagged`` (default
+    ``LAGGED``) runs the lagged kernel instead, when the gradient is wanted.
     """
     b, k = x.shape
     if x.stride(-1) != 1:
@@ -869,11 +752,7 @@ def forward(
     block = _block(k)
     splits = num_splits(b, k, block, x.device) if splits is None else splits
     reverse = REVERSE_GRAD if reverse is None else reverse
-    span = one_read_block(k, x.device) if b and compute_grad and (ONE_READ if one_read is None else one_read) else 0
-    if span:
-        _forward_one_read(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch,
-                          float(label_smoothing), span)
-    elif b and compute_grad and (LAGGED if lagged is None else lagged):
+    if b and compute_grad and (LAGGED if lagged is None else lagged):
         _forward_lagged(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch,
                         float(label_smoothing), block, reverse)
     elif b and splits > 1:
@@ -916,53 +795,15 @@ def num_splits(b: int, k: int, block: int, device: torch.device) -> int:
     return max(1, min(cdiv(k, block), cdiv(target, max(b, 1))))
 
 
-def one_read_block(k: int, device: torch.device) -> int:
-    """Columns per program of the one-read kernel for rows of ``k``, or 0 where it does not apply.
-
-    A row's programs wait for each other, so all of them must fit on the GPU at
-    once: at most half as many as it has SMs (each holds one program or more),
-    which reaches K = 66 x 16384 (about 1.08M) on an H100. Under the
-    interpreter (programs run one after another) the kernel runs in two launches,
-    so any number of slices is allowed there.
-    """
-    if triton_interpreting():
-        return _block(k)
-    for block in ONE_READ_BLOCKS:
-        if cdiv(k, block) <= _sms(device) // 2:
-            return max(16, min(next_pow2(k), block))
-    return 0
-
-
-def _one_read_warps(block: int) -> int:
-    """Warps of a one-read program: 16 columns a thread (more raised ptxas's registers a column)."""
-    return max(4, min(32, block // 512))
-
-
 def _slices_args(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch) -> tuple:
-    """The arguments that the one-read and lagged kernels share, ``X`` to ``LOSS`` (``loss`` stands in for the
-    tensors not given, and ``WSUM`` is the class weights' sum)."""
+    """The lagged kernel's arguments ``X`` to ``LOSS`` (``loss`` stands in for the tensors not given, and ``WSUM``
+    is the class weights' sum)."""
     dummy = loss
     return (x, x.stride(0), grad, grad.stride(0), dense if dense is not None else dummy,
             dense.stride(0) if dense is not None else 0, indices if indices is not None else dummy,
             offsets if offsets is not None else dummy, values if values is not None else dummy, scratch,
             weight if weight is not None else dummy, weight.float().sum() if weight is not None else dummy,
             row_scale, loss)
-
-
-def _forward_one_read(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch, eps, block):
-    """One-read path: ``S = ceil(K / block)`` programs per row, one launch (two under the interpreter)."""
-    b, k = x.shape
-    n = cdiv(k, block)
-    stats = torch.empty(b, n, 6, dtype=torch.float32, device=x.device)  # [B, S, 6]
-    arrived = torch.zeros(b, dtype=torch.int32, device=x.device)  # [B]
-    args = _slices_args(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch) + (
-        stats, arrived, k, n, eps)
-    flags = dict(_split_flags(dense, indices, values, weight, eps > 0, block), num_warps=_one_read_warps(block))
-    if ONE_READ_MAXNREG and not triton_interpreting():
-        flags["maxnreg"] = ONE_READ_MAXNREG
-    # the interpreter runs programs one after another, so a barrier inside one launch would never open there
-    for phase in (0, 1) if triton_interpreting() else (2,):
-        _msl_one_read_kernel[(b * n,)](*args, PHASE=phase, BLOCK_S=max(16, next_pow2(n)), **flags)
 
 
 def _forward_lagged(x, grad, loss, dense, indices, offsets, values, weight, row_scale, scratch, eps, block, reverse):
