@@ -137,6 +137,17 @@ def test_read_csv_and_npz(tmp_path):
     np.savez(q, X=np.ones((2, 3)))
     with pytest.raises(D.DataFormatError, match="expected 'Y'"):
         D.read_npz(q)
+    for bad, match in (  # each a file that would otherwise read into wrong labels or fail later, in the loss
+            (dict(Y=np.array([[1, -1], [-1, 1]])), "'Y' must hold 0 or 1 only"),  # a {-1, 1} encoding
+            (dict(Y=np.ones((3, 2))), r"'Y' must be \[N, K\] with N = 2"),
+            (dict(indices=np.array([1, 2]), offsets=np.array([0, 1, 2]), num_classes=2), r"indices in \[0, 2\)"),
+            (dict(indices=np.array([1, 1]), offsets=np.array([0, 2, 2]), num_classes=2), "unique"),
+            (dict(indices=np.array([1]), offsets=np.array([0, 1, 2]), num_classes=2), "end at nnz=1"),
+            (dict(indices=np.array([1]), offsets=np.array([0, 1]), num_classes=2), "2 label rows, but got 1"),
+            (dict(indices=np.array([0.5]), offsets=np.array([0, 1, 1]), num_classes=2), "integer tensor")):
+        np.savez(q, X=np.ones((2, 3)), **bad)
+        with pytest.raises(D.DataFormatError, match=match):
+            D.read_npz(q)
     with pytest.raises(D.DataFormatError, match="no such file"):
         D.load_file(tmp_path / "missing.txt")
 

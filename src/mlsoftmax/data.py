@@ -221,8 +221,7 @@ def load_yeast(split: str = "train", *, val_fraction: float = 0.2, seed: int = 0
 
 def dataset_from_dense(x: Tensor, y: Tensor) -> MultiLabelDataset:
     """A :class:`MultiLabelDataset` from dense features and a dense multi-hot matrix."""
-    lists = [torch.nonzero(r).flatten().tolist() for r in y]
-    return MultiLabelDataset(x, Positives.from_lists(lists, int(y.shape[1])))
+    return MultiLabelDataset(x, Positives.from_dense(y, soft=False))
 
 
 # --------------------------------------------------------------------------- readers
@@ -380,7 +379,9 @@ def read_csv(path, num_labels: int) -> MultiLabelDataset:
 
 def read_npz(path) -> MultiLabelDataset:
     """A NumPy ``.npz`` with ``X`` ``[N, D]`` and either ``Y`` ``[N, K]`` (0/1) or
-    ``indices``, ``offsets`` and ``num_classes`` (CSR labels)."""
+    ``indices``, ``offsets`` and ``num_classes`` (CSR labels: ``offsets`` ``[N + 1]``
+    from 0, non-decreasing, to ``len(indices)``; class ids in ``[0, num_classes)``,
+    unique within a row)."""
     try:
         z = np.load(path)
     except Exception as e:  # noqa: BLE001
@@ -388,15 +389,26 @@ def read_npz(path) -> MultiLabelDataset:
     if "X" not in z:
         raise DataFormatError(path, None, "missing array 'X'")
     x = torch.from_numpy(np.asarray(z["X"], dtype=np.float32))
+    if x.dim() != 2:
+        raise DataFormatError(path, None, f"'X' must be 2-D [N, D], got shape {tuple(x.shape)}")
     if "Y" in z:
-        y = torch.from_numpy(np.asarray(z["Y"], dtype=np.float32))
-        if y.shape[0] != x.shape[0]:
-            raise DataFormatError(path, None, f"X has {x.shape[0]} rows but Y has {y.shape[0]}")
-        return dataset_from_dense(x, y)
+        y = np.asarray(z["Y"])
+        if y.ndim != 2 or y.shape[0] != x.shape[0] or y.shape[1] < 1:
+            raise DataFormatError(path, None, f"'Y' must be [N, K] with N = {x.shape[0]} (X's rows) and K >= 1, "
+                                              f"got shape {y.shape}")
+        if not np.all((y == 0) | (y == 1)):  # a {-1, 1} encoding would otherwise make every label a positive
+            raise DataFormatError(path, None, "'Y' must hold 0 or 1 only")
+        return dataset_from_dense(x, torch.from_numpy(y.astype(bool)))
     if not {"indices", "offsets", "num_classes"} <= set(z.files):
         raise DataFormatError(path, None, "expected 'Y', or 'indices', 'offsets' and 'num_classes'")
-    pos = Positives(torch.from_numpy(z["indices"]), torch.from_numpy(z["offsets"]), int(z["num_classes"]))
-    return MultiLabelDataset(x, pos)
+    from .loss import _validate_positives
+
+    try:
+        pos = Positives(torch.from_numpy(z["indices"]), torch.from_numpy(z["offsets"]), int(z["num_classes"]))
+        _validate_positives(pos, pos.num_classes)
+        return MultiLabelDataset(x, pos)
+    except (TypeError, ValueError) as e:
+        raise DataFormatError(path, None, f"bad CSR labels ({e})")
 
 
 def load_file(path, fmt: Optional[str] = None, num_labels: Optional[int] = None) -> MultiLabelDataset:
