@@ -58,6 +58,10 @@ def test_predict_matches_checkpoint_scores(trained, tmp_path, capsys):
         top = torch.topk(model(torch.from_numpy(np.loadtxt(f, delimiter=",")).float()), 2).indices
     assert [",".join(map(str, r)) for r in top.tolist()] == lines
 
+    f.write_text("1,2,3\n4,5\n")  # a ragged CSV: one line, naming the row
+    assert main(["predict", "--checkpoint", str(trained), "--input", str(f)]) == 2
+    assert capsys.readouterr().err.strip() == f"mlsoftmax: error: {f}:2: expected 3 values, got 2"
+
 
 def test_metrics_json_agrees_with_functional_metrics(trained):
     """Recompute test AP from the checkpoint, independently of the evaluator."""

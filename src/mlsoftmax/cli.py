@@ -626,11 +626,14 @@ def cmd_predict(args):
                 if not line.strip():
                     continue
                 try:
-                    rows.append([float(t) for t in line.strip().split(",")])
+                    row = [float(t) for t in line.strip().split(",")]
                 except ValueError:
                     if lineno == 1:
                         continue
                     raise CLIError(f"{args.input}:{lineno}: non-numeric value")
+                if rows and len(row) != len(rows[0]):
+                    raise CLIError(f"{args.input}:{lineno}: expected {len(rows[0])} values, got {len(row)}")
+                rows.append(row)
         x = torch.tensor(rows, dtype=torch.float32)
     shape = tuple(x.features.shape) if isinstance(x, D.MultiLabelDataset) else tuple(x.shape)
     if len(shape) != 2 or shape[1] != d:
