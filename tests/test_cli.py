@@ -173,6 +173,8 @@ def test_predict_reads_a_sparse_xc_file(tmp_path, capsys):
         (["train", "--epochs", "0"], "--epochs must be >= 1"),
         (["predict", "--checkpoint", "/nonexistent", "--input", "x.csv"], "no checkpoint"),
         (["compare", "--losses", "softmax,foo"], "unknown loss 'foo'"),
+        (["train", "--data", "data.csv"], "--num-labels is needed to read data.csv as csv"),
+        (["train", "--data", "d.txt", "--format", "arff"], "--num-labels is needed to read d.txt as arff"),
     ],
 )
 def test_bad_arguments_give_one_line(argv, msg, capsys):

@@ -34,6 +34,8 @@ __all__ = [
     "read_csv",
     "read_npz",
     "load_file",
+    "guess_format",
+    "dataset_from_dense",
     "synthetic",
 ]
 
@@ -411,13 +413,18 @@ def read_npz(path) -> MultiLabelDataset:
         raise DataFormatError(path, None, f"bad CSR labels ({e})")
 
 
+def guess_format(path) -> str:
+    """The format that :func:`load_file` reads ``path`` in when none is given: from its name (``.arff``, ``.csv``,
+    ``.npz``, each optionally ``.gz``), else ``xc``."""
+    name = str(path).lower().removesuffix(".gz")
+    return next((f for f in ("arff", "csv", "npz") if name.endswith("." + f)), "xc")
+
+
 def load_file(path, fmt: Optional[str] = None, num_labels: Optional[int] = None) -> MultiLabelDataset:
-    """Read ``path`` in format ``fmt`` (``xc``, ``arff``, ``csv``, ``npz``; guessed from the name if None)."""
+    """Read ``path`` in format ``fmt`` (``xc``, ``arff``, ``csv``, ``npz``; :func:`guess_format` if None)."""
     if not os.path.exists(path):
         raise DataFormatError(path, None, "no such file")
-    if fmt is None:
-        name = str(path).lower().removesuffix(".gz")
-        fmt = next((f for f in ("arff", "csv", "npz") if name.endswith("." + f)), "xc")
+    fmt = fmt or guess_format(path)
     if fmt in ("arff", "csv") and not num_labels:
         raise ValueError(f"Expected `num_labels` for the {fmt} format, but got {num_labels!r}")
     return {"xc": lambda: read_xc(path), "arff": lambda: read_arff(path, num_labels),
