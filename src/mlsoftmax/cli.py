@@ -377,6 +377,8 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
     fused = args.fused or (args.model == "linear" and args.loss == "softmax" and k >= FUSED_MIN_CLASSES)
     if (fused or args.shard_labels) and args.loss != "softmax":
         raise CLIError(f"--fused and --shard-labels need --loss softmax, got --loss {args.loss}")
+    if args.shard_labels and not dd.on:
+        raise CLIError("--shard-labels needs a torchrun launch of 2 or more processes (WORLD_SIZE > 1)")
     if args.shard_labels and k < dd.world:
         raise CLIError(f"--shard-labels needs at least one label per rank: {k} labels, {dd.world} ranks")
     mean, std = fit.feature_moments()
@@ -733,6 +735,14 @@ def make_parser():
     return p
 
 
+# the numeric options' ranges: (name, test, what it must be); a command without the option skips it
+RANGES = (("epochs", lambda v: v >= 1, ">= 1"), ("batch_size", lambda v: v >= 1, ">= 1"),
+          ("hidden", lambda v: v >= 1, ">= 1"), ("seeds", lambda v: v >= 1, ">= 1"), ("top_k", lambda v: v >= 1, ">= 1"),
+          ("num_labels", lambda v: v is None or v >= 1, ">= 1"), ("lr", lambda v: v > 0, "> 0"),
+          ("weight_decay", lambda v: v >= 0, ">= 0"), ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+          ("val_fraction", lambda v: 0 < v < 1, "in (0, 1)"), ("dist_timeout", lambda v: v > 0, "> 0"))
+
+
 def main(argv=None):
     from .data import DataFormatError
 
@@ -740,8 +750,9 @@ def main(argv=None):
     try:
         if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
             raise CLIError("--device cuda given but no CUDA device is available")
-        if getattr(args, "epochs", 1) < 1:
-            raise CLIError(f"--epochs must be >= 1, got {args.epochs}")
+        for name, ok, what in RANGES:
+            if hasattr(args, name) and not ok(getattr(args, name)):
+                raise CLIError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
         args.func(args)
     except (CLIError, DataFormatError, FileNotFoundError) as e:
         print(f"mlsoftmax: error: {e}", file=sys.stderr)
