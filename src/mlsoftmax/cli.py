@@ -57,8 +57,8 @@ def load_data(args):
         val = D.dataset_from_dense(*D.load_yeast("val", val_fraction=args.val_fraction, seed=args.split_seed))
         test = D.dataset_from_dense(*D.load_yeast("test"))
         return fit, val, test
-    for path in (args.data, args.test_data):
-        fmt = args.format or (path and D.guess_format(path))
+    for path in filter(None, (args.data, args.test_data)):
+        fmt = args.format or D.guess_format(path)
         if fmt in ("arff", "csv") and not args.num_labels:
             raise CLIError(f"--num-labels is needed to read {path} as {fmt}")
     full = D.load_file(args.data, args.format, args.num_labels)
