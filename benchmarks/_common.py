@@ -78,8 +78,9 @@ KNOBS = {"p": ("triton_loss", "ROW_PROGRAMS", int), "b": ("triton_loss", "MAX_BL
          # the gradient pass backwards (the loss's default; the fused linear routes' too, with -r) or forwards
          "r": (("triton_loss", "triton_linear"), "REVERSE_GRAD", _ON), "f": ("triton_loss", "REVERSE_GRAD", _OFF),
          "e": ("triton_linear", "EPILOGUE", _ON),
-         # the lean rows route (dW accumulated in its own dtype) where the fast route does not fit the budget
-         "a": ("triton_linear", "LEAN_ROWS", _ON),
+         # the lean rows route (dW accumulated in its own dtype) where the fast route does not fit the budget (on,
+         # the default), or off: the labels route there
+         "a": ("triton_linear", "LEAN_ROWS", _ON), "k": ("triton_linear", "LEAN_ROWS", _OFF),
          "w": ("triton_loss", "ROW_WARPS", int), "s": ("triton_loss", "STORE_EVICT_FIRST", _ON),
          "n": ("triton_loss", "ROW_STAGES", int),
          # the lagged kernel: on, its programs a SM, its slice in bytes

@@ -17,15 +17,14 @@ Cases: ``gemms`` (the three GEMMs alone), ``naive`` (explicit logits +
 F.cross_entropy with a probability target), ``ours`` (impl=auto, default
 budget), ``ours-fast`` (a 2 GB budget: on CUDA at the issue's point, the Triton
 rows route with 2048-row chunks and an fp32 dW accumulator), ``ours-lean`` (a
-256 MB budget: the Triton labels route, four GEMMs, no dW accumulator),
+256 MB budget: the lean rows route, three GEMMs with dW accumulated in bf16 and the
+positives' target terms kept apart, 17 chunks of 482 rows at the issue's point;
+``ours-lean-k``: the labels route there, four GEMMs, ``triton_linear.LEAN_ROWS`` off),
 ``ours-fast-r`` / ``ours-lean-r`` (the same with the loss kernel's gradient pass
 reversed, ``triton_loss.REVERSE_GRAD``; the knobs of bench_loss.py apply, as in
 ``ours-fast-n3-s``, the rows route with its loss kernel's loops pipelined),
 ``ours-fast-e`` / ``ours-lean-e`` (the same with the logits GEMM carrying the loss in
-its epilogue, ``triton_linear.EPILOGUE``), ``ours-lean-a`` (the 256 MB budget with
-``triton_linear.LEAN_ROWS`` on: the lean rows route, three GEMMs with dW accumulated
-in bf16 and the positives' target terms kept apart; 17 chunks of 482 rows at the
-issue's point),
+its epilogue, ``triton_linear.EPILOGUE``),
 ``ours-torch`` (impl="torch": label chunks, GEMMs in the input dtype, every
 elementwise step in PyTorch), ``cce`` (Apple's Cut Cross-Entropy, first positive
 only, as it is called by default: its backward skips each tile of logits whose

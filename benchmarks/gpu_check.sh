@@ -51,16 +51,17 @@ liger() { run 45 bench_point.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos
 # 2. The fused linear + loss at the issue's point (B=8192, D=1024, K=262144 bf16): both routes, against the GEMMs
 #    alone, naive, and Cut Cross-Entropy as called by default (its backward skips the tiles whose gradient entries
 #    are all under 2^-12: not exact) and exact (cce-exact); Liger and the pure-torch route (248 and 99 ms on an
-#    H100) are left out, and so are the knobs measured slower on an H200 (-e, -o, -r). The fast route also runs
+#    H100) are left out, and so are the knobs measured slower on an H200 (-e, -r). The fast route also runs
 #    with its loss kernel's loops pipelined and its stores evict_first (-n3-s: its 512 KB rows' second read, as
-#    at the loss's point), and the 256 MB budget with the lean rows route (-a: three GEMMs, dW accumulated in
-#    bf16, the target terms apart; the candidate for the lean target). Then K=262143, an odd K
+#    at the loss's point), and the 256 MB budget with the lean rows route (ours-lean, now the default there: three
+#    GEMMs, dW accumulated in bf16, the target terms apart) and with the labels route it replaced (-k: four
+#    GEMMs, measured 29.8-30.0 ms on an H200). Then K=262143, an odd K
 linear() {
-  run 160 bench_linear.txt $F --reps 5 --cases ${LINEAR_CASES:-gemms naive ours-fast ours-lean-a ours-lean \
+  run 160 bench_linear.txt $F --reps 5 --cases ${LINEAR_CASES:-gemms naive ours-fast ours-lean ours-lean-k \
     ours-fast-n3-s cce cce-exact}
   # an odd K: ours should keep the aligned K's time (chunk rows 64 elements apart, ROW_ALIGN); the plain GEMMs
   # (an odd leading dimension) show what that avoids
-  run 75 bench_linear.txt $F --K 262143 --reps 3 --cases gemms ours-fast ours-lean ours-lean-a
+  run 75 bench_linear.txt $F --K 262143 --reps 3 --cases gemms ours-fast ours-lean ours-lean-k
 }
 # 3. The other GPU tests (the compiled kernels, not the interpreter)
 tests() {
@@ -99,7 +100,7 @@ amp() { run 60 bench_linear_amp.txt $F --amp --reps 3 --cases gemms naive ours-f
 # 7. Where the time goes: torch.profiler on the loss kernel and the linear routes
 profile() {
   run 60 profile.txt $L --dtype bf16 --B 4096 --K 131072 --npos 8 --profile --cases ours
-  run 90 profile.txt $F --profile --cases ours-fast ours-lean ours-lean-a
+  run 90 profile.txt $F --profile --cases ours-fast ours-lean ours-lean-k
 }
 # 8. Nsight Compute on one launch of the loss kernel (DRAM bytes: how much of the second read comes from DRAM, with
 #    each knob? L2 hit rate, time, registers, occupancy)

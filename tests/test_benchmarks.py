@@ -36,6 +36,7 @@ def test_case_names_parse_into_kernel_knobs():
     assert split_knobs("ours-fast-e") == ("ours-fast", {(linear, "EPILOGUE"): True})
     assert split_knobs("ours-lean-r") == ("ours-lean", {(loss, "REVERSE_GRAD"): True, (linear, "REVERSE_GRAD"): True})
     assert split_knobs("ours-lean-a") == ("ours-lean", {(linear, "LEAN_ROWS"): True})
+    assert split_knobs("ours-lean-k") == ("ours-lean", {(linear, "LEAN_ROWS"): False})
     assert split_knobs("ours-e5") == ("ours-e5", {})  # a switch takes no number: not a knob
 
 
@@ -61,7 +62,7 @@ def test_loss_benchmark_runs_every_case_of_the_gpu_check():
 
 def test_linear_benchmark_runs_every_case_of_the_gpu_check():
     cases = ["gemms", "naive", "ours-fast", "ours-fast-r", "ours-fast-e", "ours-fast-n3-s", "ours-lean",
-             "ours-lean-r", "ours-lean-e", "ours-lean-a"]
+             "ours-lean-r", "ours-lean-e", "ours-lean-a", "ours-lean-k"]
     out = _run("bench_linear.py", "--device", "cpu", "--B", "8", "--D", "16", "--K", "300", "--reps", "1",
                "--cases", *cases)
     rows = {line.split()[0] for line in out.splitlines()[2:]}

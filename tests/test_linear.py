@@ -488,11 +488,13 @@ def test_plan_picks_the_route_from_the_budget():
 
 @pytest.mark.skipif("triton_rows" not in ROUTES, reason="Triton not installed")
 def test_plan_lean_rows_route(monkeypatch):
-    """With ``LEAN_ROWS`` on, a budget too small for the fp32 dW accumulator takes the rows route with dW in its own
-    dtype, for sparse targets only, in balanced chunks and at most ``MAX_LEAN_CHUNKS`` of them."""
+    """With ``LEAN_ROWS`` on (the default), a budget too small for the fp32 dW accumulator takes the rows route with
+    dW in its own dtype, for sparse targets only, in balanced chunks and at most ``MAX_LEAN_CHUNKS`` of them."""
     from mlsoftmax.kernels import triton_linear
 
     bf16, nnz = torch.bfloat16, 8 * 8192
+    assert triton_linear.LEAN_ROWS
+    monkeypatch.setattr(triton_linear, "LEAN_ROWS", False)
     assert plan("triton", 8192, 1024, 262_144, bf16, budget=256 << 20, nnz=nnz) == ("triton_labels", 12288)  # off
     monkeypatch.setattr(triton_linear, "LEAN_ROWS", True)
     # 256 MB less 2 MB for the target terms: 507 rows of 262,144 bf16 logits, so 17 chunks of 482

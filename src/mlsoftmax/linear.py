@@ -76,8 +76,8 @@ def plan(impl: str, b: int, d: int, k: int, dtype: torch.dtype, *, budget: Optio
       needs ``R K`` logits plus, for bf16/fp16, a ``4 K D``-byte fp32 ``dW``
       accumulator, unless ``dW`` is fp32 itself: then the accumulator is the
       gradient. Chosen when ``R >= min(B, FAST_MIN_ROWS)`` fits the budget.
-    * ``("triton_rows_lean", R)``, only with ``triton_linear.LEAN_ROWS`` on
-      (off until timed on a GPU), a sparse target and a 16-bit ``dW``: the rows
+    * ``("triton_rows_lean", R)``, with ``triton_linear.LEAN_ROWS`` (on; not
+      yet timed on a GPU), a sparse target and a 16-bit ``dW``: the rows
       route with ``dW`` accumulated in its own dtype, the positives' target
       terms apart (:func:`.triton_linear.run`); needs ``R K`` logits and
       ``O(nnz + B)`` more, in at most ``triton_linear.MAX_LEAN_CHUNKS``
@@ -331,9 +331,10 @@ def linear_multilabel_softmax_loss(
             gradients (default 256 MB on GPUs, 32 MB on the CPU). It sizes the
             chunks, and with ``impl="triton"`` picks the route: the fast one
             (three GEMMs, needs ``4 K D`` bytes for an fp32 ``dW`` accumulator
-            in bf16/fp16) when it fits, else the lean one (four GEMMs), or,
-            with ``kernels.triton_linear.LEAN_ROWS`` on, the lean rows route
-            (three GEMMs, ``dW`` accumulated in its own dtype; see :func:`plan`).
+            in bf16/fp16) when it fits, else for a sparse target the lean rows
+            route (three GEMMs, ``dW`` accumulated in its own dtype with the
+            target terms apart; ``kernels.triton_linear.LEAN_ROWS``), else the
+            labels route (four GEMMs; see :func:`plan`).
         impl: ``"auto"`` (Triton routes on CUDA, else torch), ``"torch"`` or ``"triton"``.
 
     Returns:

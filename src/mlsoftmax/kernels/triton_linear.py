@@ -17,7 +17,7 @@ chunk plus the fp32 ``dW`` accumulator (``4 K D`` bytes for bf16/fp16 weights).
 Sparse targets reach the kernel through a slice of the CSR offsets (the kernel
 reads absolute positions), so no host sync is needed to cut the positives.
 
-**Lean rows** (``run(lean=True)``, behind ``LEAN_ROWS``). The rows route in a small budget, with no fp32
+**Lean rows** (``run(lean=True)``; ``LEAN_ROWS``, on). The rows route in a small budget, with no fp32
 accumulator: ``dW`` accumulates in the weight's own dtype (bf16/fp16), one rounding a chunk. To keep that rounding
 off the large gradients of the classes with a positive, the positives' target terms ``E`` (fp32,
 :func:`target_terms`) are added back over each chunk's gradient after its ``dX`` GEMM (:func:`add_entries_`), so
@@ -80,11 +80,14 @@ EPILOGUE = False
 REVERSE_GRAD = False
 # The lean rows route (``run(lean=True)``): when the fast route's fp32 dW accumulator does not fit the budget, the rows
 # route with dW accumulated in the weight's own dtype (bf16/fp16), the positives' target terms kept out of it and
-# added once at the end in fp32: three GEMMs instead of the labels route's four. Off until timed on a GPU (case
-# ``ours-lean-a`` in benchmarks/bench_linear.py). Its dW error, emulated on the CPU (benchmarks/dw_accumulation.py,
-# the issue's reference: the fp32 path), is the naive bf16 path's overall, and 2.2-2.4x the naive path's on the
-# classes without a positive in the batch at 16-17 chunks (3.0-3.2x at 32); ``MAX_LEAN_CHUNKS`` caps the chunks.
-LEAN_ROWS = False
+# added once at the end in fp32: three GEMMs instead of the labels route's four. Its dW error, emulated on the CPU
+# (benchmarks/dw_accumulation.py, the issue's reference: the fp32 path), is the naive bf16 path's overall, and
+# 2.2-2.4x the naive path's on the classes without a positive in the batch at 16-17 chunks (3.0-3.2x at 32);
+# ``MAX_LEAN_CHUNKS`` caps the chunks. On by default (a later session, without a device): the labels route it
+# replaces there took 29.8-30.0 ms on an H200 at issue #5's lean point, over the issue's 25, and its four GEMMs alone
+# need 25.7; this route's three took 19 ms there, plus an estimated 17 x 1 GB of bf16 dW read and written. Not yet
+# timed (case ``ours-lean``; ``ours-lean-k``, this switch off, times the labels route in benchmarks/bench_linear.py).
+LEAN_ROWS = True
 MAX_LEAN_CHUNKS = 32
 ROW_ALIGN = 64  # elements between the rows of a chunk's logits: C rounded up (an odd C would misalign every row)
 TILE_N = 128  # classes per GEMM tile (fixed, with STATS_TILES: it sets the statistics' shape)
