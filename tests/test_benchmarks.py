@@ -18,6 +18,14 @@ sys.path.insert(0, str(BENCH))
 
 from _common import split_knobs  # noqa: E402
 
+# the cases run below: every case that gpu_check.sh passes must be one of them (or a peer's, timed when installed)
+LOSS_CASES = ["torch", "ours", "ours-triton", "ours-small", "ours-dense", "ours-r", "ours-f", "ours-w32", "ours-s",
+              "ours-w32-s", "ours-w32-p132-s", "ours-n3", "ours-n3-s", "ours-n4-s", "ours-l-s", "ours-l-g4-s",
+              "ours-l-c65536-s", "ours-s-p264", "ours-r-p2", "ours-b64", "compile", "ours-cg"]
+LINEAR_CASES = ["gemms", "naive", "ours-fast", "ours-fast-r", "ours-fast-e", "ours-fast-n3-s", "ours-lean",
+                "ours-lean-r", "ours-lean-e", "ours-lean-a", "ours-lean-k"]
+PEERS = {"liger", "cce", "cce-exact"}
+
 
 def test_case_names_parse_into_kernel_knobs():
     loss, linear = "triton_loss", "triton_linear"
@@ -50,10 +58,7 @@ def _run(script, *args):
 
 @pytest.mark.skipif("triton" not in IMPLS, reason="Triton not installed")
 def test_loss_benchmark_runs_every_case_of_the_gpu_check():
-    cases = ["torch", "ours", "ours-triton", "ours-small", "ours-dense", "ours-r", "ours-f", "ours-w32", "ours-s",
-             "ours-w32-s", "ours-w32-p132-s", "ours-n3", "ours-n3-s", "ours-n4-s", "ours-l-s",
-             "ours-l-g4-s", "ours-l-c65536-s", "ours-s-p264", "ours-r-p2",
-             "ours-b64", "compile", "ours-cg"]
+    cases = LOSS_CASES
     out = _run("bench_loss.py", "--device", "cpu", "--B", "3", "--K", "300", "--npos", "2", "--reps", "1",
                "--cases", *cases)
     rows = {line.split()[4] for line in out.splitlines() if line.startswith("fp32")}
@@ -61,8 +66,7 @@ def test_loss_benchmark_runs_every_case_of_the_gpu_check():
 
 
 def test_linear_benchmark_runs_every_case_of_the_gpu_check():
-    cases = ["gemms", "naive", "ours-fast", "ours-fast-r", "ours-fast-e", "ours-fast-n3-s", "ours-lean",
-             "ours-lean-r", "ours-lean-e", "ours-lean-a", "ours-lean-k"]
+    cases = LINEAR_CASES
     out = _run("bench_linear.py", "--device", "cpu", "--B", "8", "--D", "16", "--K", "300", "--reps", "1",
                "--cases", *cases)
     rows = {line.split()[0] for line in out.splitlines()[2:]}
@@ -119,3 +123,18 @@ def test_kernel_registers_reports_every_kernel():
     # ROW_STAGES = 3 pipelines both loops: their loads become 16-byte cp.async copies into shared memory
     assert all(float(r[9]) >= 64 and int(r[8].split("/")[0]) >= 24 for r in rows if r[0] == "two-pass/n3"), \
         proc.stdout
+
+
+def test_gpu_check_passes_only_cases_run_here():
+    """Each ``--cases`` list in gpu_check.sh (defaults of its ``${VAR:-...}`` overrides included) names cases that
+    the tests above run, for the script it goes to (``$L``: bench_loss.py, ``$F``: bench_linear.py), or a peer's
+    (timed only where it is installed): a typo there would cost a device run."""
+    import re
+
+    text = (BENCH / "gpu_check.sh").read_text().replace("\\\n", " ")  # join continued lines
+    calls = re.findall(r"\$(L|F)\b[^\n;]*?--cases (?:\$\{\w+:-)?([\w \t-]+)", text)
+    assert len(calls) >= 10, calls
+    for script, cases in calls:
+        known = (LOSS_CASES if script == "L" else LINEAR_CASES) + sorted(PEERS)
+        unknown = [c for c in cases.split() if c not in known]
+        assert not unknown, f"gpu_check.sh passes ${script} unknown cases {unknown}"
