@@ -138,3 +138,20 @@ def test_gpu_check_passes_only_cases_run_here():
         known = (LOSS_CASES if script == "L" else LINEAR_CASES) + sorted(PEERS)
         unknown = [c for c in cases.split() if c not in known]
         assert not unknown, f"gpu_check.sh passes ${script} unknown cases {unknown}"
+
+
+def test_gpu_check_test_steps_select_gpu_tests():
+    """Each pytest step of gpu_check.sh (its files, ``-m gpu`` and any ``-k``) collects GPU tests here too: a
+    filter that matched none would spend a device run on an empty step."""
+    import re
+    import shlex
+
+    text = (BENCH / "gpu_check.sh").read_text().replace("\\\n", " ")
+    steps = re.findall(r"python3 -m pytest ([^\n;]+?)(?:;|\n)", text)
+    assert len(steps) >= 5, steps
+    for step in steps:
+        args = [a for a in shlex.split(step) if a not in ("-q", "-x")]
+        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *args],
+                              cwd=BENCH.parent, capture_output=True, text=True, timeout=300, check=False)
+        n = re.search(r"(\d+)(?:/\d+)? tests? (?:collected|selected)", proc.stdout)
+        assert proc.returncode == 0 and n and int(n.group(1)) > 0, (step, proc.stdout[-2000:])
