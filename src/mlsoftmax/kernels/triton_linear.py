@@ -555,12 +555,13 @@ def target_terms(indices: Tensor, offsets: Tensor, row_ids: Tensor, values: Opti
                  class_weight: Optional[Tensor], row_scale: Tensor, label_smoothing: float) -> Tensor:
     """The positives' target terms of the row-scaled gradient, ``[nnz]`` fp32: ``w_k bt v_j`` with
     ``bt = (1 - eps) rs / mass`` per row (``mass`` the row's target sum: its count of positives without values,
-    exact and with no atomics), as :func:`.triton_loss._row_terms`."""
+    else the difference of an fp64 running sum at its CSR offsets; exact or nearly, and with no atomics, so the
+    same on every run), as :func:`.triton_loss._row_terms`."""
     if values is None:
         mass = (offsets[1:] - offsets[:-1]).float()  # [B]
     else:
-        mass = torch.zeros(row_scale.shape[0], dtype=torch.float32, device=indices.device).index_add_(
-            0, row_ids, values.float())  # [B]
+        csum = torch.nn.functional.pad(values.double().cumsum(0), (1, 0))  # [nnz + 1]
+        mass = (csum[offsets[1:]] - csum[offsets[:-1]]).float()  # [B]
     bt = (1.0 - float(label_smoothing)) * row_scale.float() / torch.where(mass > 0, mass, 1.0)  # [B]
     t = bt[row_ids] if values is None else bt[row_ids] * values.float()
     return t if class_weight is None else t * class_weight.float()[indices]
