@@ -7,9 +7,10 @@ for bf16 at B=4096, K=131072 is 1 GiB read and 1 GiB written.
         --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \\
         python benchmarks/ncu_loss.py --dtype bf16            # --forward: the gradient pass forwards
 
-``regex:_msl_`` names every loss kernel. ``--row-warps 32``, ``--evict-store``, ``--stages 3`` and ``--programs 132`` set the one-row kernel's knobs
-(``ROW_WARPS``, ``STORE_EVICT_FIRST``, ``ROW_STAGES``, ``ROW_PROGRAMS``); ``--lagged`` runs the lagged kernel
-(``LAGGED``; ``--evict-store`` and ``--stages`` apply to it too).
+``regex:_msl_`` names every loss kernel. ``--row-warps 32``, ``--evict-store``, ``--stages 3`` and
+``--programs 132`` set the one-row kernel's knobs (``ROW_WARPS``, ``STORE_EVICT_FIRST``, ``ROW_STAGES``,
+``ROW_PROGRAMS``); ``--lagged`` runs the lagged kernel (``LAGGED``; ``--evict-store`` and ``--stages`` apply to it
+too).
 """
 
 import argparse

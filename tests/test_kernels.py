@@ -258,8 +258,8 @@ def test_peel_and_gradient_alignment_predicates():
 @pytest.mark.parametrize("inplace", [False, True])
 def test_split_row_kernels_match_oracle(splits, programs, reverse, lagged, form, inplace, rng):
     """Several programs per row (slices + combine), or fewer programs than rows (each looping over rows), with
-    the gradient pass forwards or backwards, or the lagged kernel (5 slices a row, taken in turn by 2 programs; under the
-    interpreter its statistics and gradients are two launches), give the oracle's loss and gradient, for every
+    the gradient pass forwards or backwards, or the lagged kernel (5 slices a row, taken in turn by 2 programs; under
+    the interpreter its statistics and gradients are two launches), give the oracle's loss and gradient, for every
     option."""
     from mlsoftmax.kernels import triton_loss
 
