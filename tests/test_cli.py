@@ -283,6 +283,11 @@ def test_top_k_evaluation_for_extreme_label_spaces(tmp_path, monkeypatch, capsys
     assert test["one_error"] == pytest.approx(M.one_error(s, y), abs=1e-12)
     ann = M.annotation_scores(s, y, 3)
     assert all(test[f"{key}_at_3"] == pytest.approx(v, abs=1e-12) for key, v in ann.items())
+    # propensity-scored precision, the propensities from the fit split's labels (A, B = 0.55, 1.5)
+    _, y_fit = load_yeast("fit")
+    ips = M.inverse_propensity(y_fit.sum(0).long(), len(y_fit))
+    for k in (1, 3, 5):
+        assert test[f"psp_at_{k}"] == pytest.approx(M.psp_at_k(s, y, ips, k), abs=1e-12)
     # --eval full on the same run: every metric again
     assert main(["train", "--model", "linear", "--epochs", "1", "--eval", "full", "--out", str(tmp_path / "f")]) == 0
     assert "average_precision" in json.loads((tmp_path / "f" / "metrics.json").read_text())["test"]
@@ -386,7 +391,7 @@ def test_two_process_gloo_training_matches_single_process(tmp_path, shard):
     _assert_same_weights(one, two, atol=1e-5)
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    keys = (["precision_at_1", "ndcg_at_5", "recall_at_3", "one_error", "per_class_recall_at_3"] if shard
+    keys = (["precision_at_1", "ndcg_at_5", "recall_at_3", "one_error", "per_class_recall_at_3", "psp_at_5"] if shard
             else ["average_precision", "ranking_loss"])
     assert set(keys) <= set(m2["test"])
     for key in keys:

@@ -173,6 +173,67 @@ def test_evaluator_top_k_updates_match_sklearn_and_the_score_updates(rng, form):
         assert got[key] == pytest.approx(ref[key], abs=1e-12), key
 
 
+def _psp_oracle(s, y, ips, k):
+    """PSP@k by loops, as the Extreme Classification Repository's tools compute it: the rows' inverse-propensity
+    gains of their top-k hits, over those of each row's k positives of largest gain."""
+    got = best = 0.0
+    for si, yi in zip(s, y):
+        top = np.argsort(-si, kind="stable")[:k]
+        got += sum(ips[j] for j in top if yi[j])
+        best += sum(sorted((ips[j] for j in np.flatnonzero(yi)), reverse=True)[:k])
+    return got / best if best else 0.0
+
+
+def test_inverse_propensity_follows_jain_et_al():
+    """1 + C (N_l + B)^-A with C = (ln N - 1)(B + 1)^A: a hand-computed value, and rarer labels weigh more."""
+    ips = M.inverse_propensity(np.array([0, 10, 1000]), 100, a=0.5, b=0.4).numpy()
+    c = (np.log(100) - 1) * 1.4**0.5
+    np.testing.assert_allclose(ips, 1 + c * np.array([0.4, 10.4, 1000.4]) ** -0.5, rtol=1e-12)
+    assert ips[1] == pytest.approx(1 + 3.60517 * 1.18322 / 3.22490, abs=1e-4)
+    assert ips[0] > ips[1] > ips[2] > 1
+    with pytest.raises(ValueError, match="non-negative counts"):
+        M.inverse_propensity(np.array([-1, 2]), 10)
+    with pytest.raises(ValueError, match="num_rows"):
+        M.inverse_propensity(np.array([1, 2]), 0)
+
+
+@pytest.mark.parametrize("form", ["dense", "positives"])
+def test_psp_matches_a_loop_oracle_in_every_api(rng, form):
+    """PSP@k against the loop oracle (empty rows, k above some rows' positives and above K) from the functional
+    API, the evaluator's score updates in batches, and its top-k updates from ranked indices alone."""
+    s, y = _data(rng, n=57, k=6, empty=True)  # continuous scores: one ranking
+    counts = rng.integers(0, 50, size=6)
+    ips = M.inverse_propensity(counts, 200)
+    tgt = (lambda yb: Positives.from_lists([np.flatnonzero(r).tolist() for r in yb], 6)) if form == "positives" \
+        else (lambda yb: yb)
+    ev_all = M.MultilabelEvaluator(ks=(1, 3, 8), annotation_k=3, label_ap=False, inv_propensity=ips)
+    ev_top = M.MultilabelEvaluator(ks=(1, 3, 8), annotation_k=3, inv_propensity=ips)
+    for i in range(0, 57, 10):
+        ev_all.update(s[i:i + 10], tgt(y[i:i + 10]))
+        ev_top.update_top_k(torch.from_numpy(np.argsort(-s[i:i + 10], axis=1)), tgt(y[i:i + 10]))
+    for k in (1, 3, 8):
+        expected = _psp_oracle(s, y, ips.numpy(), k)
+        assert M.psp_at_k(s, tgt(y), ips, k=k) == pytest.approx(expected, abs=1e-12)
+        assert ev_all.compute()[f"psp_at_{k}"] == pytest.approx(expected, abs=1e-12)
+        assert ev_top.compute()[f"psp_at_{k}"] == pytest.approx(expected, abs=1e-12)
+    assert 0 < expected <= 1
+    plain = M.MultilabelEvaluator(ks=(1,), label_ap=False)  # without propensities: no PSP
+    plain.update(s, y)
+    assert "psp_at_1" not in plain.compute()
+    with pytest.raises(ValueError, match=r"`inv_propensity` to have shape \(6,\)"):
+        M.psp_at_k(s, y, ips[:5])
+
+
+def test_psp_hand_computed():
+    """One row, positives 0 and 2 of gains 1 and 3: the top label (0) earns 1 of a perfect top-1's 3; its top 2
+    earn all 4; a row with no positive adds nothing to either sum."""
+    s, ips = torch.tensor([[0.9, 0.1, 0.5], [0.3, 0.2, 0.1]]), torch.tensor([1.0, 1.0, 3.0])
+    y = torch.tensor([[1, 0, 1], [0, 0, 0]])
+    assert M.psp_at_k(s, y, ips, k=1) == pytest.approx(1 / 3)
+    assert M.psp_at_k(s, y, ips, k=2) == pytest.approx(1.0)
+    assert M.psp_at_k(s[1:], y[1:], ips, k=1) == 0.0
+
+
 def test_evaluator_top_k_bad_input():
     y = np.eye(3, 6)
     ev = M.MultilabelEvaluator(ks=(1, 3), annotation_k=2)

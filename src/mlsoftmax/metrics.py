@@ -34,6 +34,8 @@ __all__ = [
     "precision_at_k",
     "recall_at_k",
     "ndcg_at_k",
+    "inverse_propensity",
+    "psp_at_k",
     "annotation_scores",
     "mean_average_precision",
     "hamming_loss",
@@ -143,6 +145,17 @@ def _topk_hits(s: Tensor, y: Tensor, k: int) -> Tensor:
     return torch.gather(y, 1, idx)
 
 
+def _ideal_psp(rows: Tensor, gains: Tensor, n: int, k: int) -> Tensor:
+    """``[N]`` the largest sum of ``k`` of each row's positives' gains (``rows``, ``gains`` ``[nnz]``): the
+    propensity-scored gain of a perfect top-k."""
+    order = torch.argsort(gains, descending=True, stable=True)
+    order = order[torch.argsort(rows[order], stable=True)]  # by row, each row's gains largest first
+    r = rows[order]
+    first = torch.searchsorted(r, r)  # [nnz] where each entry's row begins (rows sorted)
+    keep = torch.arange(r.numel()) - first < k
+    return torch.zeros(n, dtype=torch.float64).index_add_(0, r[keep], gains[order][keep])
+
+
 def _ndcg_rows(hits: Tensor, npos: Tensor) -> Tensor:
     """nDCG of each row from its top labels' hits ``[N, k]`` and its number of positives ``[N]``."""
     hits = hits.double()
@@ -153,9 +166,9 @@ def _ndcg_rows(hits: Tensor, npos: Tensor) -> Tensor:
     return torch.where(ideal_n > 0, dcg / idcg, torch.zeros_like(dcg))
 
 
-def _ranked_hits(idx: Tensor, target) -> tuple[Tensor, Tensor, Tensor]:
-    """``(hits [N, m] bool, npos [N], positives' class ids [nnz])`` of ranked labels ``idx`` ``[N, m]``, without
-    a dense ``[N, K]`` target: each (row, label) pair is looked up among the row's positives."""
+def _ranked_hits(idx: Tensor, target) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(hits [N, m] bool, npos [N], positives' rows and class ids [nnz] each)`` of ranked labels ``idx``
+    ``[N, m]``, without a dense ``[N, K]`` target: each (row, label) pair is looked up among the row's positives."""
     if isinstance(target, Positives):
         pos = target.to("cpu")
         if pos.batch_size != idx.shape[0]:
@@ -174,14 +187,15 @@ def _ranked_hits(idx: Tensor, target) -> tuple[Tensor, Tensor, Tensor]:
     query = torch.arange(idx.shape[0]).unsqueeze(1) * big + idx  # [N, m]
     at = torch.searchsorted(keys, query).clamp(max=max(keys.numel() - 1, 0))
     hits = (keys[at] == query) if keys.numel() else torch.zeros(query.shape, dtype=torch.bool)
-    return hits, npos, cls
+    return hits, npos, rows, cls
 
 
 # --------------------------------------------------------------------------- _update / _compute
 
 
-def _update_top(hits_of, npos: Tensor, ks: Sequence[int]) -> dict:
-    """Summed per-row statistics of the top-k metrics; ``hits_of(k)``: ``[N, <=k]`` hits of each row's top labels."""
+def _update_top(hits_of, npos: Tensor, ks: Sequence[int], psp_of=None) -> dict:
+    """Summed per-row statistics of the top-k metrics; ``hits_of(k)``: ``[N, <=k]`` hits of each row's top labels;
+    ``psp_of(k)``, if given: ``([N], [N])`` the inverse-propensity gains of those hits and of a perfect top-k."""
     has = npos > 0
     st = {"rows": float(npos.shape[0]), "rows_pos": float(has.sum()),
           "one_error": float((has & ~hits_of(1)[:, 0]).sum())}
@@ -191,12 +205,26 @@ def _update_top(hits_of, npos: Tensor, ks: Sequence[int]) -> dict:
         st[f"precision_at_{k}"] = float((hits / k).sum())
         st[f"recall_at_{k}"] = float(torch.where(has, hits / npos.clamp_min(1), torch.zeros_like(hits)).sum())
         st[f"ndcg_at_{k}"] = float(_ndcg_rows(top, npos.long()).sum())
+        if psp_of is not None:
+            got, best = psp_of(k)
+            st[f"psp_at_{k}"], st[f"psp_ideal_at_{k}"] = float(got.sum()), float(best.sum())
     return st
 
 
-def _update_ranking(s: Tensor, y: Tensor, ks: Sequence[int]) -> dict:
+def _psp_of_scores(s: Tensor, y: Tensor, ips: Tensor):
+    """``psp_of`` of :func:`_update_top` from scores and a dense target (ties broken as :func:`_topk_hits`)."""
+    rows, cls = torch.nonzero(y, as_tuple=True)
+
+    def psp_of(k: int):
+        top = torch.topk(s, min(k, s.shape[1]), dim=1).indices  # [N, k]
+        return (torch.gather(y, 1, top) * ips[top]).sum(1), _ideal_psp(rows, ips[cls], s.shape[0], k)
+
+    return psp_of
+
+
+def _update_ranking(s: Tensor, y: Tensor, ks: Sequence[int], psp_of=None) -> dict:
     """Summed per-row statistics of one batch (example-based and top-k metrics)."""
-    st = _update_top(lambda k: _topk_hits(s, y, k), y.sum(1), ks)
+    st = _update_top(lambda k: _topk_hits(s, y, k), y.sum(1), ks, psp_of)
     st.update({
         "average_precision": float(_ap_rows(s, y).sum()),
         "ranking_loss": float(_ranking_loss_rows(s, y).sum()),
@@ -213,6 +241,9 @@ def _compute_ranking(st: dict, ks: Sequence[int]) -> dict:
         out[f"precision_at_{k}"] = st[f"precision_at_{k}"] / n
         out[f"recall_at_{k}"] = st[f"recall_at_{k}"] / npos
         out[f"ndcg_at_{k}"] = st[f"ndcg_at_{k}"] / npos
+        if f"psp_at_{k}" in st:  # normalised by a perfect ranking's, as the XC repository reports it
+            ideal = st[f"psp_ideal_at_{k}"]
+            out[f"psp_at_{k}"] = st[f"psp_at_{k}"] / ideal if ideal > 0 else 0.0
     return out
 
 
@@ -364,6 +395,62 @@ def ndcg_at_k(scores, target, k: int = 1) -> float:
     return _compute_ranking(_update_top(lambda j: _topk_hits(s, y, j), y.sum(1), (k,)), (k,))[f"ndcg_at_{k}"]
 
 
+def inverse_propensity(label_counts, num_rows: int, a: float = 0.55, b: float = 1.5) -> Tensor:
+    r"""Inverse propensities of the labels ``[K]`` (Jain, Prabhu and Varma, 2016), for :func:`psp_at_k`.
+
+    .. math:: 1/p_l = 1 + C\,(N_l + B)^{-A}, \qquad C = (\ln N - 1)\,(B + 1)^{A}
+
+    with ``N_l`` the training rows that have label ``l`` and ``N`` the training
+    rows. The paper's values: ``A = 0.55, B = 1.5`` (the default), ``0.5, 0.4``
+    for Wikipedia data sets, ``0.6, 2.6`` for Amazon ones.
+
+    Args:
+        label_counts: ``[K]`` training rows per label (``torch.bincount(pos.indices, minlength=K)``).
+        num_rows: ``N``.
+
+    Example:
+        >>> inverse_propensity(torch.tensor([0, 10]), 100).round(decimals=3).tolist()
+        [5.775, 2.557]
+    """
+    counts = _as_tensor(label_counts, "label_counts").double()
+    if counts.dim() != 1 or bool((counts < 0).any()):
+        raise ValueError(f"Expected `label_counts` to be non-negative counts [K], but got shape {tuple(counts.shape)}")
+    if isinstance(num_rows, bool) or not isinstance(num_rows, numbers.Integral) or num_rows < 1:
+        raise ValueError(f"Expected `num_rows` to be a positive int, but got {num_rows!r}")
+    c = (math.log(num_rows) - 1) * (b + 1) ** a
+    return 1 + c * (counts + b) ** -a
+
+
+def _check_ips(inv_propensity, k_all: int) -> Tensor:
+    ips = _as_tensor(inv_propensity, "inv_propensity").double()
+    if ips.shape != (k_all,):
+        raise ValueError(f"Expected `inv_propensity` to have shape ({k_all},), but got {tuple(ips.shape)}")
+    return ips
+
+
+def psp_at_k(scores, target, inv_propensity, k: int = 1) -> float:
+    r"""Propensity-scored precision PSP@k (Jain et al., 2016), normalised as the Extreme Classification Repository
+    reports it: each hit of a row's top ``k`` counts its label's inverse propensity (rare labels more), and the sum
+    over rows is divided by that of a perfect ranking (each row's ``k`` positives of largest weight).
+
+    .. math:: \mathrm{PSP@k} = \frac{\sum_i \sum_{r \le k} y_{i\pi_i(r)} / p_{\pi_i(r)}}
+              {\sum_i \max_{S \subseteq Y_i, |S| \le k} \sum_{l \in S} 1/p_l}
+
+    Args:
+        scores, target: as in :func:`average_precision`.
+        inv_propensity: ``[K]`` from :func:`inverse_propensity` on the training labels.
+
+    Example (the top label, 0, is a hit of gain 1; a perfect top-1 is label 2, of gain 3):
+        >>> s, y, ips = torch.tensor([[0.9, 0.1, 0.5]]), torch.tensor([[1, 0, 1]]), torch.tensor([1.0, 1.0, 3.0])
+        >>> round(psp_at_k(s, y, ips), 4), psp_at_k(s, y, ips, k=2)
+        (0.3333, 1.0)
+    """
+    k = _check_k(k)
+    s, y = _format(scores, target)
+    psp = _psp_of_scores(s, y, _check_ips(inv_propensity, s.shape[1]))
+    return _compute_ranking(_update_top(lambda j: _topk_hits(s, y, j), y.sum(1), (k,), psp), (k,))[f"psp_at_{k}"]
+
+
 def annotation_scores(scores, target, k: int = 3) -> dict:
     """Top-k image-annotation metrics of Gong et al. (2014).
 
@@ -430,6 +517,7 @@ class MultilabelEvaluator:
         decoder: a callable ``scores -> bool [N, K]`` giving predicted sets for
             F1 and Hamming loss (see :mod:`mlsoftmax.decode`); none: those are skipped.
         label_ap: also compute ``mean_average_precision``.
+        inv_propensity: ``[K]`` inverse propensities (:func:`inverse_propensity`): also ``psp_at_{k}``.
 
     Example:
         >>> import torch
@@ -439,9 +527,11 @@ class MultilabelEvaluator:
         1.0
     """
 
-    def __init__(self, ks: Sequence[int] = (1, 3, 5), annotation_k: int = 3, decoder=None, label_ap: bool = True):
+    def __init__(self, ks: Sequence[int] = (1, 3, 5), annotation_k: int = 3, decoder=None, label_ap: bool = True,
+                 inv_propensity=None):
         self.ks = tuple(_check_k(k, "ks") for k in ks)
         self.annotation_k, self.decoder, self.label_ap = _check_k(annotation_k, "annotation_k"), decoder, label_ap
+        self.ips = None if inv_propensity is None else _as_tensor(inv_propensity, "inv_propensity").double()
         self.reset()
 
     def reset(self) -> None:
@@ -462,7 +552,8 @@ class MultilabelEvaluator:
 
         self._set_mode("scores")
         s, y = _format(scores, target)
-        self._rank = _merge(self._rank, _update_ranking(s, y, self.ks))
+        psp = None if self.ips is None else _psp_of_scores(s, y, _check_ips(self.ips, s.shape[1]))
+        self._rank = _merge(self._rank, _update_ranking(s, y, self.ks, psp))
         self._annot = _merge(self._annot, _update_sets(top_k(s, self.annotation_k), y))
         if self.decoder is not None:
             self._sets = _merge(self._sets, _update_sets(_as_set(self.decoder(s), "decoded"), y))
@@ -503,8 +594,15 @@ class MultilabelEvaluator:
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= k_all):
             raise ValueError(f"Expected `indices` in [0, {k_all}), but got [{int(idx.min())}, {int(idx.max())}]")
         idx = idx.long()
-        hits, npos, cls = _ranked_hits(idx, target)
-        self._rank = _merge(self._rank, _update_top(lambda k: hits[:, :k], npos, self.ks))
+        hits, npos, rows, cls = _ranked_hits(idx, target)
+        psp = None
+        if self.ips is not None:
+            ips = _check_ips(self.ips, k_all)
+
+            def psp(k: int):  # the inverse-propensity gains of the top labels' hits, and of a perfect top-k
+                return (hits[:, :k] * ips[idx[:, :k]]).sum(1), _ideal_psp(rows, ips[cls], idx.shape[0], k)
+
+        self._rank = _merge(self._rank, _update_top(lambda k: hits[:, :k], npos, self.ks, psp))
         top, top_hits = idx[:, :self.annotation_k], hits[:, :self.annotation_k]
         annot = {"tp": torch.bincount(top[top_hits], minlength=k_all).double(),  # per class: correct, predicted, true
                  "pred": torch.bincount(top.reshape(-1), minlength=k_all).double(),
