@@ -57,10 +57,6 @@ def load_data(args):
         val = D.dataset_from_dense(*D.load_yeast("val", val_fraction=args.val_fraction, seed=args.split_seed))
         test = D.dataset_from_dense(*D.load_yeast("test"))
         return fit, val, test
-    for path in filter(None, (args.data, args.test_data)):
-        fmt = args.format or D.guess_format(path)
-        if fmt in ("arff", "csv") and not args.num_labels:
-            raise CLIError(f"--num-labels is needed to read {path} as {fmt}")
     full = D.load_file(args.data, args.format, args.num_labels)
     if args.test_data:
         train, test = full, D.load_file(args.test_data, args.format, args.num_labels)

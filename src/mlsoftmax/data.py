@@ -422,11 +422,11 @@ def guess_format(path) -> str:
 
 def load_file(path, fmt: Optional[str] = None, num_labels: Optional[int] = None) -> MultiLabelDataset:
     """Read ``path`` in format ``fmt`` (``xc``, ``arff``, ``csv``, ``npz``; :func:`guess_format` if None)."""
+    fmt = fmt or guess_format(path)
+    if fmt in ("arff", "csv") and not num_labels:  # (a DataFormatError: the CLI prints it as one line)
+        raise DataFormatError(path, None, f"the {fmt} format needs the number of labels (num_labels, --num-labels)")
     if not os.path.exists(path):
         raise DataFormatError(path, None, "no such file")
-    fmt = fmt or guess_format(path)
-    if fmt in ("arff", "csv") and not num_labels:
-        raise ValueError(f"Expected `num_labels` for the {fmt} format, but got {num_labels!r}")
     return {"xc": lambda: read_xc(path), "arff": lambda: read_arff(path, num_labels),
             "csv": lambda: read_csv(path, num_labels), "npz": lambda: read_npz(path)}[fmt]()
 
