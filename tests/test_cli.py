@@ -173,7 +173,7 @@ def test_predict_reads_a_sparse_xc_file(tmp_path, capsys):
         (["train", "--epochs", "0"], "--epochs must be >= 1"),
         (["predict", "--checkpoint", "/nonexistent", "--input", "x.csv"], "no checkpoint"),
         (["compare", "--losses", "softmax,foo"], "unknown loss 'foo'"),
-        (["train", "--data", "data.csv"], "data.csv: the csv format needs the number of labels (num_labels, --num-labels)"),
+        (["train", "--data", "data.csv"], "data.csv: the csv format needs the number of labels (num_labels, --num"),
         (["train", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["train", "--lr", "-1"], "--lr must be > 0, got -1.0"),
         (["train", "--val-fraction", "1.5"], "--val-fraction must be in (0, 1), got 1.5"),
