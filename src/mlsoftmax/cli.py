@@ -741,12 +741,19 @@ def make_parser():
 
 
 # the numeric options' ranges: (name, test, what it must be); a command without the option skips it
-RANGES = (("epochs", lambda v: v >= 1, ">= 1"), ("batch_size", lambda v: v >= 1, ">= 1"),
-          ("hidden", lambda v: v >= 1, ">= 1"), ("seeds", lambda v: v >= 1, ">= 1"),
-          ("top_k", lambda v: v >= 1, ">= 1"), ("num_labels", lambda v: v is None or v >= 1, ">= 1"),
-          ("lr", lambda v: v > 0, "> 0"),
-          ("weight_decay", lambda v: v >= 0, ">= 0"), ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-          ("val_fraction", lambda v: 0 < v < 1, "in (0, 1)"), ("dist_timeout", lambda v: v > 0, "> 0"))
+RANGES = (
+    ("epochs", lambda v: v >= 1, ">= 1"),
+    ("batch_size", lambda v: v >= 1, ">= 1"),
+    ("hidden", lambda v: v >= 1, ">= 1"),
+    ("seeds", lambda v: v >= 1, ">= 1"),
+    ("top_k", lambda v: v >= 1, ">= 1"),
+    ("num_labels", lambda v: v is None or v >= 1, ">= 1"),
+    ("lr", lambda v: v > 0, "> 0"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("val_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("dist_timeout", lambda v: v > 0, "> 0"),
+)
 
 
 def main(argv=None):
