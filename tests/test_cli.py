@@ -288,6 +288,7 @@ def test_top_k_evaluation_for_extreme_label_spaces(tmp_path, monkeypatch, capsys
     ips = M.inverse_propensity(y_fit.sum(0).long(), len(y_fit))
     for k in (1, 3, 5):
         assert test[f"psp_at_{k}"] == pytest.approx(M.psp_at_k(s, y, ips, k), abs=1e-12)
+        assert test[f"psndcg_at_{k}"] == pytest.approx(M.psndcg_at_k(s, y, ips, k), abs=1e-12)
     # --eval full on the same run: every metric again
     assert main(["train", "--model", "linear", "--epochs", "1", "--eval", "full", "--out", str(tmp_path / "f")]) == 0
     assert "average_precision" in json.loads((tmp_path / "f" / "metrics.json").read_text())["test"]

@@ -174,14 +174,20 @@ def test_evaluator_top_k_updates_match_sklearn_and_the_score_updates(rng, form):
 
 
 def _psp_oracle(s, y, ips, k):
-    """PSP@k by loops, as the Extreme Classification Repository's tools compute it: the rows' inverse-propensity
-    gains of their top-k hits, over those of each row's k positives of largest gain."""
-    got = best = 0.0
+    """(PSP@k, PSnDCG@k) by loops, as the Extreme Classification Repository's tools compute them: the rows'
+    inverse-propensity gains of their top-k hits (PSnDCG: discounted by rank and divided by the row's binary ideal
+    DCG), over the same for each row's positives in decreasing gain."""
+    p_got = p_best = n_got = n_best = 0.0
     for si, yi in zip(s, y):
         top = np.argsort(-si, kind="stable")[:k]
-        got += sum(ips[j] for j in top if yi[j])
-        best += sum(sorted((ips[j] for j in np.flatnonzero(yi)), reverse=True)[:k])
-    return got / best if best else 0.0
+        gains = [ips[j] if yi[j] else 0.0 for j in top]
+        ideal = sorted((ips[j] for j in np.flatnonzero(yi)), reverse=True)[:k]
+        p_got, p_best = p_got + sum(gains), p_best + sum(ideal)
+        if yi.any():
+            z = sum(1 / np.log2(r + 2) for r in range(min(k, int(yi.sum()))))
+            n_got += sum(g / np.log2(r + 2) for r, g in enumerate(gains)) / z
+            n_best += sum(g / np.log2(r + 2) for r, g in enumerate(ideal)) / z
+    return p_got / p_best if p_best else 0.0, n_got / n_best if n_best else 0.0
 
 
 def test_inverse_propensity_follows_jain_et_al():
@@ -212,14 +218,16 @@ def test_psp_matches_a_loop_oracle_in_every_api(rng, form):
         ev_all.update(s[i:i + 10], tgt(y[i:i + 10]))
         ev_top.update_top_k(torch.from_numpy(np.argsort(-s[i:i + 10], axis=1)), tgt(y[i:i + 10]))
     for k in (1, 3, 8):
-        expected = _psp_oracle(s, y, ips.numpy(), k)
-        assert M.psp_at_k(s, tgt(y), ips, k=k) == pytest.approx(expected, abs=1e-12)
-        assert ev_all.compute()[f"psp_at_{k}"] == pytest.approx(expected, abs=1e-12)
-        assert ev_top.compute()[f"psp_at_{k}"] == pytest.approx(expected, abs=1e-12)
-    assert 0 < expected <= 1
+        psp, psndcg = _psp_oracle(s, y, ips.numpy(), k)
+        assert M.psp_at_k(s, tgt(y), ips, k=k) == pytest.approx(psp, abs=1e-12)
+        assert M.psndcg_at_k(s, tgt(y), ips, k=k) == pytest.approx(psndcg, abs=1e-12)
+        for ev in (ev_all, ev_top):
+            assert ev.compute()[f"psp_at_{k}"] == pytest.approx(psp, abs=1e-12)
+            assert ev.compute()[f"psndcg_at_{k}"] == pytest.approx(psndcg, abs=1e-12)
+        assert 0 < psp <= 1 and 0 < psndcg <= 1
     plain = M.MultilabelEvaluator(ks=(1,), label_ap=False)  # without propensities: no PSP
     plain.update(s, y)
-    assert "psp_at_1" not in plain.compute()
+    assert "psp_at_1" not in plain.compute() and "psndcg_at_1" not in plain.compute()
     with pytest.raises(ValueError, match=r"`inv_propensity` to have shape \(6,\)"):
         M.psp_at_k(s, y, ips[:5])
 
@@ -232,6 +240,8 @@ def test_psp_hand_computed():
     assert M.psp_at_k(s, y, ips, k=1) == pytest.approx(1 / 3)
     assert M.psp_at_k(s, y, ips, k=2) == pytest.approx(1.0)
     assert M.psp_at_k(s[1:], y[1:], ips, k=1) == 0.0
+    # PSnDCG@2: ranked gains 1 then 3 against a perfect ranking's 3 then 1
+    assert M.psndcg_at_k(s, y, ips, k=2) == pytest.approx((1 + 3 / np.log2(3)) / (3 + 1 / np.log2(3)))
 
 
 def test_evaluator_top_k_bad_input():

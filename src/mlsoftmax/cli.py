@@ -474,7 +474,7 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
     decoder = None if top_eval else fit_decoder(predict_scores(final, val, device), val.labels, rule=args.decode,
                                                 metric="micro_f1")
     # test metrics: each rank scores its rows, the metric states are all-reduced; the extreme-classification
-    # evaluation adds propensity-scored precision, the labels' propensities from the training rows
+    # evaluation adds propensity-scored precision and nDCG, the labels' propensities from the training rows
     ips = None
     if top_eval:
         from .metrics import inverse_propensity
@@ -500,6 +500,7 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
 
 TABLE_KEYS = ("average_precision", "ranking_loss", "coverage", "one_error", "precision_at_1", "precision_at_3",
               "precision_at_5", "ndcg_at_3", "ndcg_at_5", "recall_at_5", "psp_at_1", "psp_at_3", "psp_at_5",
+              "psndcg_at_3", "psndcg_at_5",
               "mean_average_precision", "micro_f1", "macro_f1", "hamming_loss")
 
 
@@ -695,7 +696,7 @@ def _common(p):
                         "annotation scores from each row's top 5 labels (scored in label chunks), the epoch picked "
                         f"by validation nDCG@5; auto: top-k from {FUSED_MIN_CLASSES} labels")
     p.add_argument("--propensity", nargs=2, type=float, default=(0.55, 1.5), metavar=("A", "B"),
-                   help="the top-k evaluation's propensity-scored precision PSP@k: Jain et al.'s A and B (0.55 1.5; "
+                   help="the top-k evaluation's propensity-scored metrics (PSP@k, PSnDCG@k): Jain et al.'s A and B (0.55 1.5; "
                         "0.5 0.4 for Wikipedia data, 0.6 2.6 for Amazon), propensities from the training labels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

@@ -36,6 +36,7 @@ __all__ = [
     "ndcg_at_k",
     "inverse_propensity",
     "psp_at_k",
+    "psndcg_at_k",
     "annotation_scores",
     "mean_average_precision",
     "hamming_loss",
@@ -145,15 +146,20 @@ def _topk_hits(s: Tensor, y: Tensor, k: int) -> Tensor:
     return torch.gather(y, 1, idx)
 
 
+def _discounts(k: int) -> Tensor:
+    """``[k]`` DCG's position discounts ``1 / log2(r + 1)``, r = 1..k."""
+    return 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
+
+
 def _ideal_psp(rows: Tensor, gains: Tensor, n: int, k: int) -> Tensor:
-    """``[N]`` the largest sum of ``k`` of each row's positives' gains (``rows``, ``gains`` ``[nnz]``): the
-    propensity-scored gain of a perfect top-k."""
+    """``[N, k]`` each row's positives' gains (``rows``, ``gains`` ``[nnz]``), largest first, 0 past its
+    positives: the propensity-scored gains of a perfect top-k, rank by rank."""
     order = torch.argsort(gains, descending=True, stable=True)
     order = order[torch.argsort(rows[order], stable=True)]  # by row, each row's gains largest first
     r = rows[order]
-    first = torch.searchsorted(r, r)  # [nnz] where each entry's row begins (rows sorted)
-    keep = torch.arange(r.numel()) - first < k
-    return torch.zeros(n, dtype=torch.float64).index_add_(0, r[keep], gains[order][keep])
+    rank = torch.arange(r.numel()) - torch.searchsorted(r, r)  # [nnz] rank within the row (rows sorted)
+    keep = rank < k
+    return torch.zeros(n, k, dtype=torch.float64).index_put_((r[keep], rank[keep]), gains[order][keep])
 
 
 def _ndcg_rows(hits: Tensor, npos: Tensor) -> Tensor:
@@ -195,7 +201,8 @@ def _ranked_hits(idx: Tensor, target) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 def _update_top(hits_of, npos: Tensor, ks: Sequence[int], psp_of=None) -> dict:
     """Summed per-row statistics of the top-k metrics; ``hits_of(k)``: ``[N, <=k]`` hits of each row's top labels;
-    ``psp_of(k)``, if given: ``([N], [N])`` the inverse-propensity gains of those hits and of a perfect top-k."""
+    ``psp_of(k)``, if given: ``([N, <=k], [N, k])`` the inverse-propensity gains of those hits and of a perfect
+    top-k, rank by rank."""
     has = npos > 0
     st = {"rows": float(npos.shape[0]), "rows_pos": float(has.sum()),
           "one_error": float((has & ~hits_of(1)[:, 0]).sum())}
@@ -208,6 +215,11 @@ def _update_top(hits_of, npos: Tensor, ks: Sequence[int], psp_of=None) -> dict:
         if psp_of is not None:
             got, best = psp_of(k)
             st[f"psp_at_{k}"], st[f"psp_ideal_at_{k}"] = float(got.sum()), float(best.sum())
+            # PSnDCG: each row's discounted gains over its binary ideal DCG (as nDCG@k), then over a perfect ranking's
+            idcg = torch.cumsum(_discounts(k), 0)[(npos.long().clamp(max=k) - 1).clamp_min(0)]  # [N]
+            disc = _discounts(k)
+            st[f"psndcg_at_{k}"] = float(((got * disc[:got.shape[1]]).sum(1) / idcg).sum())
+            st[f"psndcg_ideal_at_{k}"] = float(((best * disc).sum(1) / idcg).sum())
     return st
 
 
@@ -217,7 +229,7 @@ def _psp_of_scores(s: Tensor, y: Tensor, ips: Tensor):
 
     def psp_of(k: int):
         top = torch.topk(s, min(k, s.shape[1]), dim=1).indices  # [N, k]
-        return (torch.gather(y, 1, top) * ips[top]).sum(1), _ideal_psp(rows, ips[cls], s.shape[0], k)
+        return torch.gather(y, 1, top) * ips[top], _ideal_psp(rows, ips[cls], s.shape[0], k)
 
     return psp_of
 
@@ -241,9 +253,10 @@ def _compute_ranking(st: dict, ks: Sequence[int]) -> dict:
         out[f"precision_at_{k}"] = st[f"precision_at_{k}"] / n
         out[f"recall_at_{k}"] = st[f"recall_at_{k}"] / npos
         out[f"ndcg_at_{k}"] = st[f"ndcg_at_{k}"] / npos
-        if f"psp_at_{k}" in st:  # normalised by a perfect ranking's, as the XC repository reports it
-            ideal = st[f"psp_ideal_at_{k}"]
-            out[f"psp_at_{k}"] = st[f"psp_at_{k}"] / ideal if ideal > 0 else 0.0
+        for key in (f"psp_at_{k}", f"psndcg_at_{k}"):  # over a perfect ranking's, as the XC repository reports them
+            if key in st:
+                ideal = st[key.replace("_at_", "_ideal_at_")]
+                out[key] = st[key] / ideal if ideal > 0 else 0.0
     return out
 
 
@@ -451,6 +464,28 @@ def psp_at_k(scores, target, inv_propensity, k: int = 1) -> float:
     return _compute_ranking(_update_top(lambda j: _topk_hits(s, y, j), y.sum(1), (k,), psp), (k,))[f"psp_at_{k}"]
 
 
+def psndcg_at_k(scores, target, inv_propensity, k: int = 1) -> float:
+    r"""Propensity-scored nDCG@k (Jain et al., 2016), normalised as the Extreme Classification Repository reports it:
+    each row's DCG with inverse-propensity gains, over its binary ideal DCG (as :func:`ndcg_at_k`), summed over the
+    rows and divided by the same sum for a perfect ranking (each row's positives by decreasing gain).
+
+    .. math:: \mathrm{PSnDCG@k} = rac{\sum_i Z_i^{-1} \sum_{r \le k} y_{i\pi_i(r)} / (p_{\pi_i(r)} \log_2(r+1))}
+              {\sum_i Z_i^{-1} \sum_{r \le k} g^*_{ir} / \log_2(r+1)}, \qquad
+              Z_i = \sum_{r=1}^{\min(k, |Y_i|)} rac{1}{\log_2(r+1)}
+
+    with ``g*_i`` row ``i``'s positives' gains ``1/p`` in decreasing order. Arguments as in :func:`psp_at_k`.
+
+    Example (ranked gains 1 then 3, against a perfect ranking's 3 then 1: ``(1 + 3/log2 3) / (3 + 1/log2 3)``):
+        >>> s, y, ips = torch.tensor([[0.9, 0.1, 0.5]]), torch.tensor([[1, 0, 1]]), torch.tensor([1.0, 1.0, 3.0])
+        >>> round(psndcg_at_k(s, y, ips, k=2), 4)
+        0.7967
+    """
+    k = _check_k(k)
+    s, y = _format(scores, target)
+    psp = _psp_of_scores(s, y, _check_ips(inv_propensity, s.shape[1]))
+    return _compute_ranking(_update_top(lambda j: _topk_hits(s, y, j), y.sum(1), (k,), psp), (k,))[f"psndcg_at_{k}"]
+
+
 def annotation_scores(scores, target, k: int = 3) -> dict:
     """Top-k image-annotation metrics of Gong et al. (2014).
 
@@ -517,7 +552,8 @@ class MultilabelEvaluator:
         decoder: a callable ``scores -> bool [N, K]`` giving predicted sets for
             F1 and Hamming loss (see :mod:`mlsoftmax.decode`); none: those are skipped.
         label_ap: also compute ``mean_average_precision``.
-        inv_propensity: ``[K]`` inverse propensities (:func:`inverse_propensity`): also ``psp_at_{k}``.
+        inv_propensity: ``[K]`` inverse propensities (:func:`inverse_propensity`): also ``psp_at_{k}`` and
+            ``psndcg_at_{k}``.
 
     Example:
         >>> import torch
@@ -600,7 +636,7 @@ class MultilabelEvaluator:
             ips = _check_ips(self.ips, k_all)
 
             def psp(k: int):  # the inverse-propensity gains of the top labels' hits, and of a perfect top-k
-                return (hits[:, :k] * ips[idx[:, :k]]).sum(1), _ideal_psp(rows, ips[cls], idx.shape[0], k)
+                return hits[:, :k] * ips[idx[:, :k]], _ideal_psp(rows, ips[cls], idx.shape[0], k)
 
         self._rank = _merge(self._rank, _update_top(lambda k: hits[:, :k], npos, self.ks, psp))
         top, top_hits = idx[:, :self.annotation_k], hits[:, :self.annotation_k]
