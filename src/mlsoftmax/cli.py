@@ -696,8 +696,9 @@ def _common(p):
                         "annotation scores from each row's top 5 labels (scored in label chunks), the epoch picked "
                         f"by validation nDCG@5; auto: top-k from {FUSED_MIN_CLASSES} labels")
     p.add_argument("--propensity", nargs=2, type=float, default=(0.55, 1.5), metavar=("A", "B"),
-                   help="the top-k evaluation's propensity-scored metrics (PSP@k, PSnDCG@k): Jain et al.'s A and B (0.55 1.5; "
-                        "0.5 0.4 for Wikipedia data, 0.6 2.6 for Amazon), propensities from the training labels")
+                   help="the top-k evaluation's propensity-scored metrics (PSP@k, PSnDCG@k): Jain et al.'s A and B "
+                        "(0.55 1.5; 0.5 0.4 for Wikipedia data, 0.6 2.6 for Amazon), propensities from the training "
+                        "labels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--amp", action="store_true",
