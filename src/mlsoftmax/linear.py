@@ -83,7 +83,10 @@ def plan(impl: str, b: int, d: int, k: int, dtype: torch.dtype, *, budget: Optio
       ``O(nnz + B)`` more, in at most ``triton_linear.MAX_LEAN_CHUNKS``
       chunks of rows (balanced). Chosen when the fast route does not fit.
     * ``("triton_labels", C)``, the lean route: four GEMMs, chunks of ``C``
-      classes; needs ``B C`` logits plus two ``[B, D]`` fp32 buffers.
+      classes; needs ``B C`` logits plus two ``[B, D]`` fp32 buffers. Always for
+      fp16 GEMMs: the rows routes form ``G`` in the forward, rounded to fp16
+      before the upstream gradient (a ``GradScaler``'s loss scale) is known, so
+      its small entries would underflow; this route forms it in the backward.
 
     (Under autocast the bf16 copies of the operands, which ``F.linear`` makes too,
     come on top of the budget.)
@@ -97,6 +100,8 @@ def plan(impl: str, b: int, d: int, k: int, dtype: torch.dtype, *, budget: Optio
     budget = _budget(budget, device)
     if impl != "triton":
         return "torch", default_chunk(b, k, dtype, budget)
+    if dtype == torch.float16:  # the rows routes round G to fp16 in the forward, before a loss scale reaches it
+        return "triton_labels", labels_chunk(b, d, k, dtype, budget)
     elt = torch.finfo(dtype).bits // 8
     acc = 0 if torch.float32 in (dtype, grad_dtype) else 4 * k * d  # the fp32 dW accumulator, if not dW itself
     rows = min(max(b, 1), max(0, budget - acc) // max(k * elt, 1))

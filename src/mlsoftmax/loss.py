@@ -564,6 +564,11 @@ def multilabel_softmax_loss(
     batch_shape = logits.shape[:-1]
     x = logits.reshape(-1, k)  # [B, K]
     chosen = resolve_impl(impl, x)
+    if impl == "auto" and x.dtype == torch.float16 and not inplace:
+        # fp16: the fused paths round the gradient they form in the forward to fp16 before the upstream gradient
+        # (a GradScaler's loss scale) reaches it, so its small entries underflow; the torch path forms it in the
+        # backward, scaled first, as PyTorch's own loss does
+        chosen = "torch"
     if inplace and chosen != "triton":
         raise ValueError(f"Expected impl='triton' (a CUDA tensor) for inplace=True, but got impl={chosen!r}")
     if func and impl in ("triton", "compile"):
