@@ -183,6 +183,8 @@ def test_low_precision_no_worse_than_naive(route, dtype, extras, rng):
     """bf16/fp16 inputs: loss, dW and db errors (vs fp64) within 2x of the naive path in the same dtype,
     ``F.linear`` (which adds the bias in its GEMM, rounding the logits once) and the loss; with a logit scale
     ``s``, ``F.linear(s * h, w, b)``."""
+    if dtype == torch.float16 and route.startswith("triton_rows"):
+        pytest.skip("fp16 GEMMs take the labels route (plan): the triton_labels cases cover them")
     b, d, k = 16, 32, 700
     h64, w64 = torch.tensor(rng.normal(size=(b, d))), torch.tensor(rng.normal(size=(k, d)) / 4)
     b64 = torch.tensor(rng.normal(size=k)) if extras != "none" else None
