@@ -336,7 +336,8 @@ def linear_multilabel_softmax_loss(
             gradients (default 256 MB on GPUs, 32 MB on the CPU). It sizes the
             chunks, and with ``impl="triton"`` picks the route: the fast one
             (three GEMMs, needs ``4 K D`` bytes for an fp32 ``dW`` accumulator
-            in bf16/fp16) when it fits, else for a sparse target the lean rows
+            in bf16) when it fits (fp16 GEMMs always take the labels route, whose
+            gradient meets a loss scale before its fp16 rounding), else for a sparse target the lean rows
             route (three GEMMs, ``dW`` accumulated in its own dtype with the
             target terms apart; ``kernels.triton_linear.LEAN_ROWS``), else the
             labels route (four GEMMs; see :func:`plan`).
