@@ -11,6 +11,7 @@ Commands:
     python benchmarks/bench_loss.py --device cuda --sweep                       # K 1k..1M, B 1..16k, 1 and 8 positives
     python benchmarks/bench_loss.py --device cpu --sweep --cases torch ours     # the same, up to B*K = 2^26
     python benchmarks/bench_loss.py --device cuda --dtype bf16 --B 4096 --K 131072 --profile --cases ours
+    python benchmarks/bench_loss.py --device cuda --dtype fp16 --B 4096 --K 131072 --loss-scale 16384
 
 Cases: ``ours`` (impl=auto, sparse Positives), ``ours-small``, ``ours-torch`` and ``ours-compile`` (CPU: what
 "auto" chooses between: F.cross_entropy on the dense target below ``SMALL_MAX_ELEMS`` logits, the chunked torch
@@ -88,10 +89,10 @@ def case_fn(name, x, pos, k):
     raise ValueError(name)
 
 
-def time_case(fn, x, reps, device):
+def time_case(fn, x, reps, device, loss_scale=1.0):
     def once():
         z = x.detach().requires_grad_()
-        fn(z).backward()
+        (fn(z) if loss_scale == 1.0 else fn(z) * loss_scale).backward()
 
     return median_seconds(once, reps, device == "cuda")
 
@@ -178,7 +179,7 @@ def run_time(args, cases):
                         if dev == "cuda":
                             torch.cuda.reset_peak_memory_stats()
                             m0 = torch.cuda.memory_allocated()
-                        t = time_case(fn, x, args.reps, dev)
+                        t = time_case(fn, x, args.reps, dev, args.loss_scale)
                         peak = (torch.cuda.max_memory_allocated() - m0) / 2**20 if dev == "cuda" else float("nan")
                     except Exception as e:  # noqa: BLE001 - report and go on
                         print(f"  {c}: skipped ({type(e).__name__}: {str(e)[:80]})")
@@ -202,6 +203,8 @@ def main():
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--cases", nargs="+", default=None)
+    p.add_argument("--loss-scale", type=float, default=1.0,
+                   help="the upstream gradient of the loss, as a GradScaler's (fp16 training runs with one)")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--max-elems", type=int, default=0,
                    help="largest B*K in the sweep (default 2^31 on CUDA, 2^26 on the CPU)")

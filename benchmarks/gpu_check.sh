@@ -95,8 +95,13 @@ host() {
   run 60 host.txt $L --dtype bf16 fp32 --B 4096 --K 131072 --npos 8 --cases torch compile
 }
 # 6. Mixed precision as training runs it (fp32 master weight, bf16 autocast): the fused routes against PyTorch's own
-#    autocast composition; an fp32 weight's gradient is the rows route's accumulator, with no final cast
-amp() { run 60 bench_linear_amp.txt $F --amp --reps 3 --cases gemms naive ours-fast ours-lean; }
+#    autocast composition; an fp32 weight's gradient is the rows route's accumulator, with no final cast. Then fp16
+#    under a GradScaler's loss scale: ours (two Triton passes, the gradient formed in the backward) against eager
+#    PyTorch and the torch path that "auto" took for fp16 before
+amp() {
+  run 60 bench_linear_amp.txt $F --amp --reps 3 --cases gemms naive ours-fast ours-lean
+  run 45 bench_fp16.txt $L --dtype fp16 --B 4096 --K 131072 --npos 8 --loss-scale 16384 --cases torch ours ours-torch
+}
 # 7. Where the time goes: torch.profiler on the loss kernel and the linear routes
 profile() {
   run 60 profile.txt $L --dtype bf16 --B 4096 --K 131072 --npos 8 --profile --cases ours

@@ -19,7 +19,7 @@ sys.path.insert(0, str(BENCH))
 from _common import split_knobs  # noqa: E402
 
 # the cases run below: every case that gpu_check.sh passes must be one of them (or a peer's, timed when installed)
-LOSS_CASES = ["torch", "ours", "ours-triton", "ours-small", "ours-dense", "ours-r", "ours-f", "ours-w32", "ours-s",
+LOSS_CASES = ["torch", "ours", "ours-triton", "ours-torch", "ours-small", "ours-dense", "ours-r", "ours-f", "ours-w32", "ours-s",
               "ours-w32-s", "ours-w32-p132-s", "ours-n3", "ours-n3-s", "ours-n4-s", "ours-l-s", "ours-l-g4-s",
               "ours-l-c65536-s", "ours-s-p264", "ours-r-p2", "ours-b64", "compile", "ours-cg"]
 LINEAR_CASES = ["gemms", "naive", "ours-fast", "ours-fast-r", "ours-fast-e", "ours-fast-n3-s", "ours-lean",
@@ -62,6 +62,15 @@ def test_loss_benchmark_runs_every_case_of_the_gpu_check():
     out = _run("bench_loss.py", "--device", "cpu", "--B", "3", "--K", "300", "--npos", "2", "--reps", "1",
                "--cases", *cases)
     rows = {line.split()[4] for line in out.splitlines() if line.startswith("fp32")}
+    assert rows == set(cases) and "skipped" not in out, out
+
+
+def test_loss_benchmark_runs_fp16_under_a_loss_scale():
+    """gpu_check.sh's fp16 line: its options parse and its cases run."""
+    cases = ["torch", "ours", "ours-triton", "ours-torch"]
+    out = _run("bench_loss.py", "--device", "cpu", "--dtype", "fp16", "--B", "3", "--K", "300", "--npos", "2",
+               "--reps", "1", "--loss-scale", "16384", "--cases", *cases)
+    rows = {line.split()[4] for line in out.splitlines() if line.startswith("fp16")}
     assert rows == set(cases) and "skipped" not in out, out
 
 

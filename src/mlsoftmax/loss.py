@@ -38,16 +38,22 @@ def _msl_forward_impl(
     values: Optional[Tensor],
     weight: Optional[Tensor],
     label_smoothing: float,
+    triton: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Pure-torch per-row statistics (see ``kernels.torch_chunked.row_stats``)."""
-    return torch_chunked.row_stats(logits, dense, indices, row_ids, values, weight, label_smoothing)
+    """Per-row statistics (see ``kernels.torch_chunked.row_stats``), its sums in torch or in one Triton pass."""
+    sums = None
+    if triton:
+        from .kernels import triton_loss
+
+        sums = triton_loss.partial_sums
+    return torch_chunked.row_stats(logits, dense, indices, row_ids, values, weight, label_smoothing, sums=sums)
 
 
 _msl_forward = torch.library.custom_op("mlsoftmax::msl_forward", _msl_forward_impl, mutates_args=())
 
 
 @_msl_forward.register_fake
-def _(logits, dense, indices, row_ids, values, weight, label_smoothing):
+def _(logits, dense, indices, row_ids, values, weight, label_smoothing, triton=False):
     acc = torch_chunked.acc_dtype(logits.dtype)
     b = logits.shape[0]
     return tuple(logits.new_empty(b, dtype=acc) for _ in range(5))
@@ -65,18 +71,24 @@ def _msl_backward_impl(
     values: Optional[Tensor],
     weight: Optional[Tensor],
     label_smoothing: float,
+    triton: bool = False,
 ) -> Tensor:
-    """Pure-torch gradient (see ``kernels.torch_chunked.backward``)."""
-    return torch_chunked.backward(
-        grad_rows, logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, label_smoothing
-    )
+    """The gradient (see ``kernels.torch_chunked.backward``), in torch or in one Triton pass."""
+    if triton:
+        from .kernels import triton_loss
+
+        kern = triton_loss
+    else:
+        kern = torch_chunked
+    return kern.backward(grad_rows, logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight,
+                         label_smoothing)
 
 
 _msl_backward = torch.library.custom_op("mlsoftmax::msl_backward", _msl_backward_impl, mutates_args=())
 
 
 @_msl_backward.register_fake
-def _(grad_rows, logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, label_smoothing):
+def _(grad_rows, logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, label_smoothing, triton=False):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -269,6 +281,11 @@ def _split_row_scale(row_scale: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     return row_scale, None
 
 
+def _two_pass(impl: str, dtype: torch.dtype, inplace: bool) -> bool:
+    """Whether fp16 under ``impl="triton"`` takes the two Triton passes that form the gradient in the backward."""
+    return impl == "triton" and dtype == torch.float16 and not inplace
+
+
 class MultiLabelSoftmaxFunction(torch.autograd.Function):
     """Per-row ``row_scale * loss`` ``[B]`` from logits ``[B, K]``.
 
@@ -283,12 +300,20 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
 
     ``impl="compile"``: the same design on the CPU, with one Inductor-generated
     C++ kernel (``kernels.compiled_loss``).
+
+    fp16 with ``impl="triton"`` (not in place): the torch path's design, its two
+    passes in Triton (``triton_loss.partial_sums``, then ``triton_loss.backward``):
+    the gradient is formed in the backward, after the upstream gradient (a loss
+    scale) has reached it, and rounded to fp16 once. Formed in the forward, its
+    small entries would round to fp16 before the scale and underflow.
     """
 
     @staticmethod
     def forward(ctx, logits, dense, indices, offsets, row_ids, values, weight, row_scale, label_smoothing, impl,
                 inplace):
-        ctx.impl, ctx.label_smoothing = impl, label_smoothing
+        two_pass = _two_pass(impl, logits.dtype, inplace)
+        impl = "torch" if two_pass else impl  # fp16: the torch path's design, with Triton's passes
+        ctx.impl, ctx.label_smoothing, ctx.two_pass = impl, label_smoothing, two_pass
         # The ops are called through the dispatcher only under torch.compile, where they must be opaque
         # and fakeable; in eager mode their bodies run directly (the op layer costs ~0.1 ms a call).
         eager = not torch.compiler.is_compiling()
@@ -317,7 +342,8 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
             ctx.save_for_backward(grad)
             return rows
         fwd = _msl_forward_impl if eager else torch.ops.mlsoftmax.msl_forward
-        loss, lse, coef, inv_mass, _mass = fwd(logits, dense, indices, row_ids, values, weight, label_smoothing)
+        loss, lse, coef, inv_mass, _mass = fwd(logits, dense, indices, row_ids, values, weight, label_smoothing,
+                                               two_pass)
         ctx.save_for_backward(logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, row_scale)
         return loss * row_scale
 
@@ -351,7 +377,7 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
             bwd = _msl_backward_impl if not torch.compiler.is_compiling() else torch.ops.mlsoftmax.msl_backward
             grad = bwd(
                 (grad_rows * row_scale).contiguous(), logits, lse, coef, inv_mass, dense, indices, row_ids, values,
-                weight, ctx.label_smoothing,
+                weight, ctx.label_smoothing, ctx.two_pass,
             )
         return (grad,) + (None,) * 10
 
@@ -530,7 +556,9 @@ def multilabel_softmax_loss(
             2^18 logits when a C++ compiler is found, else the pure-torch path.
             Small problems (under 2^15 logits on the CPU, 2^26 on CUDA), whose
             time is the host's cost per op, go to PyTorch's own
-            ``F.cross_entropy`` on the dense target.
+            ``F.cross_entropy`` on the dense target. fp16 forms its gradient
+            in the backward, after a loss scale has reached it: two Triton
+            passes on CUDA, the torch path under ``"auto"`` on the CPU.
         inplace: Triton only: write the gradient over ``logits`` (no extra
             ``[B, K]`` memory). This destroys the logits: do not use them after
             the call.
@@ -564,10 +592,10 @@ def multilabel_softmax_loss(
     batch_shape = logits.shape[:-1]
     x = logits.reshape(-1, k)  # [B, K]
     chosen = resolve_impl(impl, x)
-    if impl == "auto" and x.dtype == torch.float16 and not inplace:
-        # fp16: the fused paths round the gradient they form in the forward to fp16 before the upstream gradient
-        # (a GradScaler's loss scale) reaches it, so its small entries underflow; the torch path forms it in the
-        # backward, scaled first, as PyTorch's own loss does
+    if impl == "auto" and chosen == "compile" and x.dtype == torch.float16:
+        # fp16: the fused CPU kernel rounds the gradient it forms in the forward to fp16 before the upstream
+        # gradient (a GradScaler's loss scale) reaches it, so its small entries underflow; the torch path forms it
+        # in the backward, scaled first, as PyTorch's own loss does (and fp16 "triton" does, in Triton passes)
         chosen = "torch"
     if inplace and chosen != "triton":
         raise ValueError(f"Expected impl='triton' (a CUDA tensor) for inplace=True, but got impl={chosen!r}")
@@ -578,8 +606,10 @@ def multilabel_softmax_loss(
     if grad_of is not None and (impl in ("triton", "compile") or inplace):
         _check_no_grad(grad_of, f"impl={impl!r}" + (" with inplace=True" if inplace else ""))
     small = func or grad_of is not None or small_path(impl, chosen, x, inplace)
-    # the Triton kernel reads the CSR offsets; row ids only for the other paths (or soft values' row sums)
-    need_rows = small or chosen != "triton" or (isinstance(target, Positives) and target.values is not None)
+    # the fused Triton kernel reads the CSR offsets; row ids only for the other paths (fp16's two Triton passes
+    # among them) or soft values' row sums
+    need_rows = (small or chosen != "triton" or _two_pass(chosen, x.dtype, inplace)
+                 or isinstance(target, Positives) and target.values is not None)
     acc = torch_chunked.acc_dtype(x.dtype)
     offsets = target.offsets if isinstance(target, Positives) else None
     with _checks_under(func):

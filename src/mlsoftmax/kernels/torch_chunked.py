@@ -85,8 +85,11 @@ def row_stats(
     values: Optional[Tensor],  # [nnz] or None
     weight: Optional[Tensor],  # [K] or None
     label_smoothing: float,
+    sums=None,
 ):
     """Per-row statistics of the forward pass.
+
+    ``sums`` computes the per-row sums in place of :func:`partial_sums` (Triton's one pass has its signature).
 
     Returns:
         ``(loss, lse, coef, inv_mass, mass)``, each ``[B]`` in the accumulation
@@ -95,7 +98,7 @@ def row_stats(
     """
     k = x.shape[1]
     eps = float(label_smoothing)
-    parts = partial_sums(x, dense, indices, row_ids, values, weight, eps > 0)
+    parts = (partial_sums if sums is None else sums)(x, dense, indices, row_ids, values, weight, eps > 0)
     wsum = float(k) if weight is None else weight.to(parts[0].dtype).sum()
     return combine(*parts, k, wsum, eps)
 
