@@ -18,7 +18,7 @@ from mlsoftmax.kernels import available_impls
 
 B, D, K = 7, 5, 11
 TRITON = "triton" in available_impls(torch.device("cpu"))  # under TRITON_INTERPRET=1 (the spawned ranks inherit it)
-SPLITS = {2: [8, 3], 3: [5, 1, 5]}  # uneven; one rank of three holds a single class
+SPLITS = {2: [8, 3], 3: [5, 1, 5], 4: [4, 0, 6, 1]}  # uneven; a rank of three holds a single class, one of four none
 
 
 def _problem():
@@ -123,7 +123,7 @@ def _oracle(p, name):
     return loss, g, lin, gz @ p["w"], gz.T @ p["h"], gz.sum(0), sw_grad(p["s"]), sw_grad(z)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_sharded_losses_match_single_process_oracle(world, tmp_path):
     mp.start_processes(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world,
                        start_method="spawn", join=True)

@@ -24,6 +24,7 @@ per call (a boolean mask); a dense target needs none.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -96,6 +97,13 @@ def _local_target(target, b: int, k: int, start: int, stop: int, device, validat
     raise TypeError(f"Expected `target` to be a dense tensor [B, K] or mlsoftmax.Positives, but got {type(target).__name__}")
 
 
+def _no_classes(b: int, dtype: torch.dtype, device, smooth: bool):
+    """A shard of no classes: its per-row sums, neutral in :func:`_global_stats` (log-sum-exp -inf, sums 0)."""
+    acc = torch_chunked.acc_dtype(dtype)
+    zeros = [torch.zeros(b, dtype=acc, device=device) for _ in range(4 if smooth else 3)]
+    return (torch.full((b,), -math.inf, dtype=acc, device=device), *zeros) + ((None,) if not smooth else ())
+
+
 def _global_stats(parts, smooth: bool, k: int, wsum, eps: float, group):
     """All-reduce the local partial sums and combine them: the single-process per-row statistics."""
     lse_r, dot, mass, wmass, sx = parts
@@ -147,8 +155,10 @@ class _ShardedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dense, idx, rows, vals, w_local, wsum, row_scale, k, eps, group, triton):
         smooth = eps > 0
-        kern = _kernels(triton)
-        parts = kern.partial_sums(x, dense, idx, rows, vals, w_local, smooth)
+        if x.shape[1]:
+            parts = _kernels(triton).partial_sums(x, dense, idx, rows, vals, w_local, smooth)
+        else:  # this rank holds no classes: it still joins the collectives
+            parts = _no_classes(x.shape[0], x.dtype, x.device, smooth)
         loss, lse, coef, inv_mass, _ = _global_stats(parts, smooth, k, wsum, eps, group)
         ctx.save_for_backward(x, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale)
         ctx.k, ctx.eps, ctx.triton = k, eps, triton
@@ -159,6 +169,8 @@ class _ShardedLoss(torch.autograd.Function):
     def backward(ctx, grad_rows):
         _check_first_order("the sharded loss")
         x, lse, coef, inv_mass, dense, idx, rows, vals, w_local, row_scale = ctx.saved_tensors
+        if not x.shape[1]:
+            return (torch.zeros_like(x),) + (None,) * 11
         g = _kernels(ctx.triton).backward((grad_rows * row_scale).contiguous(), x, lse, coef, inv_mass, dense, idx,
                                           rows, vals, w_local, ctx.eps, num_classes=ctx.k)
         return (g,) + (None,) * 11
@@ -194,7 +206,7 @@ def sharded_multilabel_softmax_loss(
 
     Args:
         local_logits: ``[B, K_r]`` this rank's columns (classes
-            ``class_start .. class_start + K_r - 1``).
+            ``class_start .. class_start + K_r - 1``; ``K_r`` may be 0).
         target: ``Positives`` with global class ids, or a dense ``[B, K]`` over
             all classes; the same on every rank.
         group: the process group (default: the world).
@@ -337,7 +349,7 @@ def sharded_linear_multilabel_softmax_loss(
     if hidden.dim() != 2:
         raise ValueError(f"Expected `hidden` to have shape [B, D], but got {tuple(hidden.shape)}")
     b, k_local = hidden.shape[0], local_weight.shape[0]
-    triton = _use_triton(impl, hidden)
+    triton = _use_triton(impl, hidden) and k_local > 0  # a rank of no classes: the torch route's empty loops
     cdt = _amp.compute_dtype(hidden, amp)  # the GEMMs' dtype
     k, dense, (idx, rows, vals), w_local, wsum, row_scale, outer = _prepare(
         b, k_local, cdt, hidden.device, target, weight, sample_weight, class_start, reduction, empty,
