@@ -159,11 +159,13 @@ def test_shard_range_covers_all_classes():
 
 
 def test_bad_input_single_rank(tmp_path):
-    from mlsoftmax.distributed import sharded_multilabel_softmax_loss
+    from mlsoftmax.distributed import sharded_linear_multilabel_softmax_loss, sharded_multilabel_softmax_loss
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         x = torch.zeros(2, 4)
+        with pytest.raises(ValueError, match="Expected `chunk_size` to be a positive int, but got 0"):
+            sharded_linear_multilabel_softmax_loss(torch.zeros(2, 3), torch.zeros(4, 3), torch.eye(2, 4), chunk_size=0)
         with pytest.raises(ValueError, match="class_start"):
             sharded_multilabel_softmax_loss(x, Positives.from_lists([[0], [1]], 6), class_start=3)
         with pytest.raises(ValueError, match="Expected `weight` to have shape \\(6,\\)"):

@@ -345,6 +345,22 @@ def test_chunked_top_k_and_logits_match_full(rng):
     assert head.top_k(h[0], 3)[1].shape == (3,)
 
 
+@pytest.mark.parametrize("args,kwargs,err,match", [
+    ((torch.randn(4, 6), torch.randn(10, 3), 2), {}, ValueError, r"`weight` to have shape \[K, 6\]"),
+    ((torch.randn(4, 6).long(), torch.randn(10, 6), 2), {}, TypeError, "`hidden` to have a floating dtype"),
+    ((torch.randn(4, 6), torch.randn(10, 6).double(), 2), {}, TypeError, "`weight` to have the dtype of `hidden`"),
+    ((torch.randn(4, 6), torch.randn(10, 6), 2), {"bias": torch.randn(3)}, ValueError, r"`bias` to have shape \(10,\)"),
+    ((torch.randn(4, 6), torch.randn(10, 6), 2), {"chunk_size": 0}, ValueError, "`chunk_size` to be a positive int"),
+    ((torch.randn(4, 6), torch.randn(10, 6), 11), {}, ValueError, r"`k` in \[1, 10\]"),
+])
+def test_chunked_top_k_refuses_bad_input(args, kwargs, err, match):
+    """A ``hidden`` of another width used to be reshaped to the weight's D and fail later, in a reshape."""
+    from mlsoftmax.linear import chunked_top_k
+
+    with pytest.raises(err, match=match):
+        chunked_top_k(*args, **kwargs)
+
+
 def test_module_init_like_linear_and_trains():
     torch.manual_seed(0)
     head = LinearMultiLabelSoftmaxLoss(64, 10)

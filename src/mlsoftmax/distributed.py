@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import _amp, _validation as V
 from .kernels import resolve_impl, torch_chunked, torch_linear
-from .linear import LINEAR_IMPLS, _check_linear, default_chunk, labels_chunk
+from .linear import LINEAR_IMPLS, _check_linear, _check_sizes, default_chunk, labels_chunk
 from .loss import _check_first_order, _check_no_grad, _check_options, _requiring_grad, _row_scale, _split_row_scale
 from .targets import Positives
 
@@ -348,6 +348,7 @@ def sharded_linear_multilabel_softmax_loss(
     _check_linear(hidden, local_weight, bias, None, amp)
     if hidden.dim() != 2:
         raise ValueError(f"Expected `hidden` to have shape [B, D], but got {tuple(hidden.shape)}")
+    _check_sizes(chunk_size=chunk_size)
     b, k_local = hidden.shape[0], local_weight.shape[0]
     triton = _use_triton(impl, hidden) and k_local > 0  # a rank of no classes: the torch route's empty loops
     cdt = _amp.compute_dtype(hidden, amp)  # the GEMMs' dtype

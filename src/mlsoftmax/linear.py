@@ -251,6 +251,13 @@ class LinearMultiLabelSoftmaxFunction(torch.autograd.Function):
         return tuple(out) + (None,) * 12
 
 
+def _check_sizes(**sizes) -> None:
+    """Each given size (``chunk_size=...``) is None or a positive int."""
+    for name, val in sizes.items():
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+            raise ValueError(f"Expected `{name}` to be a positive int, but got {val!r}")
+
+
 def _check_linear(hidden, weight, bias, weight_scale, amp: Optional[torch.dtype] = None) -> None:
     """The checks of the fused linear losses' classifier arguments; ``amp``: the autocast dtype, if on."""
     V.check_float_tensor("hidden", hidden)
@@ -364,9 +371,7 @@ def linear_multilabel_softmax_loss(
     if weight.shape[0] == 0:  # (a shard of the sharded loss may hold no class; the whole classifier may not)
         raise ValueError(f"Expected `weight` to have shape [K, D] with K >= 1, but got {tuple(weight.shape)}")
     _check_options(reduction, empty, label_smoothing, impl)
-    for name, val in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
-        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
-            raise ValueError(f"Expected `{name}` to be a positive int, but got {val!r}")
+    _check_sizes(chunk_size=chunk_size, memory_budget=memory_budget)
     d, k = hidden.shape[-1], weight.shape[0]
     shape = hidden.shape[:-1] + (k,)  # the logits' shape
     _check_weights(class_weight, sample_weight, hidden, validate, shape=shape)
@@ -514,6 +519,8 @@ def chunked_top_k(hidden: Tensor, weight: Tensor, k: int, *, bias: Optional[Tens
         >>> torch.equal(i, torch.topk(h @ w.T, 5).indices)
         True
     """
+    _check_linear(hidden, weight, bias, weight_scale, _amp.autocast_dtype(hidden.device))
+    _check_sizes(chunk_size=chunk_size)
     num_classes = weight.shape[0]
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= num_classes:
         raise ValueError(f"Expected `k` in [1, {num_classes}], but got {k!r}")
