@@ -46,3 +46,14 @@ def test_bad_rule():
         fit_decoder(torch.zeros(2, 2), torch.ones(2, 2), rule="half")
     with pytest.raises(ValueError, match="Expected `rule`"):
         Decoder("half", 0.5)(torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="Expected `grid` to hold at least one"):
+        fit_decoder(torch.zeros(2, 2), torch.ones(2, 2), grid=[])
+
+
+@pytest.mark.parametrize("rule", [threshold, cumulative_mass])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "0.5", None, True])
+def test_rule_parameters_must_be_finite_numbers(rule, bad):
+    """A NaN threshold used to select no label, silently; a string failed inside a comparison."""
+    with pytest.raises(ValueError, match="to be a finite number"):
+        rule(torch.zeros(2, 3), bad)
+    assert rule(torch.zeros(2, 3), np.float32(0.3)).shape == (2, 3)

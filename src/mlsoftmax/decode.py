@@ -38,6 +38,13 @@ def _scores(scores) -> Tensor:
     return s.detach()
 
 
+def _check_param(name: str, value) -> float:
+    """A rule's parameter: a finite real number (a NaN would silently select nothing, or everything)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(float(value)):
+        raise ValueError(f"Expected `{name}` to be a finite number, but got {value!r}")
+    return float(value)
+
+
 def top_k(scores, k: int) -> Tensor:
     """``[N, K]`` bool: the ``k`` highest-scoring labels of each row (``k`` is clipped to K)."""
     s = _scores(scores)
@@ -50,6 +57,7 @@ def top_k(scores, k: int) -> Tensor:
 
 def threshold(scores, t: float, *, from_logits: bool = True) -> Tensor:
     """``[N, K]`` bool: labels with probability ``>= t`` (softmax of the scores when ``from_logits``)."""
+    t = _check_param("t", t)
     s = _scores(scores).float()
     p = torch.softmax(s, dim=1) if from_logits else s
     return p >= t
@@ -57,6 +65,7 @@ def threshold(scores, t: float, *, from_logits: bool = True) -> Tensor:
 
 def cumulative_mass(scores, m: float, *, from_logits: bool = True) -> Tensor:
     """``[N, K]`` bool: the fewest top labels whose probabilities sum to at least ``m`` (always >= 1 label)."""
+    m = _check_param("m", m)
     s = _scores(scores).float()
     p = torch.softmax(s, dim=1) if from_logits else s
     srt, order = torch.sort(p, dim=1, descending=True)
@@ -117,6 +126,9 @@ def fit_decoder(scores, target, *, rule: str = "threshold", metric: str = "micro
             "threshold": np.round(np.linspace(0.01, 0.5, 50), 4),
             "mass": np.round(np.linspace(0.05, 0.99, 48), 4),
         }[rule]
+    grid = list(grid)
+    if not grid:
+        raise ValueError("Expected `grid` to hold at least one candidate parameter, but got none")
     best, best_val = None, -1.0
     for g in grid:
         d = Decoder(rule, float(g))
