@@ -599,7 +599,7 @@ def _bad_cases():
         ((x, y.clone().index_fill_(1, torch.tensor([2]), -1.0)), {}, ValueError, "non-negative"),
         ((x, y.clone().index_fill_(1, torch.tensor([2]), float("nan"))), {}, ValueError, "finite"),
         ((x, Positives.from_lists([[0], [5], [1]])), {}, ValueError, r"indices in \[0, 5\)"),
-        ((x, Positives.from_lists([[0], [-1], [1]])), {}, ValueError, r"indices in \[0, 5\)"),
+        ((x, Positives(torch.tensor([0, -1, 1]), torch.tensor([0, 1, 2, 3]))), {}, ValueError, r"indices in \[0, 5\)"),
         ((x, Positives.from_lists([[0], [1]])), {}, ValueError, "3 rows"),
         ((x, Positives.from_lists([[0], [1], [2]], num_classes=7)), {}, ValueError, "num_classes == 5"),
         ((x, Positives(torch.tensor([1, 1, 2]), torch.tensor([0, 2, 3, 3]))), {}, ValueError, "unique"),

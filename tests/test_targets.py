@@ -88,6 +88,16 @@ def test_bad_construction(args, kwargs, exc, match):
         Positives(*args, **kwargs)
 
 
+@pytest.mark.parametrize("lists,k,match", [([[0, 3]], 3, r"in \[0, 3\), but got 3 in row 0"),
+                                           ([[1], [-1]], None, r"in \[0, K\), but got -1 in row 1")])
+def test_from_lists_rejects_class_ids_out_of_range(lists, k, match):
+    """Host lists are checked as they are read (the raw CSR constructor leaves it to the loss's validation)."""
+    with pytest.raises(ValueError, match=match):
+        Positives.from_lists(lists, k)
+    with pytest.raises(ValueError, match="Expected `num_classes` to be a positive int"):
+        Positives.from_lists([[0]], "3")
+
+
 def test_from_lists_rejects_non_integers():
     with pytest.raises(TypeError, match="integers"):
         Positives.from_lists([[0.5]])

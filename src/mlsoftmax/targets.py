@@ -124,6 +124,8 @@ class Positives:
         if values is not None and len(values) != len(lists):
             raise ValueError(f"Expected `values` to have {len(lists)} rows, but got {len(values)}")
         idx_out, val_out, offsets = [], [], [0]
+        valid_k = isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool) and num_classes >= 1
+        k = int(num_classes) if valid_k else None  # an invalid one is refused by the constructor
         for r, row in enumerate(lists):
             merged: dict[int, float] = {}
             vals = values[r] if values is not None else [1.0] * len(row)
@@ -132,6 +134,8 @@ class Positives:
             for c, v in zip(row, vals):
                 if isinstance(c, bool) or not isinstance(c, (int,)) and not hasattr(c, "__index__"):
                     raise TypeError(f"Expected class ids to be integers, but got {c!r} in row {r}")
+                if int(c) < 0 or k is not None and int(c) >= k:  # host data: checked here, without a sync
+                    raise ValueError(f"Expected class ids in [0, {'K' if k is None else k}), but got {int(c)} in row {r}")
                 merged[int(c)] = merged.get(int(c), 0.0) + float(v)
             idx_out.extend(merged.keys())
             val_out.extend(merged.values())
