@@ -102,6 +102,16 @@ def main():
             build(tl_._msl_split_combine_kernel, dict(STATS="*fp32", WSUM="*fp32", RS="*fp32", LOSS="*fp32",
                                                       COEF="*fp32", S="i32", K="i32", eps="fp32"),
                   dict(HAS_WEIGHT=flags["HAS_WEIGHT"], HAS_SMOOTH=flags["HAS_SMOOTH"], BLOCK_S=64))
+        # the slab form (no target in the kernel: a sparse one's entries are left to torch) that the labels route and
+        # fp16's two passes launch, the gradient pass as REVERSE_GRAD has it
+        slab = dict(zip(FLAGS, (False,) * 5), BLOCK=16384, BLOCK_P=tl_.BLOCK_P)
+        build(tl_._msl_split_stats_kernel, dict(X=x, stride_x="i32", T="*fp32", stride_t="i32", IDX="*i64",
+                                                OFFS="*i64", VALS="*fp32", W="*fp32", STATS="*fp32", K="i32",
+                                                SPAN="i32", S="i32"), dict(slab, PEEL=False), num_warps=16)
+        build(tl_._msl_split_grad_kernel, dict(X=x, stride_x="i32", G=x, stride_g="i32", T="*fp32", stride_t="i32",
+                                               IDX="*i64", OFFS="*i64", VALS="*fp32", SCRATCH="*fp32", W="*fp32",
+                                               COEF="*fp32", K="i32", SPAN="i32"),
+              dict(slab, REVERSE=tl_.REVERSE_GRAD, PEEL=False, G_ALIGNED=False), num_warps=16)
         for peel in (False, True):
             build(tl_._scale_rows_kernel, dict(G=x, stride_g="i32", GO="*fp32", stride_go="i32", B="i32", K="i32"),
                   dict(PEEL=peel, BLOCK=16384), num_warps=16)

@@ -557,7 +557,7 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu():
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 203 kernel variants" in proc.stdout
+    assert "compiled 209 kernel variants" in proc.stdout
 
 
 @needs_triton
