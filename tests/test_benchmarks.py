@@ -19,8 +19,8 @@ sys.path.insert(0, str(BENCH))
 from _common import split_knobs  # noqa: E402
 
 # the cases run below: every case that gpu_check.sh passes must be one of them (or a peer's, timed when installed)
-LOSS_CASES = ["torch", "ours", "ours-triton", "ours-torch", "ours-small", "ours-dense", "ours-r", "ours-f", "ours-w32", "ours-s",
-              "ours-w32-s", "ours-w32-p132-s", "ours-n3", "ours-n3-s", "ours-n4-s", "ours-l-s", "ours-l-g4-s",
+LOSS_CASES = ["torch", "ours", "ours-triton", "ours-torch", "ours-small", "ours-dense", "ours-r", "ours-f", "ours-w32",
+              "ours-s", "ours-w32-s", "ours-w32-p132-s", "ours-n3", "ours-n3-s", "ours-n4-s", "ours-l-s", "ours-l-g4-s",
               "ours-l-c65536-s", "ours-s-p264", "ours-r-p2", "ours-b64", "compile", "ours-cg"]
 LINEAR_CASES = ["gemms", "naive", "ours-fast", "ours-fast-r", "ours-fast-e", "ours-fast-n3-s", "ours-lean",
                 "ours-lean-r", "ours-lean-e", "ours-lean-a", "ours-lean-k"]

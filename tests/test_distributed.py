@@ -1,4 +1,4 @@
-"""Label-sharded losses on gloo with 2 and 3 CPU processes and uneven shards, against the oracle.
+"""Label-sharded losses on gloo with 2, 3 and 4 CPU processes and uneven shards (one of them empty), against the oracle.
 
 The torch route runs in fp64; the Triton kernels (interpreted) run the same cases in fp32.
 """

@@ -516,7 +516,8 @@ def test_module_matches_functional(rng):
     assert "label_smoothing=0.1" in repr(crit)
 
 
-@pytest.mark.parametrize("impl,backend,dtype", [("torch", "aot_eager", torch.float32), ("torch", "inductor", torch.float32)]
+@pytest.mark.parametrize("impl,backend,dtype", [("torch", "aot_eager", torch.float32),
+                                                ("torch", "inductor", torch.float32)]
                          + [("triton", "aot_eager", torch.float32),  # the fused kernel
                             ("triton", "aot_eager", torch.float16)] * ("triton" in AVAILABLE))  # its two fp16 passes
 @pytest.mark.parametrize("sparse", [False, True])

@@ -135,7 +135,8 @@ class Positives:
                 if isinstance(c, bool) or not isinstance(c, (int,)) and not hasattr(c, "__index__"):
                     raise TypeError(f"Expected class ids to be integers, but got {c!r} in row {r}")
                 if int(c) < 0 or k is not None and int(c) >= k:  # host data: checked here, without a sync
-                    raise ValueError(f"Expected class ids in [0, {'K' if k is None else k}), but got {int(c)} in row {r}")
+                    span = "[0, K)" if k is None else f"[0, {k})"
+                    raise ValueError(f"Expected class ids in {span}, but got {int(c)} in row {r}")
                 merged[int(c)] = merged.get(int(c), 0.0) + float(v)
             idx_out.extend(merged.keys())
             val_out.extend(merged.values())
