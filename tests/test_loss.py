@@ -229,6 +229,23 @@ def test_double_backward_matches_oracle(impl, sparse, options, rng):
     assert torch.autograd.gradgradcheck(lambda z: multilabel_softmax_loss(z, tgt, **kw), (x,))
 
 
+@pytest.mark.skipif("triton" not in AVAILABLE, reason="needs Triton (interpreted on the CPU)")
+def test_fp16_triton_double_backward_matches_oracle(rng):
+    """fp16 under ``impl="triton"`` forms its gradient in the backward (two Triton passes), which PyTorch's
+    composition differentiates again: its Hessian-vector product is the oracle's central difference."""
+    b, k = 4, 300
+    y = random_multihot(rng, b, k, p=0.02)
+    x = torch.tensor(rng.normal(size=(b, k))).half().requires_grad_()
+    s = x.detach().double().numpy()
+    v = rng.normal(size=(b, k))
+    (g,) = torch.autograd.grad(multilabel_softmax_loss(x, _positives_from_dense(y), impl="triton", reduction="sum"),
+                               x, create_graph=True)
+    (hv,) = torch.autograd.grad((g.float() * torch.from_numpy(v).float()).sum(), x)
+    h = 1e-5
+    ref = (R.grad(s + h * v, y) - R.grad(s - h * v, y)) / (2 * h)
+    np.testing.assert_allclose(hv.double().numpy(), ref, atol=2e-3 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("impl", [i for i in ("triton", "compile") if i in AVAILABLE])
 def test_fused_impls_refuse_double_backward(impl, rng):
     """The fused kernels' gradient is computed in the forward and is not differentiable again: a
