@@ -74,12 +74,9 @@ def _msl_backward_impl(
     triton: bool = False,
 ) -> Tensor:
     """The gradient (see ``kernels.torch_chunked.backward``), in torch or in one Triton pass."""
+    kern = torch_chunked
     if triton:
-        from .kernels import triton_loss
-
-        kern = triton_loss
-    else:
-        kern = torch_chunked
+        from .kernels import triton_loss as kern
     return kern.backward(grad_rows, logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight,
                          label_smoothing)
 
