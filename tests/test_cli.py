@@ -184,6 +184,7 @@ def test_predict_reads_a_sparse_xc_file(tmp_path, capsys):
         (["compare", "--seeds", "0"], "--seeds must be >= 1, got 0"),
         (["predict", "--checkpoint", "x", "--input", "x.csv", "--top-k", "0"], "--top-k must be >= 1, got 0"),
         (["train", "--shard-labels", "--epochs", "1"], "--shard-labels needs a torchrun launch"),
+        (["train", "--shard-labels", "--amp", "fp16"], "--amp fp16 with --shard-labels: the GradScaler's"),
         (["train", "--data", "d.txt", "--format", "arff"], "d.txt: the arff format needs the number of labels"),
     ],
 )
@@ -246,7 +247,39 @@ def test_amp_trains_in_bf16_and_the_fused_head_follows_the_plain_one(tmp_path):
     assert all(v.dtype == torch.float32 for m in (plain, fused) for v in m.values())
     assert not torch.equal(plain["head.weight"], fp32["head.weight"])
     _assert_same_weights(plain, fused, atol=1e-4)
-    assert json.loads((tmp_path / "fused" / "config.json").read_text())["amp"] is True
+    assert json.loads((tmp_path / "fused" / "config.json").read_text())["amp"] == "bf16"
+
+
+def test_amp_fp16_scales_the_loss_and_resumes_exactly(tmp_path, monkeypatch):
+    """--amp fp16: fp16 autocast with a GradScaler (the run departs from the fp32 one; the weights stay fp32; the
+    scaler counts its steps). Its state goes into last.pt: resuming from the first epoch's checkpoint reaches the
+    uninterrupted run's weights and scaler state exactly (a fresh scaler would restart its growth count)."""
+    import shutil
+
+    import torch
+
+    import mlsoftmax.cli as C
+
+    save = C.atomic_save
+
+    def keep_first(obj, path):  # keep a copy of the first epoch's last.pt, as if the run had been killed there
+        save(obj, path)
+        if str(path).endswith("last.pt") and obj.get("epoch") == 1:
+            (tmp_path / "part").mkdir()
+            shutil.copy(path, tmp_path / "part" / "last.pt")
+
+    common = ["train", "--model", "linear", "--epochs", "3"]
+    assert main(common + ["--out", str(tmp_path / "fp32")]) == 0
+    monkeypatch.setattr(C, "atomic_save", keep_first)
+    assert main(common + ["--amp", "fp16", "--out", str(tmp_path / "full")]) == 0
+    monkeypatch.setattr(C, "atomic_save", save)
+    assert main(common + ["--amp", "fp16", "--out", str(tmp_path / "part"), "--resume", str(tmp_path / "part")]) == 0
+    full, part = (torch.load(tmp_path / n / "last.pt", weights_only=False) for n in ("full", "part"))
+    assert all(v.dtype == torch.float32 for v in full["model"].values())
+    assert not torch.equal(full["model"]["head.weight"], _weights(tmp_path / "fp32" / "last.pt")["head.weight"])
+    assert full["scaler"]["_growth_tracker"] > 0 and full["scaler"] == part["scaler"]
+    _assert_same_weights(full["model"], part["model"], atol=0)
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["amp"] == "fp16"
 
 
 def test_top_k_evaluation_for_extreme_label_spaces(tmp_path, monkeypatch, capsys):

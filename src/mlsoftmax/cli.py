@@ -11,6 +11,7 @@ Commands (each also runs as ``python -m mlsoftmax ...``):
     mlsoftmax train --model linear --fused --out runs/fused             # fused linear + loss head
     mlsoftmax train --data xc.txt --model linear --eval top-k --out runs/xc  # XC metrics from top-5 labels only
     mlsoftmax train --amp --device cuda --out runs/amp                  # bf16 autocast (mixed precision)
+    mlsoftmax train --amp fp16 --device cuda --out runs/amp16           # fp16 autocast and a GradScaler
     mlsoftmax train --resume runs/train --out runs/train                # continue after the last finished epoch
     torchrun --nproc-per-node 2 -m mlsoftmax train --out runs/ddp       # data-parallel (DDP), gloo on CPU
     torchrun --nproc-per-node 2 -m mlsoftmax train --model linear --shard-labels --out runs/sharded
@@ -373,6 +374,9 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
     fused = args.fused or (args.model == "linear" and args.loss == "softmax" and k >= FUSED_MIN_CLASSES)
     if (fused or args.shard_labels) and args.loss != "softmax":
         raise CLIError(f"--fused and --shard-labels need --loss softmax, got --loss {args.loss}")
+    if args.shard_labels and args.amp == "fp16":  # each rank would skip its overflowing steps alone
+        raise CLIError("--amp fp16 with --shard-labels: the GradScaler's overflow check would not span the ranks, "
+                       "whose classifier gradients differ; use --amp bf16")
     if args.shard_labels and not dd.on:
         raise CLIError("--shard-labels needs a torchrun launch of 2 or more processes (WORLD_SIZE > 1)")
     if args.shard_labels and k < dd.world:
@@ -393,6 +397,9 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
     sampler = DistributedSampler(fit, num_replicas=dd.world, rank=dd.rank, shuffle=True, seed=args.seed)
     loader = DataLoader(fit, batch_size=args.batch_size, sampler=sampler, collate_fn=lambda b: collate(b, k))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(1, args.epochs * len(loader)))
+    # mixed precision: autocast's dtype; fp16 also scales the loss (a GradScaler: fp16's gradients would underflow)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     history = {"epoch": [], "train_loss": [], f"val_{sel}": []}
     best, start = (-math.inf, None, 0), 1
     # Resume state after every epoch: rank 0 writes last.pt (with every rank's RNG state); with the
@@ -411,6 +418,8 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
+        if ck.get("scaler"):  # empty (or absent, from an older version) unless that run scaled an fp16 loss
+            scaler.load_state_dict(ck["scaler"])
         history, best, start = ck["history"], ck["best"], ck["epoch"] + 1
         if f"val_{sel}" not in history:
             raise CLIError(f"--resume {args.resume}: its epochs were picked by another validation metric "
@@ -444,11 +453,12 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
         tot = torch.zeros(2, dtype=torch.float64, device=device)
         for xb, tb in loader:
             xb = xb.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                 loss = step_loss(xb, tb.to(device))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()  # without fp16: the loss itself, and step() is opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             tot[0] += loss.detach().double() * len(xb)
             tot[1] += len(xb)
@@ -466,7 +476,8 @@ def _train(args, dd, quiet, tqdm, collate, fit_decoder, MultilabelEvaluator, ave
         if last:
             os.makedirs(args.out, exist_ok=True)
             atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                         "history": history, "best": best, "epoch": epoch, "rng": rngs, "world": dd.world}, last)
+                         "scaler": scaler.state_dict(), "history": history, "best": best, "epoch": epoch, "rng": rngs,
+                         "world": dd.world}, last)
     bar.close()
     if best[1] is not None:
         model.load_state_dict(best[1])
@@ -701,8 +712,9 @@ def _common(p):
                         "labels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--amp", action="store_true",
-                   help="mixed precision: the training forward under bf16 autocast (the weights stay fp32)")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=("bf16", "fp16"),
+                   help="mixed precision: the training forward under bf16 (the default) or fp16 autocast, the "
+                        "weights staying fp32; fp16 scales the loss with a GradScaler (GPUs without bf16)")
     p.add_argument("--fused", action="store_true",
                    help=f"fused linear + loss head (no [b, K] logits); automatic for --model linear "
                         f"from {FUSED_MIN_CLASSES} labels")
