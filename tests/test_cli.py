@@ -253,7 +253,8 @@ def test_amp_trains_in_bf16_and_the_fused_head_follows_the_plain_one(tmp_path):
 def test_amp_fp16_scales_the_loss_and_resumes_exactly(tmp_path, monkeypatch):
     """--amp fp16: fp16 autocast with a GradScaler (the run departs from the fp32 one; the weights stay fp32; the
     scaler counts its steps). Its state goes into last.pt: resuming from the first epoch's checkpoint reaches the
-    uninterrupted run's weights and scaler state exactly (a fresh scaler would restart its growth count)."""
+    uninterrupted run's weights and scaler state exactly (a fresh scaler would restart its growth count). The fused
+    head follows the plain one."""
     import shutil
 
     import torch
@@ -280,6 +281,9 @@ def test_amp_fp16_scales_the_loss_and_resumes_exactly(tmp_path, monkeypatch):
     assert full["scaler"]["_growth_tracker"] > 0 and full["scaler"] == part["scaler"]
     _assert_same_weights(full["model"], part["model"], atol=0)
     assert json.loads((tmp_path / "full" / "config.json").read_text())["amp"] == "fp16"
+    # the fused head follows the plain one under fp16 autocast and the scaler too
+    assert main(common + ["--amp", "fp16", "--fused", "--out", str(tmp_path / "fused")]) == 0
+    _assert_same_weights(full["model"], _weights(tmp_path / "fused" / "last.pt"), atol=1e-4)
 
 
 def test_top_k_evaluation_for_extreme_label_spaces(tmp_path, monkeypatch, capsys):
