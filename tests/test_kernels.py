@@ -345,10 +345,12 @@ def test_split_heuristic_fills_the_machine():
 def test_gpu_triton_matches_torch_path(dtype, sparse, knob, b, monkeypatch):
     """The Triton path against the torch path: split rows (64 rows cannot fill an H100) and one program per row
     (600), with the gradient pass backwards (the default) or forwards, the one-row kernel's loops pipelined
-    (cp.async), or the lagged kernel. fp16 takes two passes that form the gradient in the backward; its fused
-    kernels run in place (``"triton-inplace"``)."""
+    (cp.async), or the lagged kernel. fp16 takes two passes that form the gradient in the backward (over the
+    logits in place too: ``"triton-inplace"``), which no knob of the fused kernel touches."""
     from mlsoftmax.kernels import triton_loss
 
+    if knob and dtype == torch.float16:
+        pytest.skip("fp16 takes the two passes, not the fused kernel that the knob tunes")
     if knob:
         monkeypatch.setattr(triton_loss, *knob)
     g = torch.Generator().manual_seed(0)

@@ -351,15 +351,17 @@ def test_low_precision_no_worse_than_pytorch(impl, dtype, sparse, rng):
     assert rel[np.abs(ref_g) > 1e-3].max() <= 2.0 ** -8
 
 
-@pytest.mark.parametrize("impl,b,k,device", [("auto", 512, 8192, "cpu")]
-                         + [("triton", 512, 1024, "cpu")] * ("triton" in AVAILABLE)
-                         + [pytest.param("triton", 512, 8192, "cuda", marks=pytest.mark.gpu)])
-def test_fp16_under_a_loss_scale_no_worse_than_pytorch(impl, b, k, device):
+@pytest.mark.parametrize("impl,inplace,b,k,device", [("auto", False, 512, 8192, "cpu")]
+                         + [("triton", False, 512, 1024, "cpu"), ("triton", True, 512, 1024, "cpu")]
+                         * ("triton" in AVAILABLE)
+                         + [pytest.param("triton", inplace, 512, 8192, "cuda", marks=pytest.mark.gpu)
+                            for inplace in (False, True)])
+def test_fp16_under_a_loss_scale_no_worse_than_pytorch(impl, inplace, b, k, device):
     """fp16 as it is trained, with a loss scale (a ``GradScaler``'s 2^14): the gradient error against the fp64 truth
     is PyTorch's own. Formed in the forward and rounded to fp16 before the scale reaches it, most entries (~3e-8,
     fp16 subnormals) underflow: the fused CPU kernel's error was 5x PyTorch's at 512 x 8192 (so ``"auto"`` takes the
     torch path for fp16 on the CPU), the fused Triton kernel's 1.5x at 512 x 1024 (so fp16 ``"triton"`` takes two
-    Triton passes that form the gradient in the backward)."""
+    Triton passes that form the gradient in the backward; with ``inplace=True`` over the logits)."""
     g = torch.Generator().manual_seed(0)
     scale = 2.0**14
     x64 = (torch.randn(b, k, generator=g, dtype=torch.float64) * 2).to(device)
@@ -370,10 +372,12 @@ def test_fp16_under_a_loss_scale_no_worse_than_pytorch(impl, b, k, device):
     F.cross_entropy(z, probs).backward()
     errs = {}
     for name, fn in (("torch", lambda x: F.cross_entropy(x, probs.half())),
-                     ("ours", lambda x: multilabel_softmax_loss(x, pos, impl=impl))):
+                     ("ours", lambda x: multilabel_softmax_loss(x, pos, impl=impl, inplace=inplace))):
         x = x64.half().requires_grad_()
+        leaf = x.detach()  # in place, the gradient is written over the logits
         (fn(x).float() * scale).backward()
-        errs[name] = ((x.grad.double() / scale - z.grad).norm() / z.grad.norm()).item()
+        grad = leaf if name == "ours" and inplace else x.grad
+        errs[name] = ((grad.double() / scale - z.grad).norm() / z.grad.norm()).item()
     assert errs["ours"] <= 1.1 * errs["torch"], errs
 
 
@@ -533,12 +537,14 @@ def test_module_matches_functional(rng):
     assert "label_smoothing=0.1" in repr(crit)
 
 
-@pytest.mark.parametrize("impl,backend,dtype", [("torch", "aot_eager", torch.float32),
-                                                ("torch", "inductor", torch.float32)]
-                         + [("triton", "aot_eager", torch.float32),  # the fused kernel
-                            ("triton", "aot_eager", torch.float16)] * ("triton" in AVAILABLE))  # its two fp16 passes
+@pytest.mark.parametrize("impl,backend,dtype,inplace", [("torch", "aot_eager", torch.float32, False),
+                                                        ("torch", "inductor", torch.float32, False)]
+                         + [("triton", "aot_eager", torch.float32, False),  # the fused kernel
+                            ("triton", "aot_eager", torch.float32, True),
+                            ("triton", "aot_eager", torch.float16, False),  # its two fp16 passes
+                            ("triton", "aot_eager", torch.float16, True)] * ("triton" in AVAILABLE))
 @pytest.mark.parametrize("sparse", [False, True])
-def test_torch_compile(impl, backend, dtype, sparse, rng):
+def test_torch_compile(impl, backend, dtype, inplace, sparse, rng):
     torch._dynamo.reset()
     b, k = 8, 16
     y = random_multihot(rng, b, k, p=0.3, empty_rows=[0])
@@ -549,13 +555,15 @@ def test_torch_compile(impl, backend, dtype, sparse, rng):
     tol = 1e-6 if dtype == torch.float32 else 5e-4
 
     def step(z):
-        return multilabel_softmax_loss(z, tgt, impl=impl, validate=False) * 2.0
+        return multilabel_softmax_loss(z, tgt, impl=impl, inplace=inplace, validate=False) * 2.0
 
+    leaf = x.detach()  # in place, the gradient is written over the logits
     out = torch.compile(step, backend=backend, fullgraph=True)(x)
     out.backward()
     nonempty = y.sum(1) > 0
     np.testing.assert_allclose(out.item(), 2 * R.loss(s, y)[nonempty].mean(), rtol=10 * tol)
-    np.testing.assert_allclose(x.grad.double().numpy(), 2 * R.grad(s, y) / nonempty.sum(), atol=tol)
+    grad = leaf if inplace else x.grad
+    np.testing.assert_allclose(grad.double().numpy(), 2 * R.grad(s, y) / nonempty.sum(), atol=tol)
 
 
 @pytest.mark.gpu

@@ -134,6 +134,35 @@ def _(logits, dense, indices, offsets, values, weight, row_scale, label_smoothin
     return logits.new_empty(logits.shape[0], dtype=torch.float32)
 
 
+def _msl_triton_backward_impl_(
+    grad_rows: Tensor,
+    logits: Tensor,
+    lse: Tensor,
+    coef: Tensor,
+    inv_mass: Tensor,
+    dense: Optional[Tensor],
+    indices: Optional[Tensor],
+    row_ids: Optional[Tensor],
+    values: Optional[Tensor],
+    weight: Optional[Tensor],
+    label_smoothing: float,
+) -> None:
+    """fp16's second Triton pass in place: the gradient written over the logits (``inplace=True``)."""
+    from .kernels import triton_loss
+
+    triton_loss.backward(grad_rows, logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight,
+                         label_smoothing, out=logits)
+
+
+_msl_triton_backward_ = torch.library.custom_op("mlsoftmax::msl_triton_backward_", _msl_triton_backward_impl_,
+                                                mutates_args=("logits",))
+
+
+@_msl_triton_backward_.register_fake
+def _(grad_rows, logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, label_smoothing):
+    return None
+
+
 @torch.library.custom_op("mlsoftmax::msl_triton_scale_", mutates_args=("grad",))
 def _msl_triton_scale_(grad: Tensor, grad_out: Tensor) -> None:
     from .kernels import triton_loss
@@ -278,9 +307,9 @@ def _split_row_scale(row_scale: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     return row_scale, None
 
 
-def _two_pass(impl: str, dtype: torch.dtype, inplace: bool) -> bool:
+def _two_pass(impl: str, dtype: torch.dtype) -> bool:
     """Whether fp16 under ``impl="triton"`` takes the two Triton passes that form the gradient in the backward."""
-    return impl == "triton" and dtype == torch.float16 and not inplace
+    return impl == "triton" and dtype == torch.float16
 
 
 class MultiLabelSoftmaxFunction(torch.autograd.Function):
@@ -298,19 +327,22 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
     ``impl="compile"``: the same design on the CPU, with one Inductor-generated
     C++ kernel (``kernels.compiled_loss``).
 
-    fp16 with ``impl="triton"`` (not in place): the torch path's design, its two
-    passes in Triton (``triton_loss.partial_sums``, then ``triton_loss.backward``):
-    the gradient is formed in the backward, after the upstream gradient (a loss
-    scale) has reached it, and rounded to fp16 once. Formed in the forward, its
-    small entries would round to fp16 before the scale and underflow.
+    fp16 with ``impl="triton"``: the torch path's design, its two passes in
+    Triton (``triton_loss.partial_sums``, then ``triton_loss.backward``, over the
+    logits with ``inplace=True``): the gradient is formed in the backward, after
+    the upstream gradient (a loss scale) has reached it, and rounded to fp16 once.
+    Formed in the forward, its small entries would round to fp16 before the scale
+    and underflow.
     """
 
     @staticmethod
     def forward(ctx, logits, dense, indices, offsets, row_ids, values, weight, row_scale, label_smoothing, impl,
                 inplace):
-        two_pass = _two_pass(impl, logits.dtype, inplace)
+        two_pass = _two_pass(impl, logits.dtype)
+        if two_pass and inplace and logits.stride(-1) != 1:  # as the fused kernel's
+            raise ValueError("Expected `logits` to be contiguous in its last dim for inplace=True, but it is not")
         impl = "torch" if two_pass else impl  # fp16: the torch path's design, with Triton's passes
-        ctx.impl, ctx.label_smoothing, ctx.two_pass = impl, label_smoothing, two_pass
+        ctx.impl, ctx.label_smoothing, ctx.two_pass, ctx.inplace = impl, label_smoothing, two_pass, inplace
         # The ops are called through the dispatcher only under torch.compile, where they must be opaque
         # and fakeable; in eager mode their bodies run directly (the op layer costs ~0.1 ms a call).
         eager = not torch.compiler.is_compiling()
@@ -369,6 +401,13 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
             logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, row_scale = ctx.saved_tensors
             rows = torch_chunked.small_rows(logits, dense, indices, row_ids, values, weight, ctx.label_smoothing)
             (grad,) = torch.autograd.grad(rows, logits, grad_rows * row_scale, create_graph=True)
+        elif ctx.two_pass and ctx.inplace:  # fp16's second pass writes the gradient over the logits
+            logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, row_scale = ctx.saved_tensors
+            compiling = torch.compiler.is_compiling()
+            bwd_ = torch.ops.mlsoftmax.msl_triton_backward_ if compiling else _msl_triton_backward_impl_
+            bwd_((grad_rows * row_scale).contiguous(), logits, lse, coef, inv_mass, dense, indices, row_ids, values,
+                 weight, ctx.label_smoothing)
+            grad = logits
         else:
             logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, row_scale = ctx.saved_tensors
             bwd = _msl_backward_impl if not torch.compiler.is_compiling() else torch.ops.mlsoftmax.msl_backward
@@ -558,7 +597,8 @@ def multilabel_softmax_loss(
             passes on CUDA, the torch path under ``"auto"`` on the CPU.
         inplace: Triton only: write the gradient over ``logits`` (no extra
             ``[B, K]`` memory). This destroys the logits: do not use them after
-            the call.
+            the call (fp16 overwrites them in the backward, the other dtypes in
+            the forward).
         validate: run the data-dependent checks (they sync with the device).
 
     Returns:
@@ -605,7 +645,7 @@ def multilabel_softmax_loss(
     small = func or grad_of is not None or small_path(impl, chosen, x, inplace)
     # the fused Triton kernel reads the CSR offsets; row ids only for the other paths (fp16's two Triton passes
     # among them) or soft values' row sums
-    need_rows = (small or chosen != "triton" or _two_pass(chosen, x.dtype, inplace)
+    need_rows = (small or chosen != "triton" or _two_pass(chosen, x.dtype)
                  or isinstance(target, Positives) and target.values is not None)
     acc = torch_chunked.acc_dtype(x.dtype)
     offsets = target.offsets if isinstance(target, Positives) else None

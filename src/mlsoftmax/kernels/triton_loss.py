@@ -999,7 +999,8 @@ def backward(grad_rows, x, lse, coef, inv_mass, dense, indices, row_ids, values,
              out: Optional[Tensor] = None, num_classes: Optional[int] = None) -> Tensor:
     """:func:`.torch_chunked.backward` with one Triton pass: ``grad_rows[:, None] * (c softmax(x) - T)`` into ``out``.
 
-    The positives' entries of a sparse target are formed in fp32 and written afterwards.
+    The positives' entries of a sparse target are formed in fp32 and written afterwards. ``out`` may be ``x``
+    itself (in place).
     """
     x = x if x.stride(-1) == 1 else x.contiguous()
     k = x.shape[1] if num_classes is None else num_classes
@@ -1007,11 +1008,11 @@ def backward(grad_rows, x, lse, coef, inv_mass, dense, indices, row_ids, values,
     w = None if weight is None else weight.float()
     g = grad_rows.float()
     a, bt, bs = torch_chunked.grad_scales(coef, inv_mass, g, eps, k)  # [B] each
+    xg = None if indices is None else x[row_ids, indices].float()  # [nnz], gathered before `out` may overwrite x
     out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out  # [B, K]
     slab_grad(x, pack_coefs(lse, a, bt, bs), dense, w, eps > 0, out=out)
     if indices is not None:
-        ent = torch_chunked.target_entries(x[row_ids, indices].float(), lse, a, bt, bs, indices, row_ids, values,
-                                           w)  # [nnz]
+        ent = torch_chunked.target_entries(xg, lse, a, bt, bs, indices, row_ids, values, w)  # [nnz]
         out.index_put_((row_ids, indices), ent.to(out.dtype))
     return out
 
