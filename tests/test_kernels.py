@@ -570,7 +570,8 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu():
 @pytest.mark.parametrize("impl", [i for i in ("triton", "compile") if i in AVAILABLE])
 def test_second_backward_through_a_fused_loss_raises(impl, rng):
     """The fused paths store the gradient in the forward and scale it in place: a second backward through the
-    same graph would scale it twice, so it raises; the torch path backpropagates twice (the gradient doubles)."""
+    same graph would scale it twice, so it raises (as fp16 in place does, whose first backward overwrote the
+    logits); the torch path backpropagates twice (the gradient doubles)."""
     y = random_multihot(rng, 3, 50, p=0.1)
     s = rng.normal(size=(3, 50))
     expected = R.grad(s, y) / 3  # mean over the 3 rows
@@ -580,6 +581,14 @@ def test_second_backward_through_a_fused_loss_raises(impl, rng):
     np.testing.assert_allclose(x.grad.numpy(), expected, atol=1e-6)
     with pytest.raises(RuntimeError, match="one backward through this loss"):
         out.backward()
+    if impl == "triton":  # fp16 in place: the second pass overwrote the logits that another backward would read
+        z = torch.tensor(s, dtype=torch.float16, requires_grad=True)
+        leaf = z.detach()
+        out = multilabel_softmax_loss(z, torch.from_numpy(y), impl=impl, inplace=True)
+        out.backward(retain_graph=True)
+        np.testing.assert_allclose(leaf.double().numpy(), expected, atol=1e-3)
+        with pytest.raises(RuntimeError, match="one backward through this loss"):
+            out.backward()
     x2 = torch.tensor(s, requires_grad=True)
     out2 = multilabel_softmax_loss(x2, torch.from_numpy(y), impl="torch")
     out2.backward(retain_graph=True)

@@ -218,12 +218,14 @@ def _(grad, grad_rows):
 
 
 def _once(ctx) -> None:
-    """The fused paths scale the gradient they stored in the forward in place: a second backward through the
-    same graph (``retain_graph=True``) would scale it twice, so it raises instead."""
+    """The fused paths scale the gradient they stored in the forward in place, and fp16's in-place second pass
+    overwrites the logits it reads: a second backward through the same graph (``retain_graph=True``) would scale
+    twice or read a gradient as logits, so it raises instead."""
     if getattr(ctx, "spent", False):
         raise RuntimeError(
             "Expected one backward through this loss, but got a second one (retain_graph=True): the fused "
-            "paths compute the gradient in the forward and scale it in place; use impl='torch' to backpropagate twice"
+            "paths compute the gradient in the forward and scale it in place (fp16 with inplace=True overwrites "
+            "the logits); use impl='torch' to backpropagate twice"
         )
     ctx.spent = True
 
@@ -402,6 +404,7 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
             rows = torch_chunked.small_rows(logits, dense, indices, row_ids, values, weight, ctx.label_smoothing)
             (grad,) = torch.autograd.grad(rows, logits, grad_rows * row_scale, create_graph=True)
         elif ctx.two_pass and ctx.inplace:  # fp16's second pass writes the gradient over the logits
+            _once(ctx)
             logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, row_scale = ctx.saved_tensors
             compiling = torch.compiler.is_compiling()
             bwd_ = torch.ops.mlsoftmax.msl_triton_backward_ if compiling else _msl_triton_backward_impl_
