@@ -13,7 +13,7 @@ from mlsoftmax.kernels import IMPLS, resolve_impl
 
 from conftest import IMPLS as AVAILABLE, random_multihot
 
-needs_triton = pytest.mark.skipif("triton" not in AVAILABLE, reason="Triton not installed")
+needs_triton = pytest.mark.skipif("triton" not in AVAILABLE, reason="no usable Triton (>= 3.4)")
 
 
 def test_auto_on_cpu_and_errors_list_choices():
@@ -26,6 +26,43 @@ def test_auto_on_cpu_and_errors_list_choices():
     with pytest.raises(ValueError, match=r"\('auto', 'torch', 'triton', 'compile'\)"):
         resolve_impl("fused", torch.zeros(2, 3))
     assert IMPLS == ("auto", "torch", "triton", "compile")
+
+
+def test_triton_older_than_the_minimum_is_not_used(monkeypatch):
+    """A Triton whose compiler cannot build the kernels (torch 2.4-2.7 ship 3.0-3.3): "auto" takes the torch path on
+    CUDA and "triton" raises naming both versions; an interpreter that cannot run with the NumPy found likewise."""
+    from types import SimpleNamespace
+
+    from mlsoftmax import kernels
+
+    cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32, numel=lambda: 1 << 30)
+    cpu = torch.zeros(2, 3)
+    version = kernels._version
+    assert version("numpy") == tuple(int(p) for p in np.__version__.split(".")[:2])
+    assert version("no-such-distribution") is None
+    assert kernels.MIN_TRITON == (3, 4)
+    monkeypatch.setattr(kernels, "_TRITON_FOUND", True)
+    monkeypatch.setattr(kernels, "TRITON_VERSION", (3, 3))
+    monkeypatch.setattr(kernels, "_TRITON", False)
+    assert resolve_impl("auto", cuda) == "torch"
+    assert "triton" not in kernels.available_impls(torch.device("cuda"))
+    with pytest.raises(ValueError, match=r"needs Triton >= 3\.4; 3\.3 is installed"):
+        resolve_impl("triton", cuda)
+    monkeypatch.setattr(kernels, "_TRITON_FOUND", False)
+    with pytest.raises(ValueError, match="Triton is not installed"):
+        resolve_impl("triton", cuda)
+
+    monkeypatch.setattr(kernels, "_TRITON_FOUND", True)
+    monkeypatch.setattr(kernels, "_TRITON", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for triton, numpy, runs in [((3, 6), (2, 4), False), ((3, 6), (2, 3), True), ((3, 7), (2, 4), True)]:
+        monkeypatch.setattr(kernels, "TRITON_VERSION", triton)
+        monkeypatch.setattr(kernels, "_version", lambda dist, v=numpy: v)
+        assert ("triton" in kernels.available_impls(torch.device("cpu"))) == runs
+        assert resolve_impl("auto", cuda) == "triton"  # the interpreter is not the GPU's compiler
+        if not runs:
+            with pytest.raises(ValueError, match=r"interpreter cannot run with NumPy .*Triton >= 3\.7 or NumPy < 2\.4"):
+                resolve_impl("triton", cpu)
 
 
 def test_auto_takes_pytorchs_own_loss_for_small_problems():
@@ -539,6 +576,41 @@ def test_compiled_cpu_kernel_falls_back_to_eager_ops_with_one_warning(monkeypatc
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the failed variant (same dtype, gradient, target form) is not retried
         multilabel_softmax_loss(x, torch.from_numpy(y), impl="compile")
+
+
+@pytest.mark.skipif("compile" not in AVAILABLE, reason="no C++ compiler for torch.compile")
+def test_compiled_cpu_kernel_leaves_subnormals_to_the_caller(monkeypatch, rng):
+    """Inductor before torch 2.5 built its CPU kernels with -ffast-math, whose code switched the calling thread to
+    flush subnormals to zero (pytorch/pytorch#126848): the loss must not change the caller's floating-point mode.
+    Checked with the real kernel (torch 2.4 fails without the guard), then with a kernel that flips the mode, on
+    any version; a mode that the caller chose stays."""
+    from mlsoftmax.kernels import compiled_loss
+
+    tiny = torch.tensor([2.0 ** -140])  # fp32 subnormal
+    x = torch.tensor(rng.normal(size=(5, 300)), dtype=torch.float32, requires_grad=True)
+    y = torch.from_numpy(random_multihot(rng, 5, 300, p=0.05))
+    multilabel_softmax_loss(x, y, impl="compile").backward()
+    assert (tiny * 1.0).item() == 2.0 ** -140
+
+    def flipping_compile(fn, **kw):
+        def run(*a):
+            torch.set_flush_denormal(True)
+            return fn(*a)
+        return run
+
+    monkeypatch.setattr(compiled_loss, "_compiled", {})
+    monkeypatch.setattr(compiled_loss.torch, "compile", flipping_compile)
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no flush-to-zero mode (needs SSE3)")
+    try:
+        loss = multilabel_softmax_loss(x, y, impl="compile")
+        assert (tiny * 1.0).item() == 2.0 ** -140 and 1e-310 * np.float64(1.0) > 0
+        np.testing.assert_allclose(loss.item(), R.loss(x.detach().double().numpy(), y.numpy()).mean(), rtol=1e-5)
+        torch.set_flush_denormal(True)  # the caller's own choice
+        multilabel_softmax_loss(x, y, impl="compile")
+        assert (tiny * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def test_huge_page_buffer_is_an_ordinary_tensor():

@@ -223,7 +223,7 @@ def test_rows_route_rounds_the_logits_once_like_f_linear(route, rng):
     np.testing.assert_allclose(ours.numpy(), R.loss(z, y), rtol=1e-5)
 
 
-@pytest.mark.skipif("triton" not in LOSS_IMPLS, reason="Triton not installed")
+@pytest.mark.skipif("triton" not in LOSS_IMPLS, reason="no usable Triton (>= 3.4)")
 @pytest.mark.parametrize("k", [300, 256])
 def test_chunk_logits_rows_start_on_16_byte_boundaries(k, rng):
     """The Triton routes' chunk of logits: ``F.linear``'s values, its rows ``ROW_ALIGN`` elements apart (a view
@@ -380,7 +380,7 @@ def test_module_init_like_linear_and_trains():
     assert "num_classes=10" in repr(head)
 
 
-@pytest.mark.skipif("triton_rows" not in ROUTES, reason="Triton not installed")
+@pytest.mark.skipif("triton_rows" not in ROUTES, reason="no usable Triton (>= 3.4)")
 @pytest.mark.parametrize("options", ["plain", "all"])
 @pytest.mark.parametrize("rows,need_x", [(1, True), (4, True), (64, True), (4, False)])
 def test_lean_rows_route_matches_oracle(options, rows, need_x, rng):
@@ -413,7 +413,7 @@ def test_lean_rows_route_matches_oracle(options, rows, need_x, rng):
         np.testing.assert_allclose(ds.item(), es, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.skipif("triton_rows" not in ROUTES, reason="Triton not installed")
+@pytest.mark.skipif("triton_rows" not in ROUTES, reason="no usable Triton (>= 3.4)")
 @pytest.mark.parametrize("soft", [False, True])
 def test_lean_rows_target_terms(soft, rng):
     """The terms the lean rows route keeps out of its 16-bit accumulation are the target's share of the gradient:
@@ -436,7 +436,7 @@ def test_lean_rows_target_terms(soft, rng):
                                rtol=1e-6)
 
 
-@pytest.mark.skipif("triton_rows" not in ROUTES, reason="Triton not installed")
+@pytest.mark.skipif("triton_rows" not in ROUTES, reason="no usable Triton (>= 3.4)")
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_lean_rows_route_bf16_error_within_twice_naive(reduction, monkeypatch, rng):
     """bf16 at 64 row chunks, the route picked by the budget: dX and dW no further from the fp64 oracle than twice
@@ -504,7 +504,7 @@ def test_plan_picks_the_route_from_the_budget():
     assert plan("torch", 2048, 128, 200_000, torch.float32) == ("torch", 2048)
 
 
-@pytest.mark.skipif("triton_rows" not in ROUTES, reason="Triton not installed")
+@pytest.mark.skipif("triton_rows" not in ROUTES, reason="no usable Triton (>= 3.4)")
 def test_fp16_takes_the_labels_route_and_keeps_a_loss_scales_accuracy():
     """fp16 GEMMs always take the labels route, which forms G in the backward, after the upstream gradient: under a
     2^14 loss scale its dW error is the naive fp16 path's (the rows route, whose G is rounded to fp16 in the
@@ -530,7 +530,7 @@ def test_fp16_takes_the_labels_route_and_keeps_a_loss_scales_accuracy():
     assert errs["ours"] <= 1.1 * errs["naive"], errs
 
 
-@pytest.mark.skipif("triton_rows" not in ROUTES, reason="Triton not installed")
+@pytest.mark.skipif("triton_rows" not in ROUTES, reason="no usable Triton (>= 3.4)")
 def test_plan_lean_rows_route(monkeypatch):
     """With ``LEAN_ROWS`` on (the default), a budget too small for the fp32 dW accumulator takes the rows route with
     dW in its own dtype, for sparse targets only, in balanced chunks and at most ``MAX_LEAN_CHUNKS`` of them."""
@@ -626,7 +626,7 @@ def test_gpu_autocast_like_f_linear(route, chunk, hidden_dtype, rng):
         _check_autocast(route, hidden_dtype, mode, rng, device="cuda", shape=(300, 128, 50_000), chunk=chunk)
 
 
-@pytest.mark.skipif("triton_rows" not in ROUTES, reason="Triton not installed")
+@pytest.mark.skipif("triton_rows" not in ROUTES, reason="no usable Triton (>= 3.4)")
 def test_rows_route_refuses_a_second_backward(rng):
     """The rows route computes dX and dW in the forward and scales them in place: a second backward through
     the same graph raises instead of scaling them twice."""

@@ -10,8 +10,8 @@ Layers, from the bottom:
   reductions) and the thin :class:`MultiLabelSoftmaxLoss` module.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations` here: torch 2.4's custom_op reads the signatures' annotations as
+# objects (string annotations fail its schema inference; later versions resolve them)
 import contextlib
 from typing import Optional, Union
 
@@ -264,7 +264,10 @@ def _requiring_grad(target, weight, weight_name: str = "weight") -> Optional[str
         return None
     named = ((("target.values", target.values) if isinstance(target, Positives) else ("target", target)),
              (weight_name, weight))
-    return next((name for name, t in named if isinstance(t, Tensor) and t.requires_grad), None)
+    for name, t in named:  # a loop, not next(generator, None), which torch 2.4's Dynamo cannot trace
+        if isinstance(t, Tensor) and t.requires_grad:
+            return name
+    return None
 
 
 def _check_no_grad(name: Optional[str], what: str) -> None:
@@ -285,13 +288,18 @@ def _functorch_wrapped(t: Tensor) -> bool:
     return bool(is_wrapped is not None and is_wrapped(t))
 
 
-@contextlib.contextmanager
 def _checks_under(func: bool):
-    """Turn ``vmap``'s refusal of a data-dependent check into a ``ValueError`` that names the way out."""
+    """Under a ``torch.func`` transform, turn ``vmap``'s refusal of a data-dependent check into a ``ValueError``
+    that names the way out; otherwise no context at all (torch 2.4's Dynamo cannot trace a generator's)."""
+    return _vmap_checks() if func else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _vmap_checks():
     try:
         yield
     except RuntimeError as e:
-        if func and "vmap" in str(e):
+        if "vmap" in str(e):
             raise ValueError("Expected validate=False under torch.func.vmap, but got validate=True: the checks "
                              "read the data, which vmap cannot") from e
         raise
@@ -590,7 +598,7 @@ def multilabel_softmax_loss(
         label_smoothing: ``eps`` in ``[0, 1]`` (as ``F.cross_entropy``): the target becomes
             ``(1 - eps) Y/|Y| + eps/K`` on rows with a target.
         impl: ``"auto"``, ``"torch"``, ``"triton"`` or ``"compile"``. ``"auto"``
-            picks Triton on CUDA when installed; on the CPU it picks the fused
+            picks Triton on CUDA when a Triton >= 3.4 is installed; on the CPU it picks the fused
             ``torch.compile`` kernel (``"compile"``) for problems of at least
             2^18 logits when a C++ compiler is found, else the pure-torch path.
             Small problems (under 2^15 logits on the CPU, 2^26 on CUDA), whose

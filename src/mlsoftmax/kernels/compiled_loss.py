@@ -73,6 +73,16 @@ def _empty_huge(shape, dtype) -> Tensor:
 
 
 _RECOMPILE_LIMIT = 64
+_SUBNORMAL = 1e-310  # a float64 subnormal (a global: Python does not fold it at compile time)
+
+
+def _subnormals_kept() -> bool:
+    """Whether this thread's floating-point mode keeps subnormals (no flush-to-zero / denormals-are-zero).
+
+    Inductor before torch 2.5 built CPU kernels with ``-ffast-math``, whose kernels switch the calling thread to
+    flush subnormals to zero (pytorch/pytorch#126848): every later float op of the user's process would then lose
+    them. Checked around each call (a Python float multiply) and put back when the call changed it."""
+    return _SUBNORMAL * 1.0 != 0.0
 _compiled: dict = {}  # (dtype, dense, grad) -> compiled _rows, or None after a failure
 
 
@@ -85,8 +95,14 @@ def _run_rows(*args):
     if fn is not None:
         try:
             # every variant and the size-0/1 specialisations share _rows's code object: allow them all
-            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-                return fn(*args)
+            config = torch._dynamo.config  # the limit's name before torch 2.6 or so: cache_size_limit
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            kept = _subnormals_kept()
+            with config.patch(**{name: _RECOMPILE_LIMIT}):
+                out = fn(*args)
+            if kept and not _subnormals_kept():  # torch 2.4's kernels set flush-to-zero in the caller's thread
+                torch.set_flush_denormal(False)
+            return out
         except Exception as e:  # noqa: BLE001 - a missing or broken compiler must not break the loss
             _compiled[key] = None
             warnings.warn(f"mlsoftmax: the compiled CPU kernel failed ({type(e).__name__}: {str(e)[:200]}); "
