@@ -95,7 +95,7 @@ def _run_rows(*args):
     if fn is not None:
         try:
             # every variant and the size-0/1 specialisations share _rows's code object: allow them all
-            config = torch._dynamo.config  # the limit's name before torch 2.6 or so: cache_size_limit
+            config = torch._dynamo.config  # the limit's name in older torch (2.4): cache_size_limit
             name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
             kept = _subnormals_kept()
             with config.patch(**{name: _RECOMPILE_LIMIT}):
