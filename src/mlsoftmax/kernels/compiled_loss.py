@@ -83,6 +83,8 @@ def _subnormals_kept() -> bool:
     flush subnormals to zero (pytorch/pytorch#126848): every later float op of the user's process would then lose
     them. Checked around each call (a Python float multiply) and put back when the call changed it."""
     return _SUBNORMAL * 1.0 != 0.0
+
+
 _compiled: dict = {}  # (dtype, dense, grad) -> compiled _rows, or None after a failure
 
 
