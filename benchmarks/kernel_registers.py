@@ -39,7 +39,10 @@ def ptxas_usage(ptx: str) -> tuple[int, int]:
     """``(registers per thread, spill bytes)`` that ptxas reports for sm_90a, with the flags Triton passes."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = get_ptxas(90)
+    try:
+        ptxas = get_ptxas(90)  # Triton >= 3.6 takes the architecture
+    except TypeError:
+        ptxas = get_ptxas()  # Triton 3.4 and 3.5
     ptxas = getattr(ptxas, "path", ptxas)
     with tempfile.TemporaryDirectory() as d:
         src = Path(d, "k.ptx")

@@ -55,9 +55,11 @@ def test_triton_older_than_the_minimum_is_not_used(monkeypatch):
     monkeypatch.setattr(kernels, "_TRITON_FOUND", True)
     monkeypatch.setattr(kernels, "_TRITON", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for triton, numpy, runs in [((3, 6), (2, 4), False), ((3, 6), (2, 3), True), ((3, 7), (2, 4), True)]:
+    for triton, numpy, runs in [((3, 6), (2, 4), False), ((3, 6), (2, 3), True), ((3, 7), (2, 4), True),
+                                (None, (2, 4), True), ((3, 6), None, True)]:  # unknown versions: trusted
+        assert kernels._interpreter_runs_with(triton, numpy) == runs
         monkeypatch.setattr(kernels, "TRITON_VERSION", triton)
-        monkeypatch.setattr(kernels, "_version", lambda dist, v=numpy: v)
+        monkeypatch.setattr(kernels, "_INTERPRETER_RUNS", runs)
         assert ("triton" in kernels.available_impls(torch.device("cpu"))) == runs
         assert resolve_impl("auto", cuda) == "triton"  # the interpreter is not the GPU's compiler
         if not runs:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mlsoftmax.loss as loss_module
 from mlsoftmax import MultiLabelSoftmaxLoss, Positives, multilabel_softmax_loss
 from mlsoftmax import reference as R
 
@@ -566,6 +567,10 @@ def test_torch_compile(impl, backend, dtype, inplace, sparse, rng):
     nonempty = y.sum(1) > 0
     np.testing.assert_allclose(out.item(), 2 * R.loss(s, y)[nonempty].mean(), rtol=10 * tol)
     grad = leaf if inplace else x.grad
+    if inplace and dtype == torch.float16 and not loss_module._COMPILED_BACKWARD_WRITES_INPUT:
+        # before torch 2.12 the traced backward cannot write into the logits: a new buffer takes the gradient
+        np.testing.assert_array_equal(leaf.double().numpy(), s)
+        grad = x.grad
     np.testing.assert_allclose(grad.double().numpy(), 2 * R.grad(s, y) / nonempty.sum(), atol=tol)
 
 

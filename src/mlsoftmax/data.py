@@ -139,10 +139,12 @@ class MultiLabelDataset(Dataset):
 
 
 def _csr(crow: Tensor, col: Tensor, val: Tensor, size) -> Tensor:
-    """A sparse CSR tensor with int64 indices and float32 values (without PyTorch's beta-feature warning)."""
-    with warnings.catch_warnings():
+    """A sparse CSR tensor with int64 indices and float32 values, its invariants checked (without PyTorch's
+    beta-feature warning; the context, not ``check_invariants=True``, because torch 2.11 warns that the checks are
+    "implicitly disabled" on the latter)."""
+    with warnings.catch_warnings(), torch.sparse.check_sparse_tensor_invariants(True):
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow.long(), col.long(), val.float(), size=tuple(size), check_invariants=True)
+        return torch.sparse_csr_tensor(crow.long(), col.long(), val.float(), size=tuple(size))
 
 
 def _csr_float(x: Tensor) -> Tensor:

@@ -317,6 +317,12 @@ def _split_row_scale(row_scale: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     return row_scale, None
 
 
+# AOTAutograd traces a backward's write into a graph input (fp16's second pass over the logits, inplace=True) from
+# torch 2.12 on (pytorch/pytorch#178622). Before, tracing it raised "a leaf Variable that requires grad is being used
+# in an in-place operation"; there, under torch.compile, that pass writes the gradient to a new buffer instead.
+_COMPILED_BACKWARD_WRITES_INPUT = torch.__version__ >= "2.12"
+
+
 def _two_pass(impl: str, dtype: torch.dtype) -> bool:
     """Whether fp16 under ``impl="triton"`` takes the two Triton passes that form the gradient in the backward."""
     return impl == "triton" and dtype == torch.float16
@@ -411,8 +417,8 @@ class MultiLabelSoftmaxFunction(torch.autograd.Function):
             logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, row_scale = ctx.saved_tensors
             rows = torch_chunked.small_rows(logits, dense, indices, row_ids, values, weight, ctx.label_smoothing)
             (grad,) = torch.autograd.grad(rows, logits, grad_rows * row_scale, create_graph=True)
-        elif ctx.two_pass and ctx.inplace:  # fp16's second pass writes the gradient over the logits
-            _once(ctx)
+        elif ctx.two_pass and ctx.inplace and (_COMPILED_BACKWARD_WRITES_INPUT or not torch.compiler.is_compiling()):
+            _once(ctx)  # fp16's second pass writes the gradient over the logits
             logits, lse, coef, inv_mass, dense, indices, row_ids, values, weight, row_scale = ctx.saved_tensors
             compiling = torch.compiler.is_compiling()
             bwd_ = torch.ops.mlsoftmax.msl_triton_backward_ if compiling else _msl_triton_backward_impl_
@@ -609,7 +615,9 @@ def multilabel_softmax_loss(
         inplace: Triton only: write the gradient over ``logits`` (no extra
             ``[B, K]`` memory). This destroys the logits: do not use them after
             the call (fp16 overwrites them in the backward, the other dtypes in
-            the forward).
+            the forward). Under ``torch.compile`` before torch 2.12, whose
+            tracer cannot write into an input in the backward, fp16 writes its
+            gradient to a new buffer and leaves the logits as they were.
         validate: run the data-dependent checks (they sync with the device).
 
     Returns:

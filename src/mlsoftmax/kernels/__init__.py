@@ -69,12 +69,20 @@ def triton_available() -> bool:
     return _TRITON
 
 
+def _interpreter_runs_with(triton: Optional[tuple[int, ...]], numpy: Optional[tuple[int, ...]]) -> bool:
+    """Whether Triton ``triton``'s interpreter can run the kernels next to NumPy ``numpy`` (an unknown version:
+    trusted; see ``MIN_TRITON_INTERPRETER_NUMPY_24``)."""
+    return triton is None or numpy is None or numpy < (2, 4) or triton >= MIN_TRITON_INTERPRETER_NUMPY_24
+
+
+# read once, at import: resolve_impl runs inside compiled graphs, and Dynamo (torch 2.8) cannot trace
+# importlib.metadata
+_INTERPRETER_RUNS = _interpreter_runs_with(TRITON_VERSION, _version("numpy"))
+
+
 def _interpreter_runs() -> bool:
-    """Whether Triton's interpreter can run the kernels with the installed NumPy (see ``MIN_TRITON_...``)."""
-    numpy = _version("numpy")
-    if TRITON_VERSION is None or numpy is None:
-        return True
-    return numpy < (2, 4) or TRITON_VERSION >= MIN_TRITON_INTERPRETER_NUMPY_24
+    """Whether Triton's interpreter can run the kernels with the installed NumPy."""
+    return _INTERPRETER_RUNS
 
 
 def _why_no_triton() -> str:
