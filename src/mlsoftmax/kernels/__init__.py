@@ -75,14 +75,9 @@ def _interpreter_runs_with(triton: Optional[tuple[int, ...]], numpy: Optional[tu
     return triton is None or numpy is None or numpy < (2, 4) or triton >= MIN_TRITON_INTERPRETER_NUMPY_24
 
 
-# read once, at import: resolve_impl runs inside compiled graphs, and Dynamo (torch 2.8) cannot trace
-# importlib.metadata
+# whether the installed Triton's interpreter runs with the installed NumPy, read once at import: resolve_impl runs
+# inside compiled graphs, and Dynamo (torch 2.8) cannot trace importlib.metadata
 _INTERPRETER_RUNS = _interpreter_runs_with(TRITON_VERSION, _version("numpy"))
-
-
-def _interpreter_runs() -> bool:
-    """Whether Triton's interpreter can run the kernels with the installed NumPy."""
-    return _INTERPRETER_RUNS
 
 
 def _why_no_triton() -> str:
@@ -92,7 +87,7 @@ def _why_no_triton() -> str:
         return " (Triton is not installed)"
     if not _TRITON:
         return f" (impl='triton' needs Triton >= {MIN_TRITON[0]}.{MIN_TRITON[1]}; {found} is installed)"
-    if triton_interpreting() and not _interpreter_runs():
+    if triton_interpreting() and not _INTERPRETER_RUNS:
         return (f" (Triton {found}'s interpreter cannot run with NumPy {importlib.metadata.version('numpy')}: "
                 f"it needs Triton >= {MIN_TRITON_INTERPRETER_NUMPY_24[0]}.{MIN_TRITON_INTERPRETER_NUMPY_24[1]} or "
                 f"NumPy < 2.4)")
@@ -111,7 +106,7 @@ def triton_interpreting() -> bool:
 def available_impls(device: torch.device) -> tuple[str, ...]:
     """The concrete implementations that can run on ``device``."""
     out = ["torch"]
-    if triton_available() and (device.type == "cuda" or triton_interpreting() and _interpreter_runs()):
+    if triton_available() and (device.type == "cuda" or triton_interpreting() and _INTERPRETER_RUNS):
         out.append("triton")
     if device.type == "cpu" and _CXX:
         out.append("compile")
