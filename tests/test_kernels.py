@@ -615,6 +615,32 @@ def test_compiled_cpu_kernel_leaves_subnormals_to_the_caller(monkeypatch, rng):
         torch.set_flush_denormal(False)
 
 
+@pytest.mark.skipif("compile" not in AVAILABLE, reason="no C++ compiler for torch.compile")
+def test_compiled_cpu_kernel_takes_its_threads_at_run_time(monkeypatch, rng):
+    """Inductor decides serial or parallel, and fixes the thread count, from the first call's sizes, and its on-disk
+    cache hands that kernel to later processes: on torch 2.8 one small call left every later process's kernel
+    serial (1.8x slower at B=2048, K=32768). Compiled from a 2 x 16 call, the kernel still runs its rows in an
+    OpenMP parallel region sized at run time, and matches the oracle."""
+    import re
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from mlsoftmax.kernels import compiled_loss
+
+    monkeypatch.setattr(compiled_loss, "_compiled", {})
+    torch._dynamo.reset()
+    s = rng.normal(size=(2, 16)).astype(np.float32)
+    y = random_multihot(rng, 2, 16, p=0.3)
+    y[:, 0] = 1
+    x = torch.tensor(s, requires_grad=True)
+    with inductor_config.patch(fx_graph_cache=False):  # generate the code here, not load it
+        loss, code = run_and_get_code(lambda: multilabel_softmax_loss(x, torch.from_numpy(y), impl="compile"))
+    code = "\n".join(code)
+    assert "#pragma omp parallel" in code and not re.search(r"num_threads\(\d+\)", code)
+    np.testing.assert_allclose(loss.item(), R.loss(s.astype(np.float64), y).mean(), rtol=1e-5)
+
+
 def test_huge_page_buffer_is_an_ordinary_tensor():
     from mlsoftmax.kernels.compiled_loss import _empty_huge
 

@@ -92,7 +92,10 @@ def _run_rows(*args):
     x, out, t, smooth = args[0], args[1], args[4], args[-1]
     key = (x.dtype, out is not None, t is not None, smooth)
     if key not in _compiled:
-        _compiled[key] = torch.compile(_rows, dynamic=True, fullgraph=True)
+        # the threads at run time (OpenMP's count): otherwise Inductor decides serial or parallel, and bakes in the
+        # count, from the first call's sizes, and its on-disk cache hands that kernel to later processes (torch 2.8:
+        # one small call left every later process's kernel serial, 1.8x slower at B=2048, K=32768)
+        _compiled[key] = torch.compile(_rows, dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True})
     fn = _compiled[key]
     if fn is not None:
         try:
